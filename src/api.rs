@@ -1,0 +1,265 @@
+//! Routing: which endpoint a parsed request asks for, and whether this peer may have it.
+//! Pure: the server executes the resulting `Route` (it owns topics and counters), and
+//! every refusal is a `Reject` whose wire form `close.rs` decides.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+
+use crate::close::Reject;
+use crate::hub::MAX_TOPICS_PER_CONNECTION;
+use crate::http::{Method, Request, Response};
+use crate::session::Kind;
+use crate::topic;
+use crate::upgrade;
+
+/// Most topics one `/publish` may name.
+pub const MAX_PUBLISH_TOPICS: usize = 100;
+
+#[derive(Debug)]
+pub enum Route {
+    Health,
+    Metrics,
+    Publish(Publish),
+    Upgrade { kind: Kind, accept: String, topics: Vec<String> },
+}
+
+#[derive(Debug)]
+pub struct Publish {
+    /// Validated and without duplicates, in the order given.
+    pub topics: Vec<String>,
+    pub data: Box<RawValue>,
+}
+
+/// What the router needs to know beyond the request.
+pub struct Policy<'a> {
+    pub api_key: Option<&'a str>,
+    pub allowed_origins: Option<&'a [String]>,
+    pub peer_is_loopback: bool,
+    pub draining: bool,
+}
+
+pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
+    let read_only = |route| match req.method {
+        Method::Get | Method::Head => Ok(route),
+        _ => Err(Reject::MethodNotAllowed("GET, HEAD")),
+    };
+    match req.path.as_str() {
+        "/health" => read_only(Route::Health),
+        "/metrics" => read_only(Route::Metrics),
+        "/publish" => {
+            if req.method != Method::Post {
+                return Err(Reject::MethodNotAllowed("POST"));
+            }
+            authorize_publish(req, policy)?;
+            if policy.draining {
+                return Err(Reject::Draining);
+            }
+            parse_publish(&req.body).map(Route::Publish)
+        }
+        "/ws" | "/echo" => {
+            let kind = if req.path == "/ws" { Kind::Topics } else { Kind::Echo };
+            let accept = upgrade::check(req, policy.allowed_origins)?;
+            if policy.draining {
+                return Err(Reject::Draining);
+            }
+            let topics = match (kind, req.query_param("topics")) {
+                (Kind::Topics, Some(list)) => parse_topic_list(list)?,
+                _ => Vec::new(),
+            };
+            Ok(Route::Upgrade { kind, accept, topics })
+        }
+        _ => Err(Reject::NotFound),
+    }
+}
+
+/// With a key: `Authorization: Bearer KEY`, compared in constant time. Without one:
+/// loopback peers only, so a fresh install is not an open relay.
+fn authorize_publish(req: &Request, policy: &Policy) -> Result<(), Reject> {
+    match policy.api_key {
+        Some(key) => {
+            let given = req
+                .authorization
+                .as_deref()
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim())
+                .unwrap_or("");
+            if bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+                Ok(())
+            } else {
+                Err(Reject::Unauthorized)
+            }
+        }
+        None if policy.peer_is_loopback => Ok(()),
+        None => Err(Reject::Forbidden("publish from a non-loopback peer needs --api-key")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody<'a> {
+    #[serde(borrow, default)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    topics: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+fn parse_publish(body: &[u8]) -> Result<Publish, Reject> {
+    let body: PublishBody = serde_json::from_slice(body)
+        .map_err(|e| Reject::bad_request(format!("body is not a publish object: {e}")))?;
+    let names: Vec<Cow<str>> = match (body.topic, body.topics) {
+        (Some(t), None) => vec![t],
+        (None, Some(ts)) if !ts.is_empty() => ts,
+        (None, Some(_)) => return Err(Reject::bad_request("\"topics\" is empty")),
+        (Some(_), Some(_)) => return Err(Reject::bad_request("give \"topic\" or \"topics\", not both")),
+        (None, None) => return Err(Reject::bad_request("missing \"topic\"")),
+    };
+    if names.len() > MAX_PUBLISH_TOPICS {
+        return Err(Reject::bad_request(format!("more than {MAX_PUBLISH_TOPICS} topics")));
+    }
+    let mut topics: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        topic::check_name(&name).map_err(|e| Reject::bad_request(format!("{name:?}: {e}")))?;
+        if !topics.iter().any(|t| *t == name) {
+            topics.push(name.into_owned());
+        }
+    }
+    let data = body.data.ok_or_else(|| Reject::bad_request("missing \"data\""))?;
+    Ok(Publish { topics, data: data.to_owned() })
+}
+
+/// `?topics=a,b` (percent-encoding allowed, since browsers' encodeURIComponent uses it).
+fn parse_topic_list(list: &str) -> Result<Vec<String>, Reject> {
+    let decoded = percent_decode(list).ok_or_else(|| Reject::bad_request("bad percent-encoding in ?topics="))?;
+    let mut topics: Vec<String> = Vec::new();
+    for name in decoded.split(',').filter(|s| !s.is_empty()) {
+        topic::check_name(name).map_err(|e| Reject::bad_request(format!("?topics= {name:?}: {e}")))?;
+        if !topics.iter().any(|t| t == name) {
+            topics.push(name.to_string());
+        }
+    }
+    if topics.len() > MAX_TOPICS_PER_CONNECTION {
+        return Err(Reject::bad_request(format!("more than {MAX_TOPICS_PER_CONNECTION} topics")));
+    }
+    Ok(topics)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `{"id":N,"delivered":K}`; a multi-topic publish adds `"ids"`, each topic's own id,
+/// and `id` is the first topic's.
+pub fn publish_reply(ids: &[(String, u64)], delivered: usize) -> Response {
+    let mut body = serde_json::json!({ "id": ids.first().map_or(0, |(_, id)| *id), "delivered": delivered });
+    if ids.len() > 1 {
+        body["ids"] = ids.iter().map(|(t, id)| (t.clone(), serde_json::Value::from(*id))).collect();
+    }
+    Response::json(200, body.to_string().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::{Parsed, parse};
+
+    fn req(raw: &str) -> Request {
+        match parse(raw.as_bytes(), 1 << 16).unwrap() {
+            Parsed::Complete(r, _) => *r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn policy(api_key: Option<&str>, loopback: bool) -> Policy<'_> {
+        Policy { api_key, allowed_origins: None, peer_is_loopback: loopback, draining: false }
+    }
+
+    fn post(body: &str, auth: &str) -> Request {
+        req(&format!("POST /publish HTTP/1.1\r\n{auth}Content-Length: {}\r\n\r\n{body}", body.len()))
+    }
+
+    #[test]
+    fn routes_and_methods() {
+        let p = policy(None, true);
+        assert!(matches!(route(&req("GET /health HTTP/1.1\r\n\r\n"), &p), Ok(Route::Health)));
+        assert!(matches!(route(&req("HEAD /metrics HTTP/1.1\r\n\r\n"), &p), Ok(Route::Metrics)));
+        assert_eq!(route(&req("GET /nope HTTP/1.1\r\n\r\n"), &p).unwrap_err(), Reject::NotFound);
+        assert_eq!(route(&req("GET /publish HTTP/1.1\r\n\r\n"), &p).unwrap_err(), Reject::MethodNotAllowed("POST"));
+        assert_eq!(route(&req("DELETE /health HTTP/1.1\r\n\r\n"), &p).unwrap_err(), Reject::MethodNotAllowed("GET, HEAD"));
+        assert_eq!(route(&req("GET /ws HTTP/1.1\r\n\r\n"), &p).unwrap_err(), Reject::UpgradeRequired);
+    }
+
+    #[test]
+    fn publish_needs_the_key_or_a_loopback_peer() {
+        let body = r#"{"topic":"a","data":1}"#;
+        assert!(route(&post(body, ""), &policy(None, true)).is_ok());
+        assert!(matches!(route(&post(body, ""), &policy(None, false)), Err(Reject::Forbidden(_))));
+        let keyed = policy(Some("s3cret"), false);
+        assert_eq!(route(&post(body, ""), &keyed).unwrap_err(), Reject::Unauthorized);
+        assert_eq!(route(&post(body, "Authorization: Bearer s3cre\r\n"), &keyed).unwrap_err(), Reject::Unauthorized);
+        assert_eq!(route(&post(body, "Authorization: Basic s3cret\r\n"), &keyed).unwrap_err(), Reject::Unauthorized);
+        assert!(route(&post(body, "Authorization: bearer s3cret\r\n"), &keyed).is_ok());
+    }
+
+    #[test]
+    fn publish_bodies_are_validated() {
+        let p = policy(None, true);
+        let bad = |b: &str| matches!(route(&post(b, ""), &p), Err(Reject::BadRequest(_)));
+        assert!(bad("nope"));
+        assert!(bad(r#"{"topic":"a"}"#));
+        assert!(bad(r#"{"data":1}"#));
+        assert!(bad(r#"{"topic":"a b","data":1}"#));
+        assert!(bad(r#"{"topics":[],"data":1}"#));
+        assert!(bad(r#"{"topic":"a","topics":["b"],"data":1}"#));
+        assert!(bad(r#"{"topic":"a","data":1,"extra":2}"#));
+        match route(&post(r#"{"topics":["a","b","a"],"data":{"x":null}}"#, ""), &p).unwrap() {
+            Route::Publish(pb) => {
+                assert_eq!(pb.topics, ["a", "b"]);
+                assert_eq!(pb.data.get(), r#"{"x":null}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn query_topics_are_decoded_and_checked() {
+        assert_eq!(parse_topic_list("a,user%3A42,,a").unwrap(), ["a", "user:42"]);
+        assert!(parse_topic_list("a,b%20c").is_err());
+        assert!(parse_topic_list("%zz").is_err());
+    }
+
+    #[test]
+    fn publish_reply_shapes() {
+        let one = publish_reply(&[("a".into(), 7)], 3);
+        assert_eq!(one.body, br#"{"delivered":3,"id":7}"#);
+        let two = publish_reply(&[("a".into(), 7), ("b".into(), 2)], 5);
+        let v: serde_json::Value = serde_json::from_slice(&two.body).unwrap();
+        assert_eq!(v["ids"]["b"], 2);
+        assert_eq!(v["id"], 7);
+    }
+}

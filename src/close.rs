@@ -1,0 +1,178 @@
+//! Every way herald refuses an HTTP request or ends a WebSocket, and what each one puts on
+//! the wire. This is the one place that maps reasons to statuses and close codes: both
+//! matches are exhaustive, so a new reason cannot reach a peer without a decision here.
+
+use std::borrow::Cow;
+
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::http::Response;
+
+/// Why an HTTP request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    /// The bytes are not HTTP, or the request breaks a rule (the text says which).
+    BadRequest(Cow<'static, str>),
+    /// `/publish` without the right `Authorization: Bearer` key.
+    Unauthorized,
+    /// Not allowed for this peer: a foreign `Origin`, or keyless publish from afar.
+    Forbidden(&'static str),
+    NotFound,
+    /// The path exists; the method does not. Carries the `Allow` header value.
+    MethodNotAllowed(&'static str),
+    /// `Transfer-Encoding` bodies; herald reads `Content-Length` bodies only.
+    LengthRequired,
+    /// A body larger than `--max-message-size`.
+    PayloadTooLarge,
+    /// A WebSocket path without a usable upgrade (missing headers, version not 13).
+    UpgradeRequired,
+    /// A request head larger than `http::MAX_HEAD_BYTES` or with too many headers.
+    HeadersTooLarge,
+    /// The server is shutting down.
+    Draining,
+    /// `--max-connections` reached.
+    AtCapacity,
+}
+
+impl Reject {
+    pub fn bad_request(why: impl Into<Cow<'static, str>>) -> Reject {
+        Reject::BadRequest(why.into())
+    }
+
+    /// The response for this refusal: status, a one-line reason, and whether the
+    /// connection must close because the byte stream can no longer be trusted.
+    pub fn response(&self) -> Response {
+        let (status, line, close): (u16, &str, bool) = match self {
+            Reject::BadRequest(why) => (400, why, true),
+            Reject::Unauthorized => (401, "missing or wrong API key", false),
+            Reject::Forbidden(why) => (403, why, false),
+            Reject::NotFound => (404, "no such endpoint", false),
+            Reject::MethodNotAllowed(_) => (405, "method not allowed here", false),
+            Reject::LengthRequired => (411, "send the body with Content-Length", true),
+            Reject::PayloadTooLarge => (413, "body larger than --max-message-size", true),
+            Reject::UpgradeRequired => (426, "WebSocket upgrade required (version 13)", false),
+            Reject::HeadersTooLarge => (431, "request head too large", true),
+            Reject::Draining => (503, "draining", true),
+            Reject::AtCapacity => (503, "server at connection capacity", true),
+        };
+        let mut response = Response::text(status, line);
+        response.close = close;
+        match self {
+            Reject::Unauthorized => response.header("WWW-Authenticate", "Bearer"),
+            Reject::MethodNotAllowed(allow) => response.header("Allow", *allow),
+            Reject::UpgradeRequired => response
+                .header("Upgrade", "websocket")
+                .header("Sec-WebSocket-Version", "13"),
+            _ => response,
+        }
+    }
+}
+
+/// Why herald ends a WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Shutdown (drain).
+    GoingAway,
+    /// The peer broke RFC 6455: unmasked frame, reserved bits, bad opcode, bad
+    /// fragmentation, oversized or fragmented control frame.
+    Protocol,
+    /// A binary message on `/ws`, whose protocol is JSON text.
+    Unsupported,
+    /// Text that is not UTF-8.
+    InvalidUtf8,
+    /// The subscriber does not read fast enough (`--send-queue-limit`).
+    SlowConsumer,
+    /// A frame or message larger than `--max-message-size`.
+    TooBig,
+    /// A failure of ours; should not happen.
+    Internal,
+}
+
+impl CloseReason {
+    pub fn code(self) -> CloseCode {
+        match self {
+            CloseReason::GoingAway => CloseCode::Away,
+            CloseReason::Protocol => CloseCode::Protocol,
+            CloseReason::Unsupported => CloseCode::Unsupported,
+            CloseReason::InvalidUtf8 => CloseCode::Invalid,
+            CloseReason::SlowConsumer => CloseCode::Policy,
+            CloseReason::TooBig => CloseCode::Size,
+            CloseReason::Internal => CloseCode::Error,
+        }
+    }
+
+    /// The close frame's reason text (at most 123 bytes by RFC 6455 §5.5).
+    pub fn text(self) -> &'static str {
+        match self {
+            CloseReason::GoingAway => "server shutting down",
+            CloseReason::Protocol => "protocol error",
+            CloseReason::Unsupported => "binary messages are not accepted here",
+            CloseReason::InvalidUtf8 => "text is not valid UTF-8",
+            CloseReason::SlowConsumer => "slow consumer",
+            CloseReason::TooBig => "message too big",
+            CloseReason::Internal => "internal error",
+        }
+    }
+
+    /// What a tungstenite read error means for the peer. `None`: not the peer's fault
+    /// (would-block, or the connection is simply over).
+    pub fn from_ws_error(err: &tungstenite::Error) -> Option<CloseReason> {
+        use tungstenite::Error as E;
+        match err {
+            E::Capacity(_) => Some(CloseReason::TooBig),
+            E::Utf8(_) => Some(CloseReason::InvalidUtf8),
+            E::Protocol(_) => Some(CloseReason::Protocol),
+            E::ConnectionClosed | E::AlreadyClosed | E::Io(_) => None,
+            E::WriteBufferFull(_)
+            | E::Tls(_)
+            | E::Url(_)
+            | E::Http(_)
+            | E::HttpFormat(_)
+            | E::AttackAttempt => Some(CloseReason::Internal),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_is_one_line_of_text() {
+        for reject in [
+            Reject::bad_request("bad"),
+            Reject::Unauthorized,
+            Reject::Forbidden("origin not allowed"),
+            Reject::NotFound,
+            Reject::MethodNotAllowed("GET"),
+            Reject::LengthRequired,
+            Reject::PayloadTooLarge,
+            Reject::UpgradeRequired,
+            Reject::HeadersTooLarge,
+            Reject::Draining,
+            Reject::AtCapacity,
+        ] {
+            let r = reject.response();
+            let body = String::from_utf8(r.body.clone()).unwrap();
+            assert!(body.ends_with('\n') && body.lines().count() == 1, "{reject:?}");
+            assert!(r.status >= 400, "{reject:?}");
+        }
+    }
+
+    #[test]
+    fn close_reasons_use_the_product_codes() {
+        let codes: Vec<u16> = [
+            CloseReason::GoingAway,
+            CloseReason::Protocol,
+            CloseReason::Unsupported,
+            CloseReason::InvalidUtf8,
+            CloseReason::SlowConsumer,
+            CloseReason::TooBig,
+            CloseReason::Internal,
+        ]
+        .iter()
+        .map(|r| r.code().into())
+        .collect();
+        assert_eq!(codes, [1001, 1002, 1003, 1007, 1008, 1009, 1011]);
+    }
+}

@@ -1,0 +1,245 @@
+//! Command line and environment, in two stages (as ripgrep does): `Args` holds the raw
+//! values clap parsed; `Config` holds validated, derived values the server uses. Nothing
+//! here touches a socket; `max_connections` stays `None` until the fd limit is known.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::topic::Patterns;
+
+/// Default bind address when neither `--listen`, `HOST` nor `PORT` says otherwise.
+const DEFAULT_HOST: &str = "127.0.0.1";
+const DEFAULT_PORT: u16 = 8080;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "herald",
+    version,
+    about = "WebSocket push server: publish over HTTP, subscribe over WebSocket.",
+    after_help = "Every flag can also be set by its HERALD_* variable. PORT and HOST are \
+                  honoured too (PaaS convention) and lose to --listen / HERALD_LISTEN."
+)]
+pub struct Args {
+    /// Address to bind [default: 127.0.0.1:8080, or $HOST:$PORT when those are set]
+    #[arg(long, env = "HERALD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Required as `Authorization: Bearer KEY` on /publish. Without it, /publish is
+    /// accepted from loopback peers only
+    #[arg(long, env = "HERALD_API_KEY", value_name = "KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Connections beyond this are answered 503 and closed [default: the fd limit minus a
+    /// reserve]
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Largest client message and /publish body; larger frames close with 1009, larger
+    /// bodies get 413
+    #[arg(
+        long,
+        env = "HERALD_MAX_MESSAGE_SIZE",
+        value_name = "BYTES",
+        default_value_t = 65536
+    )]
+    pub max_message_size: usize,
+
+    /// Ping a WebSocket that has been silent this long (keeps proxies' idle timers open)
+    #[arg(long, env = "HERALD_PING_INTERVAL", value_name = "SECS", default_value_t = 25)]
+    pub ping_interval: u64,
+
+    /// Close a WebSocket that sent nothing for this long after a ping
+    #[arg(long, env = "HERALD_PONG_TIMEOUT", value_name = "SECS", default_value_t = 20)]
+    pub pong_timeout: u64,
+
+    /// Close a connection whose HTTP request head is not complete after this long
+    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", value_name = "SECS", default_value_t = 10)]
+    pub handshake_timeout: u64,
+
+    /// A subscriber with more unsent bytes than this is a slow consumer and is closed
+    /// with 1008
+    #[arg(
+        long,
+        env = "HERALD_SEND_QUEUE_LIMIT",
+        value_name = "BYTES",
+        default_value_t = 1_048_576
+    )]
+    pub send_queue_limit: usize,
+
+    /// Longest a graceful shutdown (SIGTERM/SIGINT) may take
+    #[arg(long, env = "HERALD_DRAIN_TIMEOUT", value_name = "SECS", default_value_t = 10)]
+    pub drain_timeout: u64,
+
+    /// Comma-separated origins allowed to open WebSockets; others get 403 [default: any]
+    #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_name = "LIST")]
+    pub allowed_origins: Option<String>,
+
+    /// Comma-separated topics (exact names or `prefix*`) WebSocket clients may publish to
+    /// [default: none]
+    #[arg(long, env = "HERALD_CLIENT_PUBLISH", value_name = "PATTERNS")]
+    pub client_publish: Option<String>,
+
+    /// Listen backlog (also capped by net.core.somaxconn)
+    #[arg(long, env = "HERALD_BACKLOG", value_name = "N", default_value_t = 4096)]
+    pub backlog: i32,
+}
+
+/// Validated settings. Durations are `Duration`, lists are parsed, the address resolved.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub api_key: Option<String>,
+    /// `None` until `rlimit` derives it from the fd limit.
+    pub max_connections: Option<usize>,
+    pub max_message_size: usize,
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub send_queue_limit: usize,
+    pub drain_timeout: Duration,
+    /// Lower-cased origins; `None` accepts any.
+    pub allowed_origins: Option<Vec<String>>,
+    pub client_publish: Patterns,
+    pub backlog: i32,
+}
+
+impl Args {
+    /// Validate and derive. `host`/`port` are the PaaS variables, passed in so tests need
+    /// no process environment.
+    pub fn into_config(self, host: Option<String>, port: Option<String>) -> Result<Config, String> {
+        let listen = resolve_listen(self.listen.as_deref(), host.as_deref(), port.as_deref())?;
+        if self.max_message_size == 0 {
+            return Err("--max-message-size must be at least 1".into());
+        }
+        if self.send_queue_limit == 0 {
+            return Err("--send-queue-limit must be at least 1".into());
+        }
+        if self.max_connections == Some(0) {
+            return Err("--max-connections must be at least 1".into());
+        }
+        for (flag, secs) in [
+            ("--ping-interval", self.ping_interval),
+            ("--pong-timeout", self.pong_timeout),
+            ("--handshake-timeout", self.handshake_timeout),
+        ] {
+            if secs == 0 {
+                return Err(format!("{flag} must be at least 1 second"));
+            }
+        }
+        if self.backlog < 1 {
+            return Err("--backlog must be at least 1".into());
+        }
+        let api_key = match self.api_key {
+            Some(key) if key.is_empty() => return Err("--api-key must not be empty".into()),
+            other => other,
+        };
+        let allowed_origins = self.allowed_origins.map(|list| {
+            list.split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .filter(|o| !o.is_empty())
+                .collect()
+        });
+        let client_publish = match self.client_publish {
+            Some(list) => Patterns::parse(&list).map_err(|e| format!("--client-publish: {e}"))?,
+            None => Patterns::default(),
+        };
+        Ok(Config {
+            listen,
+            api_key,
+            max_connections: self.max_connections,
+            max_message_size: self.max_message_size,
+            ping_interval: Duration::from_secs(self.ping_interval),
+            pong_timeout: Duration::from_secs(self.pong_timeout),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout),
+            send_queue_limit: self.send_queue_limit,
+            drain_timeout: Duration::from_secs(self.drain_timeout),
+            allowed_origins,
+            client_publish,
+            backlog: self.backlog,
+        })
+    }
+}
+
+/// `--listen` wins; otherwise `HOST` and `PORT` fill in whichever half they name.
+fn resolve_listen(
+    listen: Option<&str>,
+    host: Option<&str>,
+    port: Option<&str>,
+) -> Result<SocketAddr, String> {
+    let text = match listen {
+        Some(addr) => addr.to_string(),
+        None => {
+            let host = host.filter(|h| !h.is_empty()).unwrap_or(DEFAULT_HOST);
+            let port = match port.filter(|p| !p.is_empty()) {
+                Some(p) => p.parse::<u16>().map_err(|_| format!("PORT={p} is not a port"))?,
+                None => DEFAULT_PORT,
+            };
+            // An IPv6 host needs brackets in the socket-address form.
+            if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            }
+        }
+    };
+    text.to_socket_addrs()
+        .map_err(|e| format!("listen address {text}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("listen address {text} resolves to nothing"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("herald").chain(extra.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn listen_defaults_to_loopback_8080() {
+        let cfg = args(&[]).into_config(None, None).unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn host_and_port_fill_in_when_listen_is_absent() {
+        let cfg = args(&[]).into_config(Some("0.0.0.0".into()), Some("9000".into())).unwrap();
+        assert_eq!(cfg.listen, "0.0.0.0:9000".parse().unwrap());
+        let cfg = args(&[]).into_config(None, Some("9001".into())).unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:9001".parse().unwrap());
+        let cfg = args(&[]).into_config(Some("::1".into()), Some("9002".into())).unwrap();
+        assert_eq!(cfg.listen, "[::1]:9002".parse().unwrap());
+    }
+
+    #[test]
+    fn explicit_listen_beats_host_and_port() {
+        let cfg = args(&["--listen", "127.0.0.2:7000"])
+            .into_config(Some("0.0.0.0".into()), Some("9000".into()))
+            .unwrap();
+        assert_eq!(cfg.listen, "127.0.0.2:7000".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_name() {
+        let err = args(&[]).into_config(None, Some("http".into())).unwrap_err();
+        assert!(err.contains("PORT"), "{err}");
+        let err = args(&["--ping-interval", "0"]).into_config(None, None).unwrap_err();
+        assert!(err.contains("--ping-interval"), "{err}");
+        let err = args(&["--client-publish", "bad topic"]).into_config(None, None).unwrap_err();
+        assert!(err.contains("--client-publish"), "{err}");
+    }
+
+    #[test]
+    fn origins_are_normalised() {
+        let cfg = args(&["--allowed-origins", "https://A.example/, http://b.example"])
+            .into_config(None, None)
+            .unwrap();
+        assert_eq!(
+            cfg.allowed_origins.unwrap(),
+            vec!["https://a.example".to_string(), "http://b.example".to_string()]
+        );
+    }
+}

@@ -1,0 +1,56 @@
+//! herald: a WebSocket push server. Applications publish over HTTP; clients subscribe
+//! to topics over WebSocket. One process is one single-threaded mio event loop.
+//!
+//! `main` parses flags, raises the fd limit, binds, and runs the loop; any error that
+//! stops the start is printed once.
+
+mod api;
+mod close;
+mod config;
+mod conn;
+mod drain;
+mod http;
+mod hub;
+mod metrics;
+mod net;
+mod outq;
+mod rlimit;
+mod server;
+mod session;
+mod timer;
+mod topic;
+mod upgrade;
+mod ws;
+
+use clap::Parser;
+use log::info;
+
+fn main() {
+    match run() {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("herald: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn run() -> Result<i32, String> {
+    let args = config::Args::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cfg = args.into_config(std::env::var("HOST").ok(), std::env::var("PORT").ok())?;
+
+    let nofile = rlimit::raise_nofile().map_err(|e| format!("reading the open-files limit: {e}"))?;
+    let max_connections =
+        cfg.max_connections.unwrap_or_else(|| rlimit::default_max_connections(nofile.soft));
+    info!(
+        "open-files limit: soft {} raised to {} (hard {}); max connections {}",
+        nofile.before, nofile.soft, nofile.hard, max_connections
+    );
+
+    let listen = cfg.listen;
+    let server = server::Server::bind(cfg, nofile, max_connections)
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    info!("listening on {}", server.local_addr());
+    server.run().map_err(|e| format!("event loop failed: {e}"))
+}

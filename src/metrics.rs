@@ -1,0 +1,110 @@
+//! Counters the loop bumps as things happen, and the Prometheus text exposition of them
+//! together with gauges read off the server at scrape time. Nothing here is per message
+//! beyond an integer add.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub accepted: u64,
+    /// Refused at `--max-connections` with a 503.
+    pub rejected_at_capacity: u64,
+    /// accept() failures (EMFILE, ENFILE, ...).
+    pub accept_errors: u64,
+    /// HTTP responses by status (101 counts WebSocket upgrades).
+    pub responses: BTreeMap<u16, u64>,
+    /// Messages accepted for publishing, one per topic.
+    pub published: u64,
+    /// Message frames queued to subscribers.
+    pub delivered: u64,
+    pub slow_consumers: u64,
+    /// WebSockets we closed, by close code.
+    pub ws_closed: BTreeMap<u16, u64>,
+    /// `error` replies sent to WebSocket clients.
+    pub op_errors: u64,
+    pub handshake_timeouts: u64,
+    pub idle_timeouts: u64,
+    pub pong_timeouts: u64,
+}
+
+/// Values read at scrape time.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    pub connections: usize,
+    pub websockets: usize,
+    pub topics: usize,
+    pub queued_bytes: usize,
+    pub fd_limit: u64,
+    pub max_connections: usize,
+    pub draining: bool,
+}
+
+struct Out(String);
+
+impl Out {
+    fn metric(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.head(name, kind, help);
+        let _ = writeln!(self.0, "{name} {value}");
+    }
+
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn labelled(&mut self, name: &str, help: &str, label: &str, values: &BTreeMap<u16, u64>) {
+        self.head(name, "counter", help);
+        for (key, value) in values {
+            let _ = writeln!(self.0, "{name}{{{label}=\"{key}\"}} {value}");
+        }
+    }
+}
+
+pub fn render(c: &Counters, g: &Gauges) -> String {
+    let mut o = Out(String::with_capacity(4096));
+    o.metric("herald_connections", "gauge", "Open client connections (HTTP and WebSocket).", g.connections);
+    o.metric("herald_websockets", "gauge", "Open WebSocket connections.", g.websockets);
+    o.metric("herald_topics", "gauge", "Topics with at least one local subscriber.", g.topics);
+    o.metric("herald_send_queue_bytes", "gauge", "Bytes queued to clients and not yet written.", g.queued_bytes);
+    o.metric("herald_fd_limit", "gauge", "RLIMIT_NOFILE soft limit after raising it at start.", g.fd_limit);
+    o.metric("herald_max_connections", "gauge", "Connections beyond this are refused with 503.", g.max_connections);
+    o.metric("herald_draining", "gauge", "1 once a graceful shutdown has begun.", u8::from(g.draining));
+    o.metric("herald_connections_accepted_total", "counter", "Connections accepted.", c.accepted);
+    o.metric(
+        "herald_connections_rejected_total",
+        "counter",
+        "Connections refused with 503 at --max-connections.",
+        c.rejected_at_capacity,
+    );
+    o.metric("herald_accept_errors_total", "counter", "accept() failures such as EMFILE.", c.accept_errors);
+    o.labelled("herald_http_responses_total", "HTTP responses by status.", "status", &c.responses);
+    o.metric("herald_messages_published_total", "counter", "Messages accepted for publishing, per topic.", c.published);
+    o.metric("herald_messages_delivered_total", "counter", "Message frames queued to subscribers.", c.delivered);
+    o.metric("herald_slow_consumers_total", "counter", "Subscribers closed for exceeding --send-queue-limit.", c.slow_consumers);
+    o.labelled("herald_websocket_closes_total", "WebSockets closed by herald, by close code.", "code", &c.ws_closed);
+    o.metric("herald_op_errors_total", "counter", "error replies sent for bad client ops.", c.op_errors);
+    o.metric("herald_handshake_timeouts_total", "counter", "Connections closed for an incomplete request head.", c.handshake_timeouts);
+    o.metric("herald_idle_timeouts_total", "counter", "Idle keep-alive HTTP connections closed.", c.idle_timeouts);
+    o.metric("herald_pong_timeouts_total", "counter", "WebSockets closed after an unanswered ping.", c.pong_timeouts);
+    o.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_help_type_and_values() {
+        let mut c = Counters { published: 3, ..Counters::default() };
+        c.responses.insert(404, 2);
+        let text = render(&c, &Gauges { fd_limit: 1024, draining: true, ..Gauges::default() });
+        assert!(text.contains("# TYPE herald_messages_published_total counter\nherald_messages_published_total 3\n"));
+        assert!(text.contains("herald_http_responses_total{status=\"404\"} 2\n"));
+        assert!(text.contains("herald_fd_limit 1024\n"));
+        assert!(text.contains("herald_draining 1\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}

@@ -1,0 +1,877 @@
+//! The event loop: one thread, one `mio::Poll`, every socket nonblocking. `run` reads
+//! like a table of contents: poll, dispatch readiness, fire timers, accept, flush queued
+//! output, reap closed connections, advance the drain. Connections live in a slab whose
+//! keys are their tokens; a connection that ends mid-pass is only marked `Dead` and
+//! removed after the pass, so a reused key can never receive a stale event.
+//!
+//! Writes are deferred, as Redis defers them to `beforeSleep`: handlers only queue bytes
+//! and mark the connection dirty; each dirty connection gets one `writev` per pass, and
+//! only one the kernel could not take registers for WRITABLE.
+
+use std::io::{self, Read};
+use std::mem;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use serde_json::value::RawValue;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use tungstenite::Message;
+
+use crate::api::{self, Policy, Route};
+use crate::close::{CloseReason, Reject};
+use crate::config::Config;
+use crate::conn::{Conn, ConnId, State};
+use crate::drain::{Drain, Finished, OnSignal};
+use crate::http::{self, Method, Parsed, Request, Response};
+use crate::hub::{Hub, SubscribeError};
+use crate::metrics::{self, Counters, Gauges};
+use crate::net;
+use crate::outq::Flushed;
+use crate::rlimit::NoFile;
+use crate::session::{self, Kind, Op, OpError, Session};
+use crate::timer::{self, Timer, Timers};
+use crate::upgrade;
+use crate::ws::{self, Ws, WsEvent};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
+
+/// Readiness events taken per poll.
+const EVENTS_CAPACITY: usize = 1024;
+/// The one read buffer every connection reads into. 64 KiB holds any request head and
+/// a typical burst of frames; a longer burst is read in several turns.
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// Connections accepted per wakeup, so that a connection storm cannot starve clients
+/// already connected; the rest wait in the backlog for the next pass.
+const ACCEPTS_PER_PASS: usize = 256;
+/// Bytes read from one connection per pass before others get a turn.
+const READ_BUDGET: usize = 256 * 1024;
+/// Bytes written to one connection per pass (Redis uses 64 KiB per event; our frames are
+/// shared and writev'd, so a larger slice costs no copies).
+const WRITE_BUDGET: usize = 256 * 1024;
+/// An idle keep-alive HTTP connection is closed after this. Long enough that publishers'
+/// connection pools rarely race a close against a new request (nginx uses 75 s), short
+/// enough that abandoned connections do not pile up.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// After our close frame or FIN, how long the peer has to finish before we cut it.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+/// After accept() fails for lack of descriptors, accepting pauses this long: a timer,
+/// not a retry loop, so the process stays idle while it sits at its fd limit.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
+/// At most one log line per this interval for accept failures.
+const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Whether and when to accept.
+#[derive(Debug, Default)]
+struct Accepting {
+    /// The listener may have connections waiting (edge-triggered: no new event will say so).
+    ready: bool,
+    /// Out of descriptors: do not try before this.
+    paused_until: Option<Instant>,
+    last_warning: Option<Instant>,
+}
+
+/// What to do after a request has been answered.
+enum Next {
+    /// Keep parsing: HTTP keep-alive, maybe a pipelined request.
+    KeepReading,
+    /// The connection left `ReadingRequest` (closing, or now a WebSocket).
+    Stop,
+}
+
+pub struct Server {
+    poll: Poll,
+    events: Events,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    signals: Signals,
+    conns: Slab<Conn>,
+    hub: Hub,
+    timers: Timers,
+    scratch: Vec<u8>,
+    cfg: Config,
+    nofile: NoFile,
+    max_connections: usize,
+    /// Encoded once: the answer to connections beyond `max_connections`.
+    at_capacity: Bytes,
+    counters: Counters,
+    accepting: Accepting,
+    drain: Drain,
+    /// Readiness of this pass, copied out of `events` so handlers may borrow `self`.
+    ready: Vec<(Token, bool, bool)>,
+    /// Connections with output to write this pass.
+    dirty: Vec<ConnId>,
+    /// Connections whose read budget ran out with input possibly left.
+    unread: Vec<ConnId>,
+    /// Connections to remove after this pass.
+    reap: Vec<ConnId>,
+}
+
+impl Server {
+    pub fn bind(cfg: Config, nofile: NoFile, max_connections: usize) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = net::listen(cfg.listen, cfg.backlog)?;
+        let local_addr = listener.local_addr()?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        Ok(Server {
+            poll,
+            events: Events::with_capacity(EVENTS_CAPACITY),
+            listener: Some(listener),
+            local_addr,
+            signals,
+            conns: Slab::new(),
+            hub: Hub::default(),
+            timers: Timers::default(),
+            scratch: vec![0; SCRATCH_BYTES],
+            at_capacity: Bytes::from(Reject::AtCapacity.response().encode(false)),
+            cfg,
+            nofile,
+            max_connections,
+            counters: Counters::default(),
+            accepting: Accepting { ready: true, ..Accepting::default() },
+            drain: Drain::Serving,
+            ready: Vec::with_capacity(EVENTS_CAPACITY),
+            dirty: Vec::new(),
+            unread: Vec::new(),
+            reap: Vec::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serve until a drain completes (exit code 0) or a second signal cuts it (1).
+    /// Only reactor-fatal errors (poll itself failing) return `Err`.
+    pub fn run(mut self) -> io::Result<i32> {
+        loop {
+            self.wait()?;
+            let now = Instant::now();
+            self.read_leftovers(now);
+            if let Some(code) = self.dispatch(now) {
+                return Ok(code);
+            }
+            self.fire_timers(now);
+            self.accept_connections(now);
+            self.flush_dirty(now);
+            self.reap_dead();
+            if let Some(code) = self.advance_drain(now) {
+                return Ok(code);
+            }
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        let busy = !self.dirty.is_empty() || !self.unread.is_empty() || self.accept_due(now);
+        let timeout = if busy {
+            Some(Duration::ZERO)
+        } else {
+            let accept_resume = self.accepting.paused_until.filter(|_| self.accepting.ready);
+            let next = [self.timers.next_deadline(), accept_resume, self.drain.deadline()]
+                .into_iter()
+                .flatten()
+                .min();
+            timer::poll_timeout(now, next)
+        };
+        match self.poll.poll(&mut self.events, timeout) {
+            // A signal landing interrupts epoll_wait; it arrives as an event next time.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Handle this pass's readiness events. Returns an exit code on a second signal.
+    fn dispatch(&mut self, now: Instant) -> Option<i32> {
+        let mut ready = mem::take(&mut self.ready);
+        ready.clear();
+        ready.extend(self.events.iter().map(|e| {
+            (e.token(), e.is_readable() || e.is_read_closed() || e.is_error(), e.is_writable())
+        }));
+        let mut exit = None;
+        for &(token, readable, writable) in &ready {
+            match token {
+                LISTENER => self.accepting.ready = true,
+                SIGNALS => exit = exit.or(self.on_signals(now)),
+                Token(key) => {
+                    let id = ConnId(key);
+                    if writable {
+                        self.mark_dirty(id);
+                    }
+                    if readable {
+                        self.on_readable(id, now);
+                    }
+                }
+            }
+        }
+        self.ready = ready;
+        exit
+    }
+
+    // ---- accepting -------------------------------------------------------------------
+
+    fn accept_due(&self, now: Instant) -> bool {
+        self.accepting.ready
+            && self.listener.is_some()
+            && self.accepting.paused_until.is_none_or(|t| now >= t)
+    }
+
+    fn accept_connections(&mut self, now: Instant) {
+        if !self.accept_due(now) {
+            return;
+        }
+        self.accepting.paused_until = None;
+        let Some(listener) = self.listener.take() else { return };
+        let mut exhausted_budget = true;
+        for _ in 0..ACCEPTS_PER_PASS {
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accepting.ready = false;
+                    exhausted_budget = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.counters.accept_errors += 1;
+                    if net::is_resource_exhaustion(&e) {
+                        self.warn_accept(now, &e);
+                        self.accepting.paused_until = Some(now + ACCEPT_PAUSE);
+                        exhausted_budget = false;
+                        break;
+                    }
+                    // ECONNABORTED and friends: that one connection is gone; go on.
+                    debug!("accept: {e}");
+                }
+            }
+        }
+        if exhausted_budget {
+            debug!("accepted {ACCEPTS_PER_PASS} connections this pass; more next pass");
+        }
+        self.listener = Some(listener);
+    }
+
+    fn warn_accept(&mut self, now: Instant, err: &io::Error) {
+        let due = self.accepting.last_warning.is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_INTERVAL);
+        if due {
+            self.accepting.last_warning = Some(now);
+            warn!(
+                "accept failed: {err}; {} connections open, fd limit {}; pausing accepts for {} ms",
+                self.conns.len(),
+                self.nofile.soft,
+                ACCEPT_PAUSE.as_millis()
+            );
+        }
+    }
+
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Instant) {
+        if self.conns.len() >= self.max_connections {
+            self.counters.rejected_at_capacity += 1;
+            net::refuse(stream, &self.at_capacity);
+            return;
+        }
+        // Push messages are small and latency matters more than packet count.
+        stream.set_nodelay(true).ok();
+        let entry = self.conns.vacant_entry();
+        let id = ConnId(entry.key());
+        if let Err(e) = self.poll.registry().register(&mut stream, id.token(), Interest::READABLE) {
+            warn!("register {peer}: {e}");
+            return;
+        }
+        let conn = entry.insert(Conn::new(stream, peer));
+        self.counters.accepted += 1;
+        let deadline = now + self.cfg.handshake_timeout;
+        self.timers.arm(&mut conn.timers, id.0, Timer::Request, deadline);
+        // Edge-triggered: bytes that arrived with the connection raise no new event.
+        self.on_readable(id, now);
+    }
+
+    // ---- reading ---------------------------------------------------------------------
+
+    fn read_leftovers(&mut self, now: Instant) {
+        for id in mem::take(&mut self.unread) {
+            self.on_readable(id, now);
+        }
+    }
+
+    /// Read until the socket would block (edge-triggered) or the budget is spent.
+    fn on_readable(&mut self, id: ConnId, now: Instant) {
+        let mut scratch = mem::take(&mut self.scratch);
+        let mut total = 0;
+        loop {
+            let Some(conn) = self.conns.get_mut(id.0) else { break };
+            if matches!(conn.state, State::Dead) {
+                break;
+            }
+            match conn.stream.read(&mut scratch) {
+                Ok(0) => {
+                    self.on_eof(id);
+                    break;
+                }
+                Ok(n) => {
+                    self.on_input(id, &scratch[..n], now);
+                    total += n;
+                    if total >= READ_BUDGET {
+                        self.unread.push(id);
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("read {}: {e}", conn.peer);
+                    self.kill(id);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    fn on_input(&mut self, id: ConnId, input: &[u8], now: Instant) {
+        match self.conns[id.0].state {
+            State::ReadingRequest => self.on_http_input(id, input, now),
+            State::Open(_) | State::Closing(_) => self.on_ws_input(id, input, now),
+            // Nothing more is wanted from this peer; reading only watches for its FIN.
+            State::Finishing | State::Lingering | State::Dead => {}
+        }
+    }
+
+    fn on_eof(&mut self, id: ConnId) {
+        let conn = &mut self.conns[id.0];
+        match conn.state {
+            // The peer may have half-closed after its request; let the answer go out.
+            State::ReadingRequest if !conn.out.is_empty() => {
+                conn.state = State::Finishing;
+                conn.peer_shut = true;
+            }
+            State::Finishing => conn.peer_shut = true,
+            _ => self.kill(id),
+        }
+    }
+
+    // ---- HTTP ------------------------------------------------------------------------
+
+    fn on_http_input(&mut self, id: ConnId, input: &[u8], now: Instant) {
+        let conn = &mut self.conns[id.0];
+        // Parse straight from the scratch slice unless part of a request is already held.
+        let mut held = mem::take(&mut conn.partial);
+        if !held.is_empty() {
+            held.extend_from_slice(input);
+        }
+        let data: &[u8] = if held.is_empty() { input } else { &held };
+        let mut pos = 0;
+        loop {
+            let rest = &data[pos..];
+            match http::parse(rest, self.cfg.max_message_size) {
+                Ok(Parsed::Complete(req, used)) => {
+                    pos += used;
+                    self.conns[id.0].sent_continue = false;
+                    match self.on_request(id, *req, &data[pos..], now) {
+                        Next::KeepReading => continue,
+                        Next::Stop => return,
+                    }
+                }
+                Ok(partial @ (Parsed::Partial | Parsed::AwaitingBody { .. })) => {
+                    let conn = &mut self.conns[id.0];
+                    if let Parsed::AwaitingBody { expect_continue: true } = partial
+                        && !conn.sent_continue
+                    {
+                        conn.sent_continue = true;
+                        conn.out.push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
+                        self.mark_dirty(id);
+                    }
+                    self.keep_partial(id, rest, now);
+                    return;
+                }
+                Err(reject) => {
+                    self.respond(id, reject.response(), false);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Hold the start of an incomplete request, and time its arrival: the head must be
+    /// complete within `--handshake-timeout` of its first byte (slowloris).
+    fn keep_partial(&mut self, id: ConnId, rest: &[u8], now: Instant) {
+        let conn = &mut self.conns[id.0];
+        if rest.is_empty() {
+            self.timers.disarm(&mut conn.timers, id.0, Timer::Request);
+            self.timers.arm(&mut conn.timers, id.0, Timer::Idle, now + KEEPALIVE_IDLE);
+            return;
+        }
+        conn.partial = rest.to_vec();
+        self.timers.disarm(&mut conn.timers, id.0, Timer::Idle);
+        if conn.timers.get(Timer::Request).is_none() {
+            let deadline = now + self.cfg.handshake_timeout;
+            self.timers.arm(&mut conn.timers, id.0, Timer::Request, deadline);
+        }
+    }
+
+    fn on_request(&mut self, id: ConnId, req: Request, rest: &[u8], now: Instant) -> Next {
+        let draining = self.drain.is_draining();
+        let policy = Policy {
+            api_key: self.cfg.api_key.as_deref(),
+            allowed_origins: self.cfg.allowed_origins.as_deref(),
+            peer_is_loopback: is_loopback(self.conns[id.0].peer.ip()),
+            draining,
+        };
+        let head_only = req.method == Method::Head;
+        let mut response = match api::route(&req, &policy) {
+            Err(reject) => reject.response(),
+            Ok(Route::Health) if draining => Reject::Draining.response(),
+            Ok(Route::Health) => Response::text(200, "ok"),
+            Ok(Route::Metrics) => {
+                Response::new(200, "text/plain; version=0.0.4; charset=utf-8", self.render_metrics())
+            }
+            Ok(Route::Publish(p)) => {
+                let mut ids = Vec::with_capacity(p.topics.len());
+                let mut delivered = 0;
+                for topic in p.topics {
+                    let (id, reached) = self.publish(&topic, &p.data, now);
+                    delivered += reached;
+                    ids.push((topic, id));
+                }
+                api::publish_reply(&ids, delivered)
+            }
+            Ok(Route::Upgrade { kind, accept, topics }) => {
+                self.open_websocket(id, kind, accept, &topics, rest, now);
+                return Next::Stop;
+            }
+        };
+        // While draining, every response says the connection ends (PRODUCT.md).
+        response.close |= !req.keep_alive || draining;
+        self.respond(id, response, head_only)
+    }
+
+    fn respond(&mut self, id: ConnId, response: Response, head_only: bool) -> Next {
+        *self.counters.responses.entry(response.status).or_default() += 1;
+        let conn = &mut self.conns[id.0];
+        conn.out.push(Bytes::from(response.encode(head_only)));
+        let next = if response.close {
+            conn.state = State::Finishing;
+            self.timers.disarm(&mut conn.timers, id.0, Timer::Request);
+            self.timers.disarm(&mut conn.timers, id.0, Timer::Idle);
+            Next::Stop
+        } else {
+            Next::KeepReading
+        };
+        self.mark_dirty(id);
+        next
+    }
+
+    // ---- WebSocket -------------------------------------------------------------------
+
+    fn open_websocket(
+        &mut self,
+        id: ConnId,
+        kind: Kind,
+        accept: String,
+        topics: &[String],
+        rest: &[u8],
+        now: Instant,
+    ) {
+        *self.counters.responses.entry(101).or_default() += 1;
+        let conn = &mut self.conns[id.0];
+        conn.out.push(Bytes::from(upgrade::switching_protocols(accept).encode(false)));
+        self.timers.disarm(&mut conn.timers, id.0, Timer::Request);
+        self.timers.disarm(&mut conn.timers, id.0, Timer::Idle);
+        let mut session = Session::new(Ws::new(Vec::new(), self.cfg.max_message_size), kind, now);
+        for topic in topics {
+            // `?topics=` was capped at the per-connection limit when it was parsed.
+            if self.hub.subscribe(id, &mut session.memberships, topic).is_ok() {
+                conn.out.push(session::subscribed(topic));
+            }
+        }
+        conn.state = State::Open(Box::new(session));
+        self.timers.arm(&mut conn.timers, id.0, Timer::Ping, now + self.cfg.ping_interval);
+        self.mark_dirty(id);
+        if !rest.is_empty() {
+            self.on_ws_input(id, rest, now);
+        }
+    }
+
+    fn on_ws_input(&mut self, id: ConnId, mut input: &[u8], now: Instant) {
+        let conn = &mut self.conns[id.0];
+        // Any byte from the peer is a sign of life.
+        self.timers.disarm(&mut conn.timers, id.0, Timer::Pong);
+        loop {
+            let conn = &mut self.conns[id.0];
+            let (event, open) = match &mut conn.state {
+                State::Open(s) => {
+                    s.last_seen = now;
+                    (s.ws.read(&mut input, &mut conn.out), true)
+                }
+                State::Closing(s) => (s.ws.read(&mut input, &mut conn.out), false),
+                _ => return,
+            };
+            match event {
+                WsEvent::NeedMore => break,
+                // Messages that cross our close frame are dropped, as RFC 6455 §1.4 allows.
+                WsEvent::Message(_) if !open => continue,
+                WsEvent::Message(Message::Text(text)) => self.on_text(id, text.as_str(), now),
+                WsEvent::Message(Message::Binary(data)) => self.on_binary(id, &data, now),
+                WsEvent::Message(_) => continue,
+                WsEvent::Closed => {
+                    self.finish(id);
+                    break;
+                }
+                WsEvent::Fail(reason) if open => {
+                    debug!("closing {} with {:?}", self.conns[id.0].peer, reason);
+                    self.close_websocket(id, reason, now);
+                    break;
+                }
+                // Garbage after our close frame: nothing more to say to this peer.
+                WsEvent::Fail(_) => {
+                    self.finish(id);
+                    break;
+                }
+            }
+        }
+        self.mark_dirty(id);
+    }
+
+    fn on_binary(&mut self, id: ConnId, data: &[u8], now: Instant) {
+        let Some(session) = self.conns[id.0].session_mut() else { return };
+        match session.kind {
+            Kind::Echo => self.queue(id, ws::binary_frame(data)),
+            Kind::Topics => self.close_websocket(id, CloseReason::Unsupported, now),
+        }
+    }
+
+    fn on_text(&mut self, id: ConnId, text: &str, now: Instant) {
+        let conn = &mut self.conns[id.0];
+        let State::Open(session) = &mut conn.state else { return };
+        if session.kind == Kind::Echo {
+            self.queue(id, ws::text_frame(text.as_bytes()));
+            return;
+        }
+        let reply = match session::parse_op(text) {
+            Ok(Op::Subscribe(topic)) => match self.hub.subscribe(id, &mut session.memberships, &topic) {
+                Ok(_) => session::subscribed(&topic),
+                Err(SubscribeError::TooManyTopics) => self.op_error(OpError::new(
+                    "too_many_topics",
+                    format!("at most {} topics per connection", crate::hub::MAX_TOPICS_PER_CONNECTION),
+                )),
+            },
+            Ok(Op::Unsubscribe(topic)) => {
+                self.hub.unsubscribe(&mut session.memberships, &topic);
+                session::unsubscribed(&topic)
+            }
+            Ok(Op::Ping) => session::pong(),
+            Ok(Op::Publish(topic, data)) => {
+                if self.cfg.client_publish.matches(&topic) {
+                    self.publish(&topic, data, now);
+                    return;
+                }
+                self.op_error(OpError::new("forbidden", format!("clients may not publish to {topic:?}")))
+            }
+            Err(e) => self.op_error(e),
+        };
+        self.queue(id, reply);
+    }
+
+    fn op_error(&mut self, e: OpError) -> Bytes {
+        self.counters.op_errors += 1;
+        session::error(&e)
+    }
+
+    /// Assign an id and queue the frame to every local subscriber. Returns the id and the
+    /// number of subscribers reached.
+    fn publish(&mut self, topic: &str, data: &RawValue, now: Instant) -> (u64, usize) {
+        let published = self.hub.publish(topic, data);
+        self.counters.published += 1;
+        let mut reached = 0;
+        let mut slow = Vec::new();
+        for sub in self.hub.subscribers(&published) {
+            let conn = &mut self.conns[sub.0];
+            conn.out.push(published.frame.clone());
+            reached += 1;
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(sub);
+            }
+            if conn.out.len() > self.cfg.send_queue_limit {
+                slow.push(sub);
+            }
+        }
+        self.counters.delivered += reached as u64;
+        for sub in slow {
+            self.close_websocket(sub, CloseReason::SlowConsumer, now);
+        }
+        (published.id, reached)
+    }
+
+    /// Start the close handshake from our side: leave every topic, queue the close frame
+    /// behind what is already queued (so accepted messages arrive first), give the peer
+    /// `CLOSE_GRACE` to answer.
+    fn close_websocket(&mut self, id: ConnId, reason: CloseReason, now: Instant) {
+        let conn = &mut self.conns[id.0];
+        let State::Open(mut session) = mem::replace(&mut conn.state, State::Dead) else {
+            return;
+        };
+        self.hub.unsubscribe_all(&mut session.memberships);
+        if reason == CloseReason::SlowConsumer {
+            // Its queue is what got it here; the close frame must not wait behind it.
+            let dropped = conn.out.drop_unstarted();
+            self.counters.slow_consumers += 1;
+            info!("slow consumer {}: {dropped} queued bytes dropped, closing with 1008", conn.peer);
+        }
+        session.ws.close(reason, &mut conn.out);
+        *self.counters.ws_closed.entry(reason.code().into()).or_default() += 1;
+        conn.state = State::Closing(session);
+        self.timers.disarm(&mut conn.timers, id.0, Timer::Ping);
+        self.timers.disarm(&mut conn.timers, id.0, Timer::Pong);
+        self.timers.arm(&mut conn.timers, id.0, Timer::CloseGrace, now + CLOSE_GRACE);
+        self.mark_dirty(id);
+    }
+
+    /// The exchange is over: write what is queued, then close our side.
+    fn finish(&mut self, id: ConnId) {
+        self.leave_session(id);
+        self.conns[id.0].state = State::Finishing;
+        self.mark_dirty(id);
+    }
+
+    /// Take the connection out of `Open`/`Closing`, leaving its topics.
+    fn leave_session(&mut self, id: ConnId) {
+        let conn = &mut self.conns[id.0];
+        if let State::Open(mut session) = mem::replace(&mut conn.state, State::Dead) {
+            self.hub.unsubscribe_all(&mut session.memberships);
+        }
+    }
+
+    fn queue(&mut self, id: ConnId, frame: Bytes) {
+        self.conns[id.0].out.push(frame);
+        self.mark_dirty(id);
+    }
+
+    // ---- timers ----------------------------------------------------------------------
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some((key, kind)) =
+            self.timers.pop_expired(now, |k| self.conns.get_mut(k).map(|c| &mut c.timers))
+        {
+            let id = ConnId(key);
+            match kind {
+                Timer::Request => {
+                    self.counters.handshake_timeouts += 1;
+                    debug!("request timeout: {}", self.conns[key].peer);
+                    self.kill(id);
+                }
+                Timer::Idle => {
+                    self.counters.idle_timeouts += 1;
+                    self.kill(id);
+                }
+                Timer::Ping => self.on_ping_timer(id, now),
+                Timer::Pong => {
+                    self.counters.pong_timeouts += 1;
+                    debug!("no answer to ping: {}", self.conns[key].peer);
+                    self.kill(id);
+                }
+                Timer::CloseGrace => self.kill(id),
+            }
+        }
+    }
+
+    /// Ping only a WebSocket that has been silent for a whole interval: a chatty one is
+    /// evidently alive, and its proxy's idle timer is being reset anyway.
+    fn on_ping_timer(&mut self, id: ConnId, now: Instant) {
+        let interval = self.cfg.ping_interval;
+        let conn = &mut self.conns[id.0];
+        let State::Open(session) = &conn.state else { return };
+        let silent_since = session.last_seen;
+        if now.duration_since(silent_since) < interval {
+            self.timers.arm(&mut conn.timers, id.0, Timer::Ping, silent_since + interval);
+            return;
+        }
+        ws::queue_ping(&mut conn.out);
+        if conn.timers.get(Timer::Pong).is_none() {
+            self.timers.arm(&mut conn.timers, id.0, Timer::Pong, now + self.cfg.pong_timeout);
+        }
+        self.timers.arm(&mut conn.timers, id.0, Timer::Ping, now + interval);
+        self.mark_dirty(id);
+    }
+
+    // ---- writing ---------------------------------------------------------------------
+
+    fn mark_dirty(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(id.0)
+            && !conn.dirty
+        {
+            conn.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    /// One writev per dirty connection. A connection the kernel would not fully take
+    /// asks for WRITABLE; one that used its budget is retried next pass.
+    fn flush_dirty(&mut self, now: Instant) {
+        let dirty = mem::take(&mut self.dirty);
+        for &id in &dirty {
+            let Some(conn) = self.conns.get_mut(id.0) else { continue };
+            conn.dirty = false;
+            if matches!(conn.state, State::Dead) {
+                continue;
+            }
+            match conn.out.write_to(&mut conn.stream, WRITE_BUDGET) {
+                Ok(Flushed::Drained) => {
+                    if matches!(conn.state, State::Finishing) {
+                        if conn.peer_shut {
+                            self.kill(id);
+                            continue;
+                        }
+                        // FIN after the last byte, then wait for the peer's: closing now
+                        // with unread input would send RST and could destroy our answer.
+                        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                        conn.state = State::Lingering;
+                        self.timers.arm(&mut conn.timers, id.0, Timer::CloseGrace, now + CLOSE_GRACE);
+                    }
+                }
+                Ok(Flushed::Blocked) => {}
+                Ok(Flushed::Budget) => {
+                    conn.dirty = true;
+                    self.dirty.push(id);
+                }
+                Err(e) => {
+                    debug!("write {}: {e}", conn.peer);
+                    self.kill(id);
+                    continue;
+                }
+            }
+            self.update_interest(id);
+        }
+    }
+
+    fn update_interest(&mut self, id: ConnId) {
+        let conn = &mut self.conns[id.0];
+        let wanted = conn.interest();
+        if wanted != conn.registered {
+            match self.poll.registry().reregister(&mut conn.stream, id.token(), wanted) {
+                Ok(()) => conn.registered = wanted,
+                Err(e) => {
+                    warn!("reregister {}: {e}", conn.peer);
+                    self.kill(id);
+                }
+            }
+        }
+    }
+
+    // ---- ending connections ----------------------------------------------------------
+
+    /// End a connection now: leave its topics, mark it for reaping after this pass.
+    fn kill(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get(id.0) else { return };
+        if matches!(conn.state, State::Dead) {
+            return;
+        }
+        self.leave_session(id);
+        self.reap.push(id);
+    }
+
+    fn reap_dead(&mut self) {
+        for id in mem::take(&mut self.reap) {
+            let Some(mut conn) = self.conns.try_remove(id.0) else { continue };
+            self.timers.disarm_all(&mut conn.timers, id.0);
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+        }
+    }
+
+    // ---- signals and drain -----------------------------------------------------------
+
+    fn on_signals(&mut self, now: Instant) -> Option<i32> {
+        let count = self.signals.pending().count();
+        for _ in 0..count {
+            match self.drain.on_signal(now, self.cfg.drain_timeout) {
+                OnSignal::StartDrain => self.start_drain(),
+                OnSignal::ExitNow => {
+                    warn!(
+                        "second signal: exiting now, abandoning {} connections and {} queued bytes",
+                        self.conns.len(),
+                        self.queued_bytes()
+                    );
+                    return Some(1);
+                }
+            }
+        }
+        None
+    }
+
+    /// PRODUCT.md's order: health turns 503 (the drain state says so from now on), the
+    /// listener closes, every WebSocket gets 1001 behind the messages already queued to
+    /// it, idle HTTP connections close, busy ones close after their response.
+    fn start_drain(&mut self) {
+        let now = Instant::now();
+        info!(
+            "draining {} connections (deadline {} s)",
+            self.conns.len(),
+            self.cfg.drain_timeout.as_secs()
+        );
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let id = ConnId(key);
+            let conn = &mut self.conns[key];
+            match conn.state {
+                State::Open(_) => self.close_websocket(id, CloseReason::GoingAway, now),
+                State::ReadingRequest if conn.partial.is_empty() && conn.out.is_empty() => self.kill(id),
+                State::ReadingRequest if conn.partial.is_empty() => {
+                    conn.state = State::Finishing;
+                    self.mark_dirty(id);
+                }
+                // A request in progress gets its answer with `Connection: close`.
+                _ => {}
+            }
+        }
+    }
+
+    fn advance_drain(&mut self, now: Instant) -> Option<i32> {
+        match self.drain.finished(now, self.conns.len())? {
+            Finished::Drained => info!("drained; exiting"),
+            Finished::DeadlinePassed => warn!(
+                "drain timeout: abandoning {} connections and {} queued bytes",
+                self.conns.len(),
+                self.queued_bytes()
+            ),
+        }
+        Some(0)
+    }
+
+    // ---- metrics ---------------------------------------------------------------------
+
+    fn queued_bytes(&self) -> usize {
+        self.conns.iter().map(|(_, c)| c.out.len()).sum()
+    }
+
+    fn render_metrics(&self) -> String {
+        let gauges = Gauges {
+            connections: self.conns.len(),
+            websockets: self.conns.iter().filter(|(_, c)| matches!(c.state, State::Open(_))).count(),
+            topics: self.hub.topic_count(),
+            queued_bytes: self.queued_bytes(),
+            fd_limit: self.nofile.soft,
+            max_connections: self.max_connections,
+            draining: self.drain.is_draining(),
+        };
+        metrics::render(&self.counters, &gauges)
+    }
+}
+
+/// Loopback, including IPv4-mapped IPv6 (`::ffff:127.0.0.1`) from a dual-stack listener.
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+    }
+}

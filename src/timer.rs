@@ -1,0 +1,166 @@
+//! Per-connection deadlines. Each connection has a small table, one slot per `Timer`
+//! kind; the server keeps every armed deadline in one ordered set. Arming a slot that is
+//! already armed replaces the old entry, so the set never holds stale deadlines and a
+//! reused slab key cannot inherit a dead connection's timer. O(log n) per change, and
+//! only state changes touch it: bytes arriving on a WebSocket just update `last_seen`.
+//! `now` is always passed in, never read here.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Timer {
+    /// The HTTP request head must be complete by then (`--handshake-timeout`).
+    Request,
+    /// A keep-alive HTTP connection may sit idle between requests until then.
+    Idle,
+    /// Time to check whether a WebSocket has been silent for `--ping-interval`.
+    Ping,
+    /// A ping went unanswered for `--pong-timeout`.
+    Pong,
+    /// Our close frame went out; the peer has until then to finish the handshake.
+    CloseGrace,
+}
+
+const KINDS: usize = 5;
+
+impl Timer {
+    const ALL: [Timer; KINDS] =
+        [Timer::Request, Timer::Idle, Timer::Ping, Timer::Pong, Timer::CloseGrace];
+
+    fn slot(self) -> usize {
+        match self {
+            Timer::Request => 0,
+            Timer::Idle => 1,
+            Timer::Ping => 2,
+            Timer::Pong => 3,
+            Timer::CloseGrace => 4,
+        }
+    }
+}
+
+/// One connection's armed deadlines.
+#[derive(Debug, Default)]
+pub struct TimerTable([Option<Instant>; KINDS]);
+
+impl TimerTable {
+    pub fn get(&self, kind: Timer) -> Option<Instant> {
+        self.0[kind.slot()]
+    }
+}
+
+/// Every armed deadline of every connection, ordered by time.
+#[derive(Debug, Default)]
+pub struct Timers {
+    set: BTreeSet<(Instant, usize, Timer)>,
+}
+
+impl Timers {
+    pub fn arm(&mut self, table: &mut TimerTable, key: usize, kind: Timer, at: Instant) {
+        if let Some(old) = table.0[kind.slot()].replace(at) {
+            self.set.remove(&(old, key, kind));
+        }
+        self.set.insert((at, key, kind));
+    }
+
+    pub fn disarm(&mut self, table: &mut TimerTable, key: usize, kind: Timer) {
+        if let Some(old) = table.0[kind.slot()].take() {
+            self.set.remove(&(old, key, kind));
+        }
+    }
+
+    pub fn disarm_all(&mut self, table: &mut TimerTable, key: usize) {
+        for kind in Timer::ALL {
+            self.disarm(table, key, kind);
+        }
+    }
+
+    /// The earliest deadline, for the poll timeout.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.set.first().map(|&(at, _, _)| at)
+    }
+
+    /// Take one deadline that has passed at `now`, clearing its slot in `table_of(key)`.
+    pub fn pop_expired<'a>(
+        &mut self,
+        now: Instant,
+        table_of: impl FnOnce(usize) -> Option<&'a mut TimerTable>,
+    ) -> Option<(usize, Timer)> {
+        let &(at, key, kind) = self.set.first()?;
+        if at > now {
+            return None;
+        }
+        self.set.pop_first();
+        if let Some(table) = table_of(key) {
+            table.0[kind.slot()] = None;
+        }
+        Some((key, kind))
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+}
+
+/// Poll timeout until `deadline`, rounded up to whole milliseconds: epoll counts in
+/// milliseconds, and rounding down would wake the loop just before the deadline, find
+/// nothing due, and spin.
+pub fn poll_timeout(now: Instant, deadline: Option<Instant>) -> Option<Duration> {
+    let wait = deadline?.saturating_duration_since(now);
+    let ms = wait.as_nanos().div_ceil(1_000_000);
+    Some(Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rearming_replaces_and_expiry_is_in_order() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut timers = Timers::default();
+        let mut a = TimerTable::default();
+        let mut b = TimerTable::default();
+        timers.arm(&mut a, 1, Timer::Ping, t0 + 5 * s);
+        timers.arm(&mut b, 2, Timer::Request, t0 + 2 * s);
+        timers.arm(&mut a, 1, Timer::Ping, t0 + 3 * s); // replaces t0+5s
+        assert_eq!(timers.len(), 2);
+        assert_eq!(timers.next_deadline(), Some(t0 + 2 * s));
+        assert_eq!(timers.pop_expired(t0 + s, |_| None), None);
+
+        let mut tables = [TimerTable::default(), a, b];
+        let now = t0 + 10 * s;
+        let first = timers.pop_expired(now, |k| Some(&mut tables[k]));
+        assert_eq!(first, Some((2, Timer::Request)));
+        assert_eq!(tables[2].get(Timer::Request), None);
+        let second = timers.pop_expired(now, |k| Some(&mut tables[k]));
+        assert_eq!(second, Some((1, Timer::Ping)));
+        assert_eq!(timers.pop_expired(now, |k| Some(&mut tables[k])), None);
+    }
+
+    #[test]
+    fn disarming_all_leaves_nothing_behind() {
+        let t0 = Instant::now();
+        let mut timers = Timers::default();
+        let mut a = TimerTable::default();
+        timers.arm(&mut a, 7, Timer::Ping, t0);
+        timers.arm(&mut a, 7, Timer::Pong, t0);
+        timers.arm(&mut a, 7, Timer::CloseGrace, t0);
+        timers.disarm(&mut a, 7, Timer::Pong);
+        assert_eq!(timers.len(), 2);
+        timers.disarm_all(&mut a, 7);
+        assert_eq!(timers.len(), 0);
+        assert_eq!(timers.next_deadline(), None);
+    }
+
+    #[test]
+    fn poll_timeout_rounds_up() {
+        let t0 = Instant::now();
+        let d = poll_timeout(t0, Some(t0 + Duration::from_micros(1500))).unwrap();
+        assert_eq!(d, Duration::from_millis(2));
+        assert_eq!(poll_timeout(t0 + Duration::from_secs(1), Some(t0)), Some(Duration::ZERO));
+        assert_eq!(poll_timeout(t0, None), None);
+    }
+}

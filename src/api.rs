@@ -9,8 +9,8 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::close::Reject;
-use crate::hub::MAX_TOPICS_PER_CONNECTION;
 use crate::http::{Method, Request, Response};
+use crate::hub::MAX_TOPICS_PER_CONNECTION;
 use crate::session::Kind;
 use crate::topic;
 use crate::upgrade;
@@ -23,7 +23,11 @@ pub enum Route {
     Health,
     Metrics,
     Publish(Publish),
-    Upgrade { kind: Kind, accept: String, topics: Vec<String> },
+    Upgrade {
+        kind: Kind,
+        accept: String,
+        topics: Vec<String>,
+    },
 }
 
 #[derive(Debug)]
@@ -60,7 +64,11 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
             parse_publish(&req.body).map(Route::Publish)
         }
         "/ws" | "/echo" => {
-            let kind = if req.path == "/ws" { Kind::Topics } else { Kind::Echo };
+            let kind = if req.path == "/ws" {
+                Kind::Topics
+            } else {
+                Kind::Echo
+            };
             let accept = upgrade::check(req, policy.allowed_origins)?;
             if policy.draining {
                 return Err(Reject::Draining);
@@ -69,7 +77,11 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
                 (Kind::Topics, Some(list)) => parse_topic_list(list)?,
                 _ => Vec::new(),
             };
-            Ok(Route::Upgrade { kind, accept, topics })
+            Ok(Route::Upgrade {
+                kind,
+                accept,
+                topics,
+            })
         }
         _ => Err(Reject::NotFound),
     }
@@ -94,7 +106,9 @@ fn authorize_publish(req: &Request, policy: &Policy) -> Result<(), Reject> {
             }
         }
         None if policy.peer_is_loopback => Ok(()),
-        None => Err(Reject::Forbidden("publish from a non-loopback peer needs --api-key")),
+        None => Err(Reject::Forbidden(
+            "publish from a non-loopback peer needs --api-key",
+        )),
     }
 }
 
@@ -116,11 +130,17 @@ fn parse_publish(body: &[u8]) -> Result<Publish, Reject> {
         (Some(t), None) => vec![t],
         (None, Some(ts)) if !ts.is_empty() => ts,
         (None, Some(_)) => return Err(Reject::bad_request("\"topics\" is empty")),
-        (Some(_), Some(_)) => return Err(Reject::bad_request("give \"topic\" or \"topics\", not both")),
+        (Some(_), Some(_)) => {
+            return Err(Reject::bad_request(
+                "give \"topic\" or \"topics\", not both",
+            ));
+        }
         (None, None) => return Err(Reject::bad_request("missing \"topic\"")),
     };
     if names.len() > MAX_PUBLISH_TOPICS {
-        return Err(Reject::bad_request(format!("more than {MAX_PUBLISH_TOPICS} topics")));
+        return Err(Reject::bad_request(format!(
+            "more than {MAX_PUBLISH_TOPICS} topics"
+        )));
     }
     let mut topics: Vec<String> = Vec::with_capacity(names.len());
     for name in names {
@@ -129,22 +149,31 @@ fn parse_publish(body: &[u8]) -> Result<Publish, Reject> {
             topics.push(name.into_owned());
         }
     }
-    let data = body.data.ok_or_else(|| Reject::bad_request("missing \"data\""))?;
-    Ok(Publish { topics, data: data.to_owned() })
+    let data = body
+        .data
+        .ok_or_else(|| Reject::bad_request("missing \"data\""))?;
+    Ok(Publish {
+        topics,
+        data: data.to_owned(),
+    })
 }
 
 /// `?topics=a,b` (percent-encoding allowed, since browsers' encodeURIComponent uses it).
 fn parse_topic_list(list: &str) -> Result<Vec<String>, Reject> {
-    let decoded = percent_decode(list).ok_or_else(|| Reject::bad_request("bad percent-encoding in ?topics="))?;
+    let decoded = percent_decode(list)
+        .ok_or_else(|| Reject::bad_request("bad percent-encoding in ?topics="))?;
     let mut topics: Vec<String> = Vec::new();
     for name in decoded.split(',').filter(|s| !s.is_empty()) {
-        topic::check_name(name).map_err(|e| Reject::bad_request(format!("?topics= {name:?}: {e}")))?;
+        topic::check_name(name)
+            .map_err(|e| Reject::bad_request(format!("?topics= {name:?}: {e}")))?;
         if !topics.iter().any(|t| t == name) {
             topics.push(name.to_string());
         }
     }
     if topics.len() > MAX_TOPICS_PER_CONNECTION {
-        return Err(Reject::bad_request(format!("more than {MAX_TOPICS_PER_CONNECTION} topics")));
+        return Err(Reject::bad_request(format!(
+            "more than {MAX_TOPICS_PER_CONNECTION} topics"
+        )));
     }
     Ok(topics)
 }
@@ -176,9 +205,13 @@ fn percent_decode(s: &str) -> Option<String> {
 /// `{"id":N,"delivered":K}`; a multi-topic publish adds `"ids"`, each topic's own id,
 /// and `id` is the first topic's.
 pub fn publish_reply(ids: &[(String, u64)], delivered: usize) -> Response {
-    let mut body = serde_json::json!({ "id": ids.first().map_or(0, |(_, id)| *id), "delivered": delivered });
+    let mut body =
+        serde_json::json!({ "id": ids.first().map_or(0, |(_, id)| *id), "delivered": delivered });
     if ids.len() > 1 {
-        body["ids"] = ids.iter().map(|(t, id)| (t.clone(), serde_json::Value::from(*id))).collect();
+        body["ids"] = ids
+            .iter()
+            .map(|(t, id)| (t.clone(), serde_json::Value::from(*id)))
+            .collect();
     }
     Response::json(200, body.to_string().into_bytes())
 }
@@ -196,33 +229,71 @@ mod tests {
     }
 
     fn policy(api_key: Option<&str>, loopback: bool) -> Policy<'_> {
-        Policy { api_key, allowed_origins: None, peer_is_loopback: loopback, draining: false }
+        Policy {
+            api_key,
+            allowed_origins: None,
+            peer_is_loopback: loopback,
+            draining: false,
+        }
     }
 
     fn post(body: &str, auth: &str) -> Request {
-        req(&format!("POST /publish HTTP/1.1\r\n{auth}Content-Length: {}\r\n\r\n{body}", body.len()))
+        req(&format!(
+            "POST /publish HTTP/1.1\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
     }
 
     #[test]
     fn routes_and_methods() {
         let p = policy(None, true);
-        assert!(matches!(route(&req("GET /health HTTP/1.1\r\n\r\n"), &p), Ok(Route::Health)));
-        assert!(matches!(route(&req("HEAD /metrics HTTP/1.1\r\n\r\n"), &p), Ok(Route::Metrics)));
-        assert_eq!(route(&req("GET /nope HTTP/1.1\r\n\r\n"), &p).unwrap_err(), Reject::NotFound);
-        assert_eq!(route(&req("GET /publish HTTP/1.1\r\n\r\n"), &p).unwrap_err(), Reject::MethodNotAllowed("POST"));
-        assert_eq!(route(&req("DELETE /health HTTP/1.1\r\n\r\n"), &p).unwrap_err(), Reject::MethodNotAllowed("GET, HEAD"));
-        assert_eq!(route(&req("GET /ws HTTP/1.1\r\n\r\n"), &p).unwrap_err(), Reject::UpgradeRequired);
+        assert!(matches!(
+            route(&req("GET /health HTTP/1.1\r\n\r\n"), &p),
+            Ok(Route::Health)
+        ));
+        assert!(matches!(
+            route(&req("HEAD /metrics HTTP/1.1\r\n\r\n"), &p),
+            Ok(Route::Metrics)
+        ));
+        assert_eq!(
+            route(&req("GET /nope HTTP/1.1\r\n\r\n"), &p).unwrap_err(),
+            Reject::NotFound
+        );
+        assert_eq!(
+            route(&req("GET /publish HTTP/1.1\r\n\r\n"), &p).unwrap_err(),
+            Reject::MethodNotAllowed("POST")
+        );
+        assert_eq!(
+            route(&req("DELETE /health HTTP/1.1\r\n\r\n"), &p).unwrap_err(),
+            Reject::MethodNotAllowed("GET, HEAD")
+        );
+        assert_eq!(
+            route(&req("GET /ws HTTP/1.1\r\n\r\n"), &p).unwrap_err(),
+            Reject::UpgradeRequired
+        );
     }
 
     #[test]
     fn publish_needs_the_key_or_a_loopback_peer() {
         let body = r#"{"topic":"a","data":1}"#;
         assert!(route(&post(body, ""), &policy(None, true)).is_ok());
-        assert!(matches!(route(&post(body, ""), &policy(None, false)), Err(Reject::Forbidden(_))));
+        assert!(matches!(
+            route(&post(body, ""), &policy(None, false)),
+            Err(Reject::Forbidden(_))
+        ));
         let keyed = policy(Some("s3cret"), false);
-        assert_eq!(route(&post(body, ""), &keyed).unwrap_err(), Reject::Unauthorized);
-        assert_eq!(route(&post(body, "Authorization: Bearer s3cre\r\n"), &keyed).unwrap_err(), Reject::Unauthorized);
-        assert_eq!(route(&post(body, "Authorization: Basic s3cret\r\n"), &keyed).unwrap_err(), Reject::Unauthorized);
+        assert_eq!(
+            route(&post(body, ""), &keyed).unwrap_err(),
+            Reject::Unauthorized
+        );
+        assert_eq!(
+            route(&post(body, "Authorization: Bearer s3cre\r\n"), &keyed).unwrap_err(),
+            Reject::Unauthorized
+        );
+        assert_eq!(
+            route(&post(body, "Authorization: Basic s3cret\r\n"), &keyed).unwrap_err(),
+            Reject::Unauthorized
+        );
         assert!(route(&post(body, "Authorization: bearer s3cret\r\n"), &keyed).is_ok());
     }
 
@@ -237,7 +308,12 @@ mod tests {
         assert!(bad(r#"{"topics":[],"data":1}"#));
         assert!(bad(r#"{"topic":"a","topics":["b"],"data":1}"#));
         assert!(bad(r#"{"topic":"a","data":1,"extra":2}"#));
-        match route(&post(r#"{"topics":["a","b","a"],"data":{"x":null}}"#, ""), &p).unwrap() {
+        match route(
+            &post(r#"{"topics":["a","b","a"],"data":{"x":null}}"#, ""),
+            &p,
+        )
+        .unwrap()
+        {
             Route::Publish(pb) => {
                 assert_eq!(pb.topics, ["a", "b"]);
                 assert_eq!(pb.data.get(), r#"{"x":null}"#);
@@ -248,7 +324,10 @@ mod tests {
 
     #[test]
     fn query_topics_are_decoded_and_checked() {
-        assert_eq!(parse_topic_list("a,user%3A42,,a").unwrap(), ["a", "user:42"]);
+        assert_eq!(
+            parse_topic_list("a,user%3A42,,a").unwrap(),
+            ["a", "user:42"]
+        );
         assert!(parse_topic_list("a,b%20c").is_err());
         assert!(parse_topic_list("%zz").is_err());
     }

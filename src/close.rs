@@ -154,7 +154,10 @@ mod tests {
         ] {
             let r = reject.response();
             let body = String::from_utf8(r.body.clone()).unwrap();
-            assert!(body.ends_with('\n') && body.lines().count() == 1, "{reject:?}");
+            assert!(
+                body.ends_with('\n') && body.lines().count() == 1,
+                "{reject:?}"
+            );
             assert!(r.status >= 400, "{reject:?}");
         }
     }

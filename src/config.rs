@@ -28,7 +28,12 @@ pub struct Args {
 
     /// Required as `Authorization: Bearer KEY` on /publish. Without it, /publish is
     /// accepted from loopback peers only
-    #[arg(long, env = "HERALD_API_KEY", value_name = "KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HERALD_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
     pub api_key: Option<String>,
 
     /// Connections beyond this are answered 503 and closed [default: the fd limit minus a
@@ -47,15 +52,30 @@ pub struct Args {
     pub max_message_size: usize,
 
     /// Ping a WebSocket that has been silent this long (keeps proxies' idle timers open)
-    #[arg(long, env = "HERALD_PING_INTERVAL", value_name = "SECS", default_value_t = 25)]
+    #[arg(
+        long,
+        env = "HERALD_PING_INTERVAL",
+        value_name = "SECS",
+        default_value_t = 25
+    )]
     pub ping_interval: u64,
 
     /// Close a WebSocket that sent nothing for this long after a ping
-    #[arg(long, env = "HERALD_PONG_TIMEOUT", value_name = "SECS", default_value_t = 20)]
+    #[arg(
+        long,
+        env = "HERALD_PONG_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = 20
+    )]
     pub pong_timeout: u64,
 
     /// Close a connection whose HTTP request head is not complete after this long
-    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", value_name = "SECS", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "HERALD_HANDSHAKE_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = 10
+    )]
     pub handshake_timeout: u64,
 
     /// A subscriber with more unsent bytes than this is a slow consumer and is closed
@@ -69,7 +89,12 @@ pub struct Args {
     pub send_queue_limit: usize,
 
     /// Longest a graceful shutdown (SIGTERM/SIGINT) may take
-    #[arg(long, env = "HERALD_DRAIN_TIMEOUT", value_name = "SECS", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "HERALD_DRAIN_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = 10
+    )]
     pub drain_timeout: u64,
 
     /// Comma-separated origins allowed to open WebSockets; others get 403 [default: any]
@@ -173,7 +198,9 @@ fn resolve_listen(
         None => {
             let host = host.filter(|h| !h.is_empty()).unwrap_or(DEFAULT_HOST);
             let port = match port.filter(|p| !p.is_empty()) {
-                Some(p) => p.parse::<u16>().map_err(|_| format!("PORT={p} is not a port"))?,
+                Some(p) => p
+                    .parse::<u16>()
+                    .map_err(|_| format!("PORT={p} is not a port"))?,
                 None => DEFAULT_PORT,
             };
             // An IPv6 host needs brackets in the socket-address form.
@@ -206,11 +233,15 @@ mod tests {
 
     #[test]
     fn host_and_port_fill_in_when_listen_is_absent() {
-        let cfg = args(&[]).into_config(Some("0.0.0.0".into()), Some("9000".into())).unwrap();
+        let cfg = args(&[])
+            .into_config(Some("0.0.0.0".into()), Some("9000".into()))
+            .unwrap();
         assert_eq!(cfg.listen, "0.0.0.0:9000".parse().unwrap());
         let cfg = args(&[]).into_config(None, Some("9001".into())).unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:9001".parse().unwrap());
-        let cfg = args(&[]).into_config(Some("::1".into()), Some("9002".into())).unwrap();
+        let cfg = args(&[])
+            .into_config(Some("::1".into()), Some("9002".into()))
+            .unwrap();
         assert_eq!(cfg.listen, "[::1]:9002".parse().unwrap());
     }
 
@@ -224,11 +255,17 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_the_flag_name() {
-        let err = args(&[]).into_config(None, Some("http".into())).unwrap_err();
+        let err = args(&[])
+            .into_config(None, Some("http".into()))
+            .unwrap_err();
         assert!(err.contains("PORT"), "{err}");
-        let err = args(&["--ping-interval", "0"]).into_config(None, None).unwrap_err();
+        let err = args(&["--ping-interval", "0"])
+            .into_config(None, None)
+            .unwrap_err();
         assert!(err.contains("--ping-interval"), "{err}");
-        let err = args(&["--client-publish", "bad topic"]).into_config(None, None).unwrap_err();
+        let err = args(&["--client-publish", "bad topic"])
+            .into_config(None, None)
+            .unwrap_err();
         assert!(err.contains("--client-publish"), "{err}");
     }
 
@@ -239,7 +276,10 @@ mod tests {
             .unwrap();
         assert_eq!(
             cfg.allowed_origins.unwrap(),
-            vec!["https://a.example".to_string(), "http://b.example".to_string()]
+            vec![
+                "https://a.example".to_string(),
+                "http://b.example".to_string()
+            ]
         );
     }
 }

@@ -76,7 +76,11 @@ impl Conn {
     /// Readable always (a peer's FIN or RST must be seen in every state); writable only
     /// while output waits, so an idle socket causes no wakeups.
     pub fn interest(&self) -> Interest {
-        if self.out.is_empty() { Interest::READABLE } else { Interest::READABLE | Interest::WRITABLE }
+        if self.out.is_empty() {
+            Interest::READABLE
+        } else {
+            Interest::READABLE | Interest::WRITABLE
+        }
     }
 
     pub fn session_mut(&mut self) -> Option<&mut Session> {

@@ -31,7 +31,9 @@ impl Drain {
     pub fn on_signal(&mut self, now: Instant, timeout: Duration) -> OnSignal {
         match self {
             Drain::Serving => {
-                *self = Drain::Draining { deadline: now + timeout };
+                *self = Drain::Draining {
+                    deadline: now + timeout,
+                };
                 OnSignal::StartDrain
             }
             Drain::Draining { .. } => OnSignal::ExitNow,
@@ -71,7 +73,10 @@ mod tests {
         let t0 = Instant::now();
         let mut d = Drain::Serving;
         assert_eq!(d.finished(t0, 0), None);
-        assert_eq!(d.on_signal(t0, Duration::from_secs(10)), OnSignal::StartDrain);
+        assert_eq!(
+            d.on_signal(t0, Duration::from_secs(10)),
+            OnSignal::StartDrain
+        );
         assert!(d.is_draining());
         assert_eq!(d.on_signal(t0, Duration::from_secs(10)), OnSignal::ExitNow);
     }
@@ -82,7 +87,13 @@ mod tests {
         let mut d = Drain::Serving;
         d.on_signal(t0, Duration::from_secs(10));
         assert_eq!(d.finished(t0 + Duration::from_secs(1), 5), None);
-        assert_eq!(d.finished(t0 + Duration::from_secs(1), 0), Some(Finished::Drained));
-        assert_eq!(d.finished(t0 + Duration::from_secs(10), 5), Some(Finished::DeadlinePassed));
+        assert_eq!(
+            d.finished(t0 + Duration::from_secs(1), 0),
+            Some(Finished::Drained)
+        );
+        assert_eq!(
+            d.finished(t0 + Duration::from_secs(10), 5),
+            Some(Finished::DeadlinePassed)
+        );
     }
 }

@@ -156,7 +156,9 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Parsed, Reject> {
     }
     let total = head_len + body_len;
     if buf.len() < total {
-        return Ok(Parsed::AwaitingBody { expect_continue: expect_continue && http11 });
+        return Ok(Parsed::AwaitingBody {
+            expect_continue: expect_continue && http11,
+        });
     }
     request.body = buf[head_len..total].to_vec();
     Ok(Parsed::Complete(Box::new(request), total))
@@ -175,7 +177,13 @@ pub struct Response {
 
 impl Response {
     pub fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Response {
-        Response { status, content_type, headers: Vec::new(), body: body.into(), close: false }
+        Response {
+            status,
+            content_type,
+            headers: Vec::new(),
+            body: body.into(),
+            close: false,
+        }
     }
 
     /// A one-line plain-text response, the form every error takes.
@@ -197,7 +205,12 @@ impl Response {
     /// Bytes on the wire. `head_only` answers a HEAD request: same headers, no body.
     pub fn encode(&self, head_only: bool) -> Vec<u8> {
         let mut head = String::with_capacity(160);
-        let _ = write!(head, "HTTP/1.1 {} {}\r\n", self.status, status_text(self.status));
+        let _ = write!(
+            head,
+            "HTTP/1.1 {} {}\r\n",
+            self.status,
+            status_text(self.status)
+        );
         if self.status != 101 {
             let _ = write!(head, "Content-Type: {}\r\n", self.content_type);
             let _ = write!(head, "Content-Length: {}\r\n", self.body.len());
@@ -264,10 +277,23 @@ mod tests {
     #[test]
     fn waits_for_the_whole_body() {
         let raw = b"POST /publish HTTP/1.1\r\nContent-Length: 5\r\n\r\nab";
-        assert_eq!(parse(raw, 1024).unwrap(), Parsed::AwaitingBody { expect_continue: false });
+        assert_eq!(
+            parse(raw, 1024).unwrap(),
+            Parsed::AwaitingBody {
+                expect_continue: false
+            }
+        );
         let raw = b"POST /publish HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
-        assert_eq!(parse(raw, 1024).unwrap(), Parsed::AwaitingBody { expect_continue: true });
-        assert_eq!(parse(b"POST /publish HTTP/1.1\r\nContent-Le", 1024).unwrap(), Parsed::Partial);
+        assert_eq!(
+            parse(raw, 1024).unwrap(),
+            Parsed::AwaitingBody {
+                expect_continue: true
+            }
+        );
+        assert_eq!(
+            parse(b"POST /publish HTTP/1.1\r\nContent-Le", 1024).unwrap(),
+            Parsed::Partial
+        );
         let raw = b"POST /publish HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcdeGET";
         let (req, used) = complete(raw);
         assert_eq!(req.body, b"abcde");
@@ -277,9 +303,17 @@ mod tests {
     #[test]
     fn keep_alive_defaults_follow_the_version() {
         assert!(complete(b"GET / HTTP/1.1\r\n\r\n").0.keep_alive);
-        assert!(!complete(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").0.keep_alive);
+        assert!(
+            !complete(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .0
+                .keep_alive
+        );
         assert!(!complete(b"GET / HTTP/1.0\r\n\r\n").0.keep_alive);
-        assert!(complete(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").0.keep_alive);
+        assert!(
+            complete(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                .0
+                .keep_alive
+        );
     }
 
     #[test]

@@ -89,8 +89,12 @@ impl Hub {
 
     /// Remove the connection from `name`. Returns false if it was not subscribed.
     pub fn unsubscribe(&mut self, memberships: &mut Vec<Membership>, name: &str) -> bool {
-        let Some(&topic) = self.by_name.get(name) else { return false };
-        let Some(i) = memberships.iter().position(|m| m.topic == topic) else { return false };
+        let Some(&topic) = self.by_name.get(name) else {
+            return false;
+        };
+        let Some(i) = memberships.iter().position(|m| m.topic == topic) else {
+            return false;
+        };
         let membership = memberships.swap_remove(i);
         self.leave(membership);
         true
@@ -132,7 +136,11 @@ impl Hub {
             r#"{{"op":"message","topic":"{name}","id":{id},"data":{}}}"#,
             data.get()
         );
-        Published { id, frame: ws::text_frame(payload.as_bytes()), topic }
+        Published {
+            id,
+            frame: ws::text_frame(payload.as_bytes()),
+            topic,
+        }
     }
 
     /// The connections subscribed to the topic of `published`.
@@ -149,7 +157,9 @@ impl Hub {
 
     #[cfg(test)]
     pub fn subscriber_count(&self, name: &str) -> usize {
-        self.by_name.get(name).map_or(0, |&k| self.topics[k].subscribers.len())
+        self.by_name
+            .get(name)
+            .map_or(0, |&k| self.topics[k].subscribers.len())
     }
 }
 
@@ -197,7 +207,10 @@ mod tests {
         for i in 1..MAX_TOPICS_PER_CONNECTION {
             hub.subscribe(ConnId(0), &mut m, &format!("t{i}")).unwrap();
         }
-        assert_eq!(hub.subscribe(ConnId(0), &mut m, "one-more"), Err(SubscribeError::TooManyTopics));
+        assert_eq!(
+            hub.subscribe(ConnId(0), &mut m, "one-more"),
+            Err(SubscribeError::TooManyTopics)
+        );
         assert!(!hub.unsubscribe(&mut m, "never"));
     }
 
@@ -224,8 +237,13 @@ mod tests {
                     s.remove(&conn);
                 });
             } else {
-                let added = hub.subscribe(ConnId(conn), &mut memberships[conn], &topic).unwrap();
-                assert_eq!(added, reference.entry(topic.clone()).or_default().insert(conn));
+                let added = hub
+                    .subscribe(ConnId(conn), &mut memberships[conn], &topic)
+                    .unwrap();
+                assert_eq!(
+                    added,
+                    reference.entry(topic.clone()).or_default().insert(conn)
+                );
             }
             reference.retain(|_, s| !s.is_empty());
             assert_eq!(hub.topic_count(), reference.len());

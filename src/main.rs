@@ -40,9 +40,11 @@ fn run() -> Result<i32, String> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cfg = args.into_config(std::env::var("HOST").ok(), std::env::var("PORT").ok())?;
 
-    let nofile = rlimit::raise_nofile().map_err(|e| format!("reading the open-files limit: {e}"))?;
-    let max_connections =
-        cfg.max_connections.unwrap_or_else(|| rlimit::default_max_connections(nofile.soft));
+    let nofile =
+        rlimit::raise_nofile().map_err(|e| format!("reading the open-files limit: {e}"))?;
+    let max_connections = cfg
+        .max_connections
+        .unwrap_or_else(|| rlimit::default_max_connections(nofile.soft));
     info!(
         "open-files limit: soft {} raised to {} (hard {}); max connections {}",
         nofile.before, nofile.soft, nofile.hard, max_connections

@@ -62,30 +62,120 @@ impl Out {
 
 pub fn render(c: &Counters, g: &Gauges) -> String {
     let mut o = Out(String::with_capacity(4096));
-    o.metric("herald_connections", "gauge", "Open client connections (HTTP and WebSocket).", g.connections);
-    o.metric("herald_websockets", "gauge", "Open WebSocket connections.", g.websockets);
-    o.metric("herald_topics", "gauge", "Topics with at least one local subscriber.", g.topics);
-    o.metric("herald_send_queue_bytes", "gauge", "Bytes queued to clients and not yet written.", g.queued_bytes);
-    o.metric("herald_fd_limit", "gauge", "RLIMIT_NOFILE soft limit after raising it at start.", g.fd_limit);
-    o.metric("herald_max_connections", "gauge", "Connections beyond this are refused with 503.", g.max_connections);
-    o.metric("herald_draining", "gauge", "1 once a graceful shutdown has begun.", u8::from(g.draining));
-    o.metric("herald_connections_accepted_total", "counter", "Connections accepted.", c.accepted);
+    o.metric(
+        "herald_connections",
+        "gauge",
+        "Open client connections (HTTP and WebSocket).",
+        g.connections,
+    );
+    o.metric(
+        "herald_websockets",
+        "gauge",
+        "Open WebSocket connections.",
+        g.websockets,
+    );
+    o.metric(
+        "herald_topics",
+        "gauge",
+        "Topics with at least one local subscriber.",
+        g.topics,
+    );
+    o.metric(
+        "herald_send_queue_bytes",
+        "gauge",
+        "Bytes queued to clients and not yet written.",
+        g.queued_bytes,
+    );
+    o.metric(
+        "herald_fd_limit",
+        "gauge",
+        "RLIMIT_NOFILE soft limit after raising it at start.",
+        g.fd_limit,
+    );
+    o.metric(
+        "herald_max_connections",
+        "gauge",
+        "Connections beyond this are refused with 503.",
+        g.max_connections,
+    );
+    o.metric(
+        "herald_draining",
+        "gauge",
+        "1 once a graceful shutdown has begun.",
+        u8::from(g.draining),
+    );
+    o.metric(
+        "herald_connections_accepted_total",
+        "counter",
+        "Connections accepted.",
+        c.accepted,
+    );
     o.metric(
         "herald_connections_rejected_total",
         "counter",
         "Connections refused with 503 at --max-connections.",
         c.rejected_at_capacity,
     );
-    o.metric("herald_accept_errors_total", "counter", "accept() failures such as EMFILE.", c.accept_errors);
-    o.labelled("herald_http_responses_total", "HTTP responses by status.", "status", &c.responses);
-    o.metric("herald_messages_published_total", "counter", "Messages accepted for publishing, per topic.", c.published);
-    o.metric("herald_messages_delivered_total", "counter", "Message frames queued to subscribers.", c.delivered);
-    o.metric("herald_slow_consumers_total", "counter", "Subscribers closed for exceeding --send-queue-limit.", c.slow_consumers);
-    o.labelled("herald_websocket_closes_total", "WebSockets closed by herald, by close code.", "code", &c.ws_closed);
-    o.metric("herald_op_errors_total", "counter", "error replies sent for bad client ops.", c.op_errors);
-    o.metric("herald_handshake_timeouts_total", "counter", "Connections closed for an incomplete request head.", c.handshake_timeouts);
-    o.metric("herald_idle_timeouts_total", "counter", "Idle keep-alive HTTP connections closed.", c.idle_timeouts);
-    o.metric("herald_pong_timeouts_total", "counter", "WebSockets closed after an unanswered ping.", c.pong_timeouts);
+    o.metric(
+        "herald_accept_errors_total",
+        "counter",
+        "accept() failures such as EMFILE.",
+        c.accept_errors,
+    );
+    o.labelled(
+        "herald_http_responses_total",
+        "HTTP responses by status.",
+        "status",
+        &c.responses,
+    );
+    o.metric(
+        "herald_messages_published_total",
+        "counter",
+        "Messages accepted for publishing, per topic.",
+        c.published,
+    );
+    o.metric(
+        "herald_messages_delivered_total",
+        "counter",
+        "Message frames queued to subscribers.",
+        c.delivered,
+    );
+    o.metric(
+        "herald_slow_consumers_total",
+        "counter",
+        "Subscribers closed for exceeding --send-queue-limit.",
+        c.slow_consumers,
+    );
+    o.labelled(
+        "herald_websocket_closes_total",
+        "WebSockets closed by herald, by close code.",
+        "code",
+        &c.ws_closed,
+    );
+    o.metric(
+        "herald_op_errors_total",
+        "counter",
+        "error replies sent for bad client ops.",
+        c.op_errors,
+    );
+    o.metric(
+        "herald_handshake_timeouts_total",
+        "counter",
+        "Connections closed for an incomplete request head.",
+        c.handshake_timeouts,
+    );
+    o.metric(
+        "herald_idle_timeouts_total",
+        "counter",
+        "Idle keep-alive HTTP connections closed.",
+        c.idle_timeouts,
+    );
+    o.metric(
+        "herald_pong_timeouts_total",
+        "counter",
+        "WebSockets closed after an unanswered ping.",
+        c.pong_timeouts,
+    );
     o.0
 }
 
@@ -95,10 +185,22 @@ mod tests {
 
     #[test]
     fn exposition_has_help_type_and_values() {
-        let mut c = Counters { published: 3, ..Counters::default() };
+        let mut c = Counters {
+            published: 3,
+            ..Counters::default()
+        };
         c.responses.insert(404, 2);
-        let text = render(&c, &Gauges { fd_limit: 1024, draining: true, ..Gauges::default() });
-        assert!(text.contains("# TYPE herald_messages_published_total counter\nherald_messages_published_total 3\n"));
+        let text = render(
+            &c,
+            &Gauges {
+                fd_limit: 1024,
+                draining: true,
+                ..Gauges::default()
+            },
+        );
+        assert!(text.contains(
+            "# TYPE herald_messages_published_total counter\nherald_messages_published_total 3\n"
+        ));
         assert!(text.contains("herald_http_responses_total{status=\"404\"} 2\n"));
         assert!(text.contains("herald_fd_limit 1024\n"));
         assert!(text.contains("herald_draining 1\n"));

@@ -31,5 +31,8 @@ pub fn refuse(mut stream: TcpStream, response: &[u8]) {
 
 /// accept() errors that mean "out of descriptors or memory": retrying at once would spin.
 pub fn is_resource_exhaustion(err: &io::Error) -> bool {
-    matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }

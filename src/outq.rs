@@ -97,7 +97,9 @@ impl OutQueue {
     fn consume(&mut self, mut n: usize) {
         self.len -= n;
         while n > 0 {
-            let Some(front) = self.chunks.front() else { break };
+            let Some(front) = self.chunks.front() else {
+                break;
+            };
             let rest = front.len() - self.offset;
             if n >= rest {
                 n -= rest;
@@ -152,7 +154,11 @@ mod tests {
         q.push(Bytes::from_static(b"big "));
         q.push(Bytes::from_static(b"world"));
         assert_eq!(q.len(), 15);
-        let mut sock = Trickle { out: Vec::new(), cap: 4, calls: 2 };
+        let mut sock = Trickle {
+            out: Vec::new(),
+            cap: 4,
+            calls: 2,
+        };
         assert_eq!(q.write_to(&mut sock, usize::MAX).unwrap(), Flushed::Blocked);
         assert_eq!(sock.out, b"hello bi");
         assert_eq!(q.len(), 7);
@@ -168,7 +174,11 @@ mod tests {
         for _ in 0..10 {
             q.push(Bytes::from_static(b"0123456789"));
         }
-        let mut sock = Trickle { out: Vec::new(), cap: 10, calls: 100 };
+        let mut sock = Trickle {
+            out: Vec::new(),
+            cap: 10,
+            calls: 100,
+        };
         assert_eq!(q.write_to(&mut sock, 30).unwrap(), Flushed::Budget);
         assert_eq!(sock.out.len(), 30);
         assert_eq!(q.len(), 70);
@@ -179,7 +189,11 @@ mod tests {
         let mut q = OutQueue::default();
         q.push(Bytes::from_static(b"aaaa"));
         q.push(Bytes::from_static(b"bbbb"));
-        let mut sock = Trickle { out: Vec::new(), cap: 2, calls: 1 };
+        let mut sock = Trickle {
+            out: Vec::new(),
+            cap: 2,
+            calls: 1,
+        };
         q.write_to(&mut sock, usize::MAX).unwrap();
         assert_eq!(q.drop_unstarted(), 4);
         assert_eq!(q.len(), 2);

@@ -20,8 +20,13 @@ pub struct NoFile {
 
 /// Raise the soft limit to the hard limit. A hard limit of "infinity" is capped at
 /// `fs.nr_open`, the kernel's real ceiling, since setrlimit refuses more.
+// rlim_t is u64 on Linux but not everywhere; the casts are for the other platforms.
+#[allow(clippy::unnecessary_cast)]
 pub fn raise_nofile() -> io::Result<NoFile> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes one rlimit struct into the valid pointer we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
@@ -32,7 +37,10 @@ pub fn raise_nofile() -> io::Result<NoFile> {
         target = nr_open().unwrap_or(1 << 20) as libc::rlim_t;
     }
     if target > lim.rlim_cur {
-        let raised = libc::rlimit { rlim_cur: target, rlim_max: lim.rlim_max };
+        let raised = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: lim.rlim_max,
+        };
         // SAFETY: setrlimit reads one valid rlimit struct.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
             let err = io::Error::last_os_error();
@@ -41,11 +49,19 @@ pub fn raise_nofile() -> io::Result<NoFile> {
             lim.rlim_cur = target;
         }
     }
-    Ok(NoFile { before, soft: lim.rlim_cur as u64, hard: lim.rlim_max as u64 })
+    Ok(NoFile {
+        before,
+        soft: lim.rlim_cur as u64,
+        hard: lim.rlim_max as u64,
+    })
 }
 
 fn nr_open() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/fs/nr_open").ok()?.trim().parse().ok()
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `--max-connections` when not given: the soft limit minus the reserve.

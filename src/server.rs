@@ -118,9 +118,11 @@ impl Server {
         let poll = Poll::new()?;
         let mut listener = net::listen(cfg.listen, cfg.backlog)?;
         let local_addr = listener.local_addr()?;
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let mut signals = Signals::new([SIGTERM, SIGINT])?;
-        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
         Ok(Server {
             poll,
             events: Events::with_capacity(EVENTS_CAPACITY),
@@ -136,7 +138,10 @@ impl Server {
             nofile,
             max_connections,
             counters: Counters::default(),
-            accepting: Accepting { ready: true, ..Accepting::default() },
+            accepting: Accepting {
+                ready: true,
+                ..Accepting::default()
+            },
             drain: Drain::Serving,
             ready: Vec::with_capacity(EVENTS_CAPACITY),
             dirty: Vec::new(),
@@ -176,10 +181,14 @@ impl Server {
             Some(Duration::ZERO)
         } else {
             let accept_resume = self.accepting.paused_until.filter(|_| self.accepting.ready);
-            let next = [self.timers.next_deadline(), accept_resume, self.drain.deadline()]
-                .into_iter()
-                .flatten()
-                .min();
+            let next = [
+                self.timers.next_deadline(),
+                accept_resume,
+                self.drain.deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             timer::poll_timeout(now, next)
         };
         match self.poll.poll(&mut self.events, timeout) {
@@ -194,7 +203,11 @@ impl Server {
         let mut ready = mem::take(&mut self.ready);
         ready.clear();
         ready.extend(self.events.iter().map(|e| {
-            (e.token(), e.is_readable() || e.is_read_closed() || e.is_error(), e.is_writable())
+            (
+                e.token(),
+                e.is_readable() || e.is_read_closed() || e.is_error(),
+                e.is_writable(),
+            )
         }));
         let mut exit = None;
         for &(token, readable, writable) in &ready {
@@ -229,7 +242,9 @@ impl Server {
             return;
         }
         self.accepting.paused_until = None;
-        let Some(listener) = self.listener.take() else { return };
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
         let mut exhausted_budget = true;
         for _ in 0..ACCEPTS_PER_PASS {
             match listener.accept() {
@@ -260,7 +275,10 @@ impl Server {
     }
 
     fn warn_accept(&mut self, now: Instant, err: &io::Error) {
-        let due = self.accepting.last_warning.is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_INTERVAL);
+        let due = self
+            .accepting
+            .last_warning
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_INTERVAL);
         if due {
             self.accepting.last_warning = Some(now);
             warn!(
@@ -282,14 +300,19 @@ impl Server {
         stream.set_nodelay(true).ok();
         let entry = self.conns.vacant_entry();
         let id = ConnId(entry.key());
-        if let Err(e) = self.poll.registry().register(&mut stream, id.token(), Interest::READABLE) {
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, id.token(), Interest::READABLE)
+        {
             warn!("register {peer}: {e}");
             return;
         }
         let conn = entry.insert(Conn::new(stream, peer));
         self.counters.accepted += 1;
         let deadline = now + self.cfg.handshake_timeout;
-        self.timers.arm(&mut conn.timers, id.0, Timer::Request, deadline);
+        self.timers
+            .arm(&mut conn.timers, id.0, Timer::Request, deadline);
         // Edge-triggered: bytes that arrived with the connection raise no new event.
         self.on_readable(id, now);
     }
@@ -306,8 +329,7 @@ impl Server {
     fn on_readable(&mut self, id: ConnId, now: Instant) {
         let mut scratch = mem::take(&mut self.scratch);
         let mut total = 0;
-        loop {
-            let Some(conn) = self.conns.get_mut(id.0) else { break };
+        while let Some(conn) = self.conns.get_mut(id.0) {
             if matches!(conn.state, State::Dead) {
                 break;
             }
@@ -382,11 +404,14 @@ impl Server {
                 }
                 Ok(partial @ (Parsed::Partial | Parsed::AwaitingBody { .. })) => {
                     let conn = &mut self.conns[id.0];
-                    if let Parsed::AwaitingBody { expect_continue: true } = partial
+                    if let Parsed::AwaitingBody {
+                        expect_continue: true,
+                    } = partial
                         && !conn.sent_continue
                     {
                         conn.sent_continue = true;
-                        conn.out.push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
+                        conn.out
+                            .push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
                         self.mark_dirty(id);
                     }
                     self.keep_partial(id, rest, now);
@@ -406,14 +431,16 @@ impl Server {
         let conn = &mut self.conns[id.0];
         if rest.is_empty() {
             self.timers.disarm(&mut conn.timers, id.0, Timer::Request);
-            self.timers.arm(&mut conn.timers, id.0, Timer::Idle, now + KEEPALIVE_IDLE);
+            self.timers
+                .arm(&mut conn.timers, id.0, Timer::Idle, now + KEEPALIVE_IDLE);
             return;
         }
         conn.partial = rest.to_vec();
         self.timers.disarm(&mut conn.timers, id.0, Timer::Idle);
         if conn.timers.get(Timer::Request).is_none() {
             let deadline = now + self.cfg.handshake_timeout;
-            self.timers.arm(&mut conn.timers, id.0, Timer::Request, deadline);
+            self.timers
+                .arm(&mut conn.timers, id.0, Timer::Request, deadline);
         }
     }
 
@@ -430,9 +457,11 @@ impl Server {
             Err(reject) => reject.response(),
             Ok(Route::Health) if draining => Reject::Draining.response(),
             Ok(Route::Health) => Response::text(200, "ok"),
-            Ok(Route::Metrics) => {
-                Response::new(200, "text/plain; version=0.0.4; charset=utf-8", self.render_metrics())
-            }
+            Ok(Route::Metrics) => Response::new(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.render_metrics(),
+            ),
             Ok(Route::Publish(p)) => {
                 let mut ids = Vec::with_capacity(p.topics.len());
                 let mut delivered = 0;
@@ -443,7 +472,11 @@ impl Server {
                 }
                 api::publish_reply(&ids, delivered)
             }
-            Ok(Route::Upgrade { kind, accept, topics }) => {
+            Ok(Route::Upgrade {
+                kind,
+                accept,
+                topics,
+            }) => {
                 self.open_websocket(id, kind, accept, &topics, rest, now);
                 return Next::Stop;
             }
@@ -482,18 +515,29 @@ impl Server {
     ) {
         *self.counters.responses.entry(101).or_default() += 1;
         let conn = &mut self.conns[id.0];
-        conn.out.push(Bytes::from(upgrade::switching_protocols(accept).encode(false)));
+        conn.out.push(Bytes::from(
+            upgrade::switching_protocols(accept).encode(false),
+        ));
         self.timers.disarm(&mut conn.timers, id.0, Timer::Request);
         self.timers.disarm(&mut conn.timers, id.0, Timer::Idle);
         let mut session = Session::new(Ws::new(Vec::new(), self.cfg.max_message_size), kind, now);
         for topic in topics {
             // `?topics=` was capped at the per-connection limit when it was parsed.
-            if self.hub.subscribe(id, &mut session.memberships, topic).is_ok() {
+            if self
+                .hub
+                .subscribe(id, &mut session.memberships, topic)
+                .is_ok()
+            {
                 conn.out.push(session::subscribed(topic));
             }
         }
         conn.state = State::Open(Box::new(session));
-        self.timers.arm(&mut conn.timers, id.0, Timer::Ping, now + self.cfg.ping_interval);
+        self.timers.arm(
+            &mut conn.timers,
+            id.0,
+            Timer::Ping,
+            now + self.cfg.ping_interval,
+        );
         self.mark_dirty(id);
         if !rest.is_empty() {
             self.on_ws_input(id, rest, now);
@@ -541,7 +585,9 @@ impl Server {
     }
 
     fn on_binary(&mut self, id: ConnId, data: &[u8], now: Instant) {
-        let Some(session) = self.conns[id.0].session_mut() else { return };
+        let Some(session) = self.conns[id.0].session_mut() else {
+            return;
+        };
         match session.kind {
             Kind::Echo => self.queue(id, ws::binary_frame(data)),
             Kind::Topics => self.close_websocket(id, CloseReason::Unsupported, now),
@@ -550,19 +596,26 @@ impl Server {
 
     fn on_text(&mut self, id: ConnId, text: &str, now: Instant) {
         let conn = &mut self.conns[id.0];
-        let State::Open(session) = &mut conn.state else { return };
+        let State::Open(session) = &mut conn.state else {
+            return;
+        };
         if session.kind == Kind::Echo {
             self.queue(id, ws::text_frame(text.as_bytes()));
             return;
         }
         let reply = match session::parse_op(text) {
-            Ok(Op::Subscribe(topic)) => match self.hub.subscribe(id, &mut session.memberships, &topic) {
-                Ok(_) => session::subscribed(&topic),
-                Err(SubscribeError::TooManyTopics) => self.op_error(OpError::new(
-                    "too_many_topics",
-                    format!("at most {} topics per connection", crate::hub::MAX_TOPICS_PER_CONNECTION),
-                )),
-            },
+            Ok(Op::Subscribe(topic)) => {
+                match self.hub.subscribe(id, &mut session.memberships, &topic) {
+                    Ok(_) => session::subscribed(&topic),
+                    Err(SubscribeError::TooManyTopics) => self.op_error(OpError::new(
+                        "too_many_topics",
+                        format!(
+                            "at most {} topics per connection",
+                            crate::hub::MAX_TOPICS_PER_CONNECTION
+                        ),
+                    )),
+                }
+            }
             Ok(Op::Unsubscribe(topic)) => {
                 self.hub.unsubscribe(&mut session.memberships, &topic);
                 session::unsubscribed(&topic)
@@ -573,7 +626,10 @@ impl Server {
                     self.publish(&topic, data, now);
                     return;
                 }
-                self.op_error(OpError::new("forbidden", format!("clients may not publish to {topic:?}")))
+                self.op_error(OpError::new(
+                    "forbidden",
+                    format!("clients may not publish to {topic:?}"),
+                ))
             }
             Err(e) => self.op_error(e),
         };
@@ -624,14 +680,22 @@ impl Server {
             // Its queue is what got it here; the close frame must not wait behind it.
             let dropped = conn.out.drop_unstarted();
             self.counters.slow_consumers += 1;
-            info!("slow consumer {}: {dropped} queued bytes dropped, closing with 1008", conn.peer);
+            info!(
+                "slow consumer {}: {dropped} queued bytes dropped, closing with 1008",
+                conn.peer
+            );
         }
         session.ws.close(reason, &mut conn.out);
-        *self.counters.ws_closed.entry(reason.code().into()).or_default() += 1;
+        *self
+            .counters
+            .ws_closed
+            .entry(reason.code().into())
+            .or_default() += 1;
         conn.state = State::Closing(session);
         self.timers.disarm(&mut conn.timers, id.0, Timer::Ping);
         self.timers.disarm(&mut conn.timers, id.0, Timer::Pong);
-        self.timers.arm(&mut conn.timers, id.0, Timer::CloseGrace, now + CLOSE_GRACE);
+        self.timers
+            .arm(&mut conn.timers, id.0, Timer::CloseGrace, now + CLOSE_GRACE);
         self.mark_dirty(id);
     }
 
@@ -658,8 +722,9 @@ impl Server {
     // ---- timers ----------------------------------------------------------------------
 
     fn fire_timers(&mut self, now: Instant) {
-        while let Some((key, kind)) =
-            self.timers.pop_expired(now, |k| self.conns.get_mut(k).map(|c| &mut c.timers))
+        while let Some((key, kind)) = self
+            .timers
+            .pop_expired(now, |k| self.conns.get_mut(k).map(|c| &mut c.timers))
         {
             let id = ConnId(key);
             match kind {
@@ -688,17 +753,26 @@ impl Server {
     fn on_ping_timer(&mut self, id: ConnId, now: Instant) {
         let interval = self.cfg.ping_interval;
         let conn = &mut self.conns[id.0];
-        let State::Open(session) = &conn.state else { return };
+        let State::Open(session) = &conn.state else {
+            return;
+        };
         let silent_since = session.last_seen;
         if now.duration_since(silent_since) < interval {
-            self.timers.arm(&mut conn.timers, id.0, Timer::Ping, silent_since + interval);
+            self.timers
+                .arm(&mut conn.timers, id.0, Timer::Ping, silent_since + interval);
             return;
         }
         ws::queue_ping(&mut conn.out);
         if conn.timers.get(Timer::Pong).is_none() {
-            self.timers.arm(&mut conn.timers, id.0, Timer::Pong, now + self.cfg.pong_timeout);
+            self.timers.arm(
+                &mut conn.timers,
+                id.0,
+                Timer::Pong,
+                now + self.cfg.pong_timeout,
+            );
         }
-        self.timers.arm(&mut conn.timers, id.0, Timer::Ping, now + interval);
+        self.timers
+            .arm(&mut conn.timers, id.0, Timer::Ping, now + interval);
         self.mark_dirty(id);
     }
 
@@ -718,7 +792,9 @@ impl Server {
     fn flush_dirty(&mut self, now: Instant) {
         let dirty = mem::take(&mut self.dirty);
         for &id in &dirty {
-            let Some(conn) = self.conns.get_mut(id.0) else { continue };
+            let Some(conn) = self.conns.get_mut(id.0) else {
+                continue;
+            };
             conn.dirty = false;
             if matches!(conn.state, State::Dead) {
                 continue;
@@ -734,7 +810,12 @@ impl Server {
                         // with unread input would send RST and could destroy our answer.
                         let _ = conn.stream.shutdown(std::net::Shutdown::Write);
                         conn.state = State::Lingering;
-                        self.timers.arm(&mut conn.timers, id.0, Timer::CloseGrace, now + CLOSE_GRACE);
+                        self.timers.arm(
+                            &mut conn.timers,
+                            id.0,
+                            Timer::CloseGrace,
+                            now + CLOSE_GRACE,
+                        );
                     }
                 }
                 Ok(Flushed::Blocked) => {}
@@ -756,7 +837,11 @@ impl Server {
         let conn = &mut self.conns[id.0];
         let wanted = conn.interest();
         if wanted != conn.registered {
-            match self.poll.registry().reregister(&mut conn.stream, id.token(), wanted) {
+            match self
+                .poll
+                .registry()
+                .reregister(&mut conn.stream, id.token(), wanted)
+            {
                 Ok(()) => conn.registered = wanted,
                 Err(e) => {
                     warn!("reregister {}: {e}", conn.peer);
@@ -770,7 +855,9 @@ impl Server {
 
     /// End a connection now: leave its topics, mark it for reaping after this pass.
     fn kill(&mut self, id: ConnId) {
-        let Some(conn) = self.conns.get(id.0) else { return };
+        let Some(conn) = self.conns.get(id.0) else {
+            return;
+        };
         if matches!(conn.state, State::Dead) {
             return;
         }
@@ -780,7 +867,9 @@ impl Server {
 
     fn reap_dead(&mut self) {
         for id in mem::take(&mut self.reap) {
-            let Some(mut conn) = self.conns.try_remove(id.0) else { continue };
+            let Some(mut conn) = self.conns.try_remove(id.0) else {
+                continue;
+            };
             self.timers.disarm_all(&mut conn.timers, id.0);
             let _ = self.poll.registry().deregister(&mut conn.stream);
         }
@@ -825,7 +914,9 @@ impl Server {
             let conn = &mut self.conns[key];
             match conn.state {
                 State::Open(_) => self.close_websocket(id, CloseReason::GoingAway, now),
-                State::ReadingRequest if conn.partial.is_empty() && conn.out.is_empty() => self.kill(id),
+                State::ReadingRequest if conn.partial.is_empty() && conn.out.is_empty() => {
+                    self.kill(id)
+                }
                 State::ReadingRequest if conn.partial.is_empty() => {
                     conn.state = State::Finishing;
                     self.mark_dirty(id);
@@ -857,7 +948,11 @@ impl Server {
     fn render_metrics(&self) -> String {
         let gauges = Gauges {
             connections: self.conns.len(),
-            websockets: self.conns.iter().filter(|(_, c)| matches!(c.state, State::Open(_))).count(),
+            websockets: self
+                .conns
+                .iter()
+                .filter(|(_, c)| matches!(c.state, State::Open(_)))
+                .count(),
             topics: self.hub.topic_count(),
             queued_bytes: self.queued_bytes(),
             fd_limit: self.nofile.soft,
@@ -872,6 +967,8 @@ impl Server {
 fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
     }
 }

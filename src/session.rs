@@ -33,7 +33,12 @@ pub struct Session {
 
 impl Session {
     pub fn new(ws: Ws, kind: Kind, now: Instant) -> Session {
-        Session { ws, kind, memberships: Vec::new(), last_seen: now }
+        Session {
+            ws,
+            kind,
+            memberships: Vec::new(),
+            last_seen: now,
+        }
     }
 }
 
@@ -55,7 +60,10 @@ pub struct OpError {
 
 impl OpError {
     pub fn new(code: &'static str, message: impl Into<Cow<'static, str>>) -> OpError {
-        OpError { code, message: message.into() }
+        OpError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -72,9 +80,14 @@ struct RawOp<'a> {
 pub fn parse_op(text: &str) -> Result<Op<'_>, OpError> {
     let raw: RawOp = serde_json::from_str(text)
         .map_err(|e| OpError::new("bad_json", format!("not a JSON op object: {e}")))?;
-    let op = raw.op.ok_or_else(|| OpError::new("bad_request", "missing \"op\""))?;
+    let op = raw
+        .op
+        .ok_or_else(|| OpError::new("bad_request", "missing \"op\""))?;
     let topic = || {
-        let name = raw.topic.clone().ok_or_else(|| OpError::new("bad_topic", "missing \"topic\""))?;
+        let name = raw
+            .topic
+            .clone()
+            .ok_or_else(|| OpError::new("bad_topic", "missing \"topic\""))?;
         topic::check_name(&name).map_err(|e| OpError::new("bad_topic", e))?;
         Ok::<_, OpError>(name)
     };
@@ -82,7 +95,9 @@ pub fn parse_op(text: &str) -> Result<Op<'_>, OpError> {
         "subscribe" => Ok(Op::Subscribe(topic()?)),
         "unsubscribe" => Ok(Op::Unsubscribe(topic()?)),
         "publish" => {
-            let data = raw.data.ok_or_else(|| OpError::new("bad_request", "missing \"data\""))?;
+            let data = raw
+                .data
+                .ok_or_else(|| OpError::new("bad_request", "missing \"data\""))?;
             Ok(Op::Publish(topic()?, data))
         }
         "ping" => Ok(Op::Ping),
@@ -107,11 +122,21 @@ fn reply(r: &Reply) -> Bytes {
 }
 
 pub fn subscribed(topic: &str) -> Bytes {
-    reply(&Reply { op: "subscribed", topic: Some(topic), error: None, message: None })
+    reply(&Reply {
+        op: "subscribed",
+        topic: Some(topic),
+        error: None,
+        message: None,
+    })
 }
 
 pub fn unsubscribed(topic: &str) -> Bytes {
-    reply(&Reply { op: "unsubscribed", topic: Some(topic), error: None, message: None })
+    reply(&Reply {
+        op: "unsubscribed",
+        topic: Some(topic),
+        error: None,
+        message: None,
+    })
 }
 
 pub fn pong() -> Bytes {
@@ -119,7 +144,12 @@ pub fn pong() -> Bytes {
 }
 
 pub fn error(e: &OpError) -> Bytes {
-    reply(&Reply { op: "error", topic: None, error: Some(e.code), message: Some(&e.message) })
+    reply(&Reply {
+        op: "error",
+        topic: None,
+        error: Some(e.code),
+        message: Some(&e.message),
+    })
 }
 
 #[cfg(test)]
@@ -128,15 +158,24 @@ mod tests {
 
     #[test]
     fn parses_each_op() {
-        assert!(matches!(parse_op(r#"{"op":"subscribe","topic":"a"}"#), Ok(Op::Subscribe(t)) if t == "a"));
-        assert!(matches!(parse_op(r#"{"topic":"a","op":"unsubscribe"}"#), Ok(Op::Unsubscribe(t)) if t == "a"));
-        assert!(matches!(parse_op(r#"{"op":"ping","extra":1}"#), Ok(Op::Ping)));
+        assert!(
+            matches!(parse_op(r#"{"op":"subscribe","topic":"a"}"#), Ok(Op::Subscribe(t)) if t == "a")
+        );
+        assert!(
+            matches!(parse_op(r#"{"topic":"a","op":"unsubscribe"}"#), Ok(Op::Unsubscribe(t)) if t == "a")
+        );
+        assert!(matches!(
+            parse_op(r#"{"op":"ping","extra":1}"#),
+            Ok(Op::Ping)
+        ));
         match parse_op(r#"{"op":"publish","topic":"a","data":{"k":[1,"x"]}}"#).unwrap() {
             Op::Publish(t, d) => assert_eq!((t.as_ref(), d.get()), ("a", r#"{"k":[1,"x"]}"#)),
             other => panic!("{other:?}"),
         }
         // Escapes in the topic are decoded before checking.
-        assert!(matches!(parse_op(r#"{"op":"subscribe","topic":"\u0061"}"#), Ok(Op::Subscribe(t)) if t == "a"));
+        assert!(
+            matches!(parse_op(r#"{"op":"subscribe","topic":"\u0061"}"#), Ok(Op::Subscribe(t)) if t == "a")
+        );
     }
 
     #[test]

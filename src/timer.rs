@@ -25,8 +25,13 @@ pub enum Timer {
 const KINDS: usize = 5;
 
 impl Timer {
-    const ALL: [Timer; KINDS] =
-        [Timer::Request, Timer::Idle, Timer::Ping, Timer::Pong, Timer::CloseGrace];
+    const ALL: [Timer; KINDS] = [
+        Timer::Request,
+        Timer::Idle,
+        Timer::Ping,
+        Timer::Pong,
+        Timer::CloseGrace,
+    ];
 
     fn slot(self) -> usize {
         match self {
@@ -160,7 +165,10 @@ mod tests {
         let t0 = Instant::now();
         let d = poll_timeout(t0, Some(t0 + Duration::from_micros(1500))).unwrap();
         assert_eq!(d, Duration::from_millis(2));
-        assert_eq!(poll_timeout(t0 + Duration::from_secs(1), Some(t0)), Some(Duration::ZERO));
+        assert_eq!(
+            poll_timeout(t0 + Duration::from_secs(1), Some(t0)),
+            Some(Duration::ZERO)
+        );
         assert_eq!(poll_timeout(t0, None), None);
     }
 }

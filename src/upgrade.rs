@@ -13,8 +13,10 @@ pub fn check(req: &Request, allowed_origins: Option<&[String]>) -> Result<String
     if req.method != Method::Get {
         return Err(Reject::MethodNotAllowed("GET"));
     }
-    let wants_websocket =
-        req.upgrade.as_deref().is_some_and(|u| u.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket")));
+    let wants_websocket = req.upgrade.as_deref().is_some_and(|u| {
+        u.split(',')
+            .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+    });
     if !wants_websocket || !req.connection_upgrade || req.ws_version.as_deref() != Some("13") {
         return Err(Reject::UpgradeRequired);
     }
@@ -23,7 +25,9 @@ pub fn check(req: &Request, allowed_origins: Option<&[String]>) -> Result<String
     }
     let key = req.ws_key.as_deref().unwrap_or("");
     if !is_websocket_key(key) {
-        return Err(Reject::bad_request("Sec-WebSocket-Key must be 16 bytes in base64"));
+        return Err(Reject::bad_request(
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        ));
     }
     // Browsers always send Origin; other clients may omit it (and could forge it anyway),
     // so the list restricts browsers, which is what it is for.
@@ -41,7 +45,9 @@ fn is_websocket_key(key: &str) -> bool {
     let b = key.as_bytes();
     b.len() == 24
         && b.ends_with(b"==")
-        && b[..22].iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
 }
 
 pub fn switching_protocols(accept: String) -> Response {
@@ -88,9 +94,16 @@ mod tests {
         let req = request("Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n");
         assert!(matches!(check(&req, None), Err(Reject::BadRequest(_))));
         let allowed = vec!["https://app.example".to_string()];
-        let ok = request(&format!("{KEY}Sec-WebSocket-Version: 13\r\nOrigin: https://APP.example\r\n"));
+        let ok = request(&format!(
+            "{KEY}Sec-WebSocket-Version: 13\r\nOrigin: https://APP.example\r\n"
+        ));
         assert!(check(&ok, Some(&allowed)).is_ok());
-        let evil = request(&format!("{KEY}Sec-WebSocket-Version: 13\r\nOrigin: https://evil.example\r\n"));
-        assert_eq!(check(&evil, Some(&allowed)), Err(Reject::Forbidden("origin not allowed")));
+        let evil = request(&format!(
+            "{KEY}Sec-WebSocket-Version: 13\r\nOrigin: https://evil.example\r\n"
+        ));
+        assert_eq!(
+            check(&evil, Some(&allowed)),
+            Err(Reject::Forbidden("origin not allowed"))
+        );
     }
 }

@@ -79,7 +79,9 @@ impl Ws {
             .write_buffer_size(0)
             .max_message_size(Some(max_message_size))
             .max_frame_size(Some(max_message_size));
-        Ws { ctx: WebSocketContext::from_partially_read(leftover, Role::Server, Some(config)) }
+        Ws {
+            ctx: WebSocketContext::from_partially_read(leftover, Role::Server, Some(config)),
+        }
     }
 
     /// Take the next event from `input`, advancing it. Call until `NeedMore`: two frames
@@ -87,7 +89,10 @@ impl Ws {
     pub fn read(&mut self, input: &mut &[u8], out: &mut OutQueue) -> WsEvent {
         // A loop, not recursion: a peer may send thousands of control frames in a row.
         loop {
-            let mut io = Io { input, out: &mut *out };
+            let mut io = Io {
+                input,
+                out: &mut *out,
+            };
             let result = self.ctx.read(&mut io);
             *input = io.input;
             return match result {
@@ -116,7 +121,10 @@ impl Ws {
 
     /// Queue our close frame. Later reads still accept the peer's reply.
     pub fn close(&mut self, reason: CloseReason, out: &mut OutQueue) {
-        let frame = CloseFrame { code: reason.code(), reason: reason.text().into() };
+        let frame = CloseFrame {
+            code: reason.code(),
+            reason: reason.text().into(),
+        };
         // Writing into our queue cannot fail; an error here only means a close frame was
         // already sent or received, and then there is nothing more to send.
         let _ = self.ctx.close(&mut Io { input: &[], out }, Some(frame));
@@ -138,7 +146,11 @@ pub fn binary_frame(payload: &[u8]) -> Bytes {
 
 /// Encode one final, unmasked server frame: header and payload in one allocation.
 fn frame(kind: Data, payload: &[u8]) -> Bytes {
-    let header = FrameHeader { is_final: true, opcode: OpCode::Data(kind), ..FrameHeader::default() };
+    let header = FrameHeader {
+        is_final: true,
+        opcode: OpCode::Data(kind),
+        ..FrameHeader::default()
+    };
     let mut out = Vec::with_capacity(header.len(payload.len() as u64) + payload.len());
     header
         .format(payload.len() as u64, &mut out)
@@ -241,11 +253,21 @@ mod tests {
         for (bytes, want) in cases {
             let mut ws = Ws::new(Vec::new(), 1024);
             let events = drain(&mut ws, &bytes, &mut OutQueue::default());
-            assert!(matches!(events.last(), Some(WsEvent::Fail(r)) if *r == want), "{bytes:x?}: {events:?}");
+            assert!(
+                matches!(events.last(), Some(WsEvent::Fail(r)) if *r == want),
+                "{bytes:x?}: {events:?}"
+            );
         }
         let mut ws = Ws::new(Vec::new(), 10);
-        let events = drain(&mut ws, &client_frame(0x82, &[0; 11]), &mut OutQueue::default());
-        assert!(matches!(events.last(), Some(WsEvent::Fail(CloseReason::TooBig))));
+        let events = drain(
+            &mut ws,
+            &client_frame(0x82, &[0; 11]),
+            &mut OutQueue::default(),
+        );
+        assert!(matches!(
+            events.last(),
+            Some(WsEvent::Fail(CloseReason::TooBig))
+        ));
     }
 
     #[test]

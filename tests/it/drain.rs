@@ -1,0 +1,192 @@
+//! SIGTERM / SIGINT: the drain order of PRODUCT.md, observed from outside.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tungstenite::Message;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::util::{Client, Herald, HttpConn};
+
+fn signal(herald: &Herald, sig: i32) {
+    // SAFETY: kill(2) on the PID of a child this test started.
+    assert_eq!(unsafe { libc::kill(herald.pid() as i32, sig) }, 0);
+}
+
+/// Publish over one keep-alive connection until the server stops accepting; return the
+/// ids it acknowledged, in order.
+fn publish_until_refused(addr: std::net::SocketAddr, accepted: Arc<AtomicU64>) -> Vec<u64> {
+    let mut conn = HttpConn::connect(addr);
+    let mut ids = Vec::new();
+    for i in 0..3000u64 {
+        let body = format!(r#"{{"topic":"d","data":{i}}}"#);
+        let raw = format!(
+            "POST /publish HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if conn.stream.write_all(raw.as_bytes()).is_err() {
+            break;
+        }
+        let Ok(r) = conn.try_response() else { break };
+        if r.status != 200 {
+            break;
+        }
+        ids.push(r.json()["id"].as_u64().unwrap());
+        accepted.fetch_add(1, Ordering::SeqCst);
+    }
+    ids
+}
+
+/// Every message until the close frame; returns (ids, close code).
+fn read_until_close(ws: &mut Client) -> (Vec<u64>, CloseCode) {
+    let mut ids = Vec::new();
+    loop {
+        match ws.read().expect("read") {
+            Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                ids.push(v["id"].as_u64().unwrap());
+            }
+            Message::Close(frame) => return (ids, frame.expect("close code").code),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn sigterm_drain_delivers_every_accepted_message_then_1001_and_exits_0() {
+    let herald = Herald::start(&["--drain-timeout", "10"]);
+    let mut subs: Vec<Client> = (0..1000).map(|_| herald.subscriber("d")).collect();
+
+    // A health request that is half sent when the signal lands.
+    let mut prober = HttpConn::connect(herald.addr);
+    prober.send(b"GET /health HTTP/1.1\r\nHost: t\r\n");
+
+    let accepted = Arc::new(AtomicU64::new(0));
+    let publisher = {
+        let (addr, accepted) = (herald.addr, accepted.clone());
+        std::thread::spawn(move || publish_until_refused(addr, accepted))
+    };
+    let start = Instant::now();
+    while accepted.load(Ordering::SeqCst) < 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "publisher too slow"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let signalled = Instant::now();
+    signal(&herald, libc::SIGTERM);
+
+    // 2. New connections are refused (which also shows the drain has begun).
+    let refused = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        TcpStream::connect(herald.addr).is_err()
+    });
+    assert!(refused, "the listener still accepts during the drain");
+
+    // 1. /health answers 503, with Connection: close, to a request in progress.
+    prober.send(b"\r\n");
+    let health = prober.response();
+    assert_eq!((health.status, health.text().as_str()), (503, "draining\n"));
+    assert_eq!(health.header("Connection"), Some("close"));
+
+    // 3 + 4. Every accepted message, in order, then 1001, on every subscriber.
+    let acked = publisher.join().unwrap();
+    assert!(acked.len() >= 200);
+    assert!(
+        acked.windows(2).all(|w| w[1] == w[0] + 1),
+        "ids must count up by one"
+    );
+    let mut first: Option<Vec<u64>> = None;
+    for (n, ws) in subs.iter_mut().enumerate() {
+        let (ids, code) = read_until_close(ws);
+        assert_eq!(code, CloseCode::Away, "subscriber {n}");
+        assert!(
+            ids.starts_with(&acked),
+            "subscriber {n} missed accepted messages"
+        );
+        match &first {
+            None => first = Some(ids),
+            Some(f) => assert_eq!(&ids, f, "subscriber {n} saw a different stream"),
+        }
+    }
+
+    // 5. Exit 0 within the deadline.
+    let mut herald = herald;
+    let status = herald
+        .wait(Duration::from_secs(12))
+        .expect("herald did not exit");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "drain took {:?}",
+        signalled.elapsed()
+    );
+    let log = herald.log();
+    assert!(
+        log.contains("draining 1002 connections") || log.contains("draining"),
+        "{log}"
+    );
+}
+
+#[test]
+fn drain_deadline_abandons_what_is_left_and_says_so() {
+    let herald = Herald::start(&["--drain-timeout", "1", "--send-queue-limit", "100000000"]);
+    // A subscriber that never reads: its queue cannot drain.
+    let stuck = herald.subscriber("s");
+    let mut api = herald.http();
+    let big = format!("\"{}\"", "x".repeat(60_000));
+    for _ in 0..200 {
+        api.publish("s", &big);
+    }
+    let start = Instant::now();
+    signal(&herald, libc::SIGTERM);
+    let mut herald = herald;
+    let status = herald.wait(Duration::from_secs(5)).expect("no exit");
+    assert!(status.success());
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let log = herald.log();
+    assert!(
+        log.contains("drain timeout: abandoning 1 connections"),
+        "{log}"
+    );
+    drop(stuck);
+}
+
+#[test]
+fn second_signal_exits_at_once() {
+    let herald = Herald::start(&["--drain-timeout", "30", "--send-queue-limit", "100000000"]);
+    let _stuck = herald.subscriber("s");
+    let mut api = herald.http();
+    let big = format!("\"{}\"", "x".repeat(60_000));
+    for _ in 0..200 {
+        api.publish("s", &big);
+    }
+    signal(&herald, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    signal(&herald, libc::SIGTERM);
+    let mut herald = herald;
+    let status = herald.wait(Duration::from_secs(5)).expect("no exit");
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(status.code(), Some(1));
+    assert!(herald.log().contains("second signal"), "{}", herald.log());
+}
+
+#[test]
+fn idle_keep_alive_connections_close_when_the_drain_starts() {
+    let herald = Herald::start(&[]);
+    let mut idle = herald.http();
+    idle.send(b"GET /health HTTP/1.1\r\n\r\n");
+    assert_eq!(idle.response().status, 200);
+    let status = herald.terminate();
+    assert!(status.success());
+    assert!(idle.is_closed());
+}

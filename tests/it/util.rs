@@ -1,0 +1,328 @@
+//! Test harness: start the real `herald` binary on an ephemeral loopback port, talk to it
+//! with a real WebSocket client (tungstenite) and raw HTTP/1.1 over TCP, read its log and
+//! its /metrics. Every wait is bounded.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type Client = WebSocket<TcpStream>;
+
+pub struct Herald {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Herald {
+    /// `herald --listen 127.0.0.1:0 ARGS...`
+    pub fn start(args: &[&str]) -> Herald {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+        Herald::spawn(cmd)
+    }
+
+    /// Run a prepared command (e.g. under `prlimit`); it must log "listening on ADDR".
+    pub fn spawn(mut cmd: Command) -> Herald {
+        cmd.env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start herald");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(TIMEOUT) {
+            Ok(addr) => addr.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("herald did not start:\n{}", log.lock().unwrap());
+            }
+        };
+        Herald { child, addr, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Open a WebSocket on `path` (e.g. "/ws?topics=a").
+    pub fn ws(&self, path: &str) -> Client {
+        let stream = TcpStream::connect(self.addr).expect("connect");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let url = format!("ws://{}{}", self.addr, path);
+        let (ws, response) = tungstenite::client::client(url.as_str(), stream).expect("handshake");
+        assert_eq!(response.status(), 101);
+        ws
+    }
+
+    /// Open `/ws?topics=TOPIC` and consume the `subscribed` confirmation.
+    pub fn subscriber(&self, topic: &str) -> Client {
+        let mut ws = self.ws(&format!("/ws?topics={topic}"));
+        let reply = next_json(&mut ws);
+        assert_eq!(reply["op"], "subscribed", "{reply}");
+        assert_eq!(reply["topic"], topic);
+        ws
+    }
+
+    pub fn http(&self) -> HttpConn {
+        HttpConn::connect(self.addr)
+    }
+
+    /// One request on a fresh connection.
+    pub fn request(&self, raw: &str) -> HttpResponse {
+        let mut conn = self.http();
+        conn.send(raw.as_bytes());
+        conn.response()
+    }
+
+    /// POST /publish on a fresh connection; returns the parsed reply.
+    pub fn publish(&self, topic: &str, data: &str) -> Value {
+        self.http().publish(topic, data)
+    }
+
+    /// Current /metrics as name{labels} → value.
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let r = self.request("GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(r.status, 200);
+        parse_metrics(&r.text())
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait(TIMEOUT + TIMEOUT).expect("herald did not exit")
+    }
+
+    /// Wait up to `limit` for the process to exit.
+    pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        wait_exit(&mut self.child, limit)
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Next text message, parsed as JSON (pings and pongs are skipped).
+pub fn next_json(ws: &mut Client) -> Value {
+    loop {
+        match ws.read().expect("read message") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+pub fn send_json(ws: &mut Client, value: Value) {
+    ws.send(Message::text(value.to_string())).expect("send");
+}
+
+/// Read until the server's close frame; return its code.
+pub fn close_code(ws: &mut Client) -> CloseCode {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(frame))) => return frame.code,
+            Ok(Message::Close(None)) => panic!("close without a code"),
+            Ok(_) => continue,
+            Err(e) => panic!("connection ended without a close frame: {e}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
+    }
+}
+
+/// A raw HTTP/1.1 client connection: what is sent is exactly what the test wrote.
+pub struct HttpConn {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl HttpConn {
+    pub fn connect(addr: SocketAddr) -> HttpConn {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        HttpConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, raw: &[u8]) {
+        self.stream.write_all(raw).expect("send");
+    }
+
+    pub fn publish(&mut self, topic: &str, data: &str) -> Value {
+        let body = format!(r#"{{"topic":"{topic}","data":{data}}}"#);
+        let raw = format!(
+            "POST /publish HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.send(raw.as_bytes());
+        let r = self.response();
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    }
+
+    /// Read one response (Content-Length framed).
+    pub fn response(&mut self) -> HttpResponse {
+        match self.try_response() {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "reading a response: {e}; have {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+        }
+    }
+
+    /// Read one response, or the error that ended the connection first.
+    pub fn try_response(&mut self) -> std::io::Result<HttpResponse> {
+        let head_end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill()?;
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .expect("status");
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .map_or(0, |(_, v)| v.parse().expect("content-length"));
+        while self.buf.len() < head_end + len {
+            self.fill()?;
+        }
+        let body = self.buf[head_end..head_end + len].to_vec();
+        self.buf.drain(..head_end + len);
+        Ok(HttpResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// True if the server closed the connection (EOF) with nothing more to read.
+    pub fn is_closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        self.buf.is_empty() && matches!(self.stream.read(&mut byte), Ok(0) | Err(_))
+    }
+
+    fn fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 65536];
+        let n = self.stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+impl HttpConn {
+    /// Read the head of a response to HEAD (no body follows, whatever its length says).
+    pub fn response_head_only(&mut self) -> u16 {
+        let head_end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill().expect("read response head");
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        self.buf.drain(..head_end);
+        head.split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status")
+    }
+}

@@ -78,6 +78,15 @@ pub struct Args {
     )]
     pub handshake_timeout: u64,
 
+    /// Close a keep-alive HTTP connection idle this long between requests
+    #[arg(
+        long,
+        env = "HERALD_KEEPALIVE_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = 60
+    )]
+    pub keepalive_timeout: u64,
+
     /// A subscriber with more unsent bytes than this is a slow consumer and is closed
     /// with 1008
     #[arg(
@@ -122,6 +131,7 @@ pub struct Config {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
     pub handshake_timeout: Duration,
+    pub keepalive_timeout: Duration,
     pub send_queue_limit: usize,
     pub drain_timeout: Duration,
     /// Lower-cased origins; `None` accepts any.
@@ -148,6 +158,7 @@ impl Args {
             ("--ping-interval", self.ping_interval),
             ("--pong-timeout", self.pong_timeout),
             ("--handshake-timeout", self.handshake_timeout),
+            ("--keepalive-timeout", self.keepalive_timeout),
         ] {
             if secs == 0 {
                 return Err(format!("{flag} must be at least 1 second"));
@@ -178,6 +189,7 @@ impl Args {
             ping_interval: Duration::from_secs(self.ping_interval),
             pong_timeout: Duration::from_secs(self.pong_timeout),
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
+            keepalive_timeout: Duration::from_secs(self.keepalive_timeout),
             send_queue_limit: self.send_queue_limit,
             drain_timeout: Duration::from_secs(self.drain_timeout),
             allowed_origins,

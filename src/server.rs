@@ -55,10 +55,6 @@ const READ_BUDGET: usize = 256 * 1024;
 /// Bytes written to one connection per pass (Redis uses 64 KiB per event; our frames are
 /// shared and writev'd, so a larger slice costs no copies).
 const WRITE_BUDGET: usize = 256 * 1024;
-/// An idle keep-alive HTTP connection is closed after this. Long enough that publishers'
-/// connection pools rarely race a close against a new request (nginx uses 75 s), short
-/// enough that abandoned connections do not pile up.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// After our close frame or FIN, how long the peer has to finish before we cut it.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// After accept() fails for lack of descriptors, accepting pauses this long: a timer,
@@ -431,8 +427,9 @@ impl Server {
         let conn = &mut self.conns[id.0];
         if rest.is_empty() {
             self.timers.disarm(&mut conn.timers, id.0, Timer::Request);
+            let deadline = now + self.cfg.keepalive_timeout;
             self.timers
-                .arm(&mut conn.timers, id.0, Timer::Idle, now + KEEPALIVE_IDLE);
+                .arm(&mut conn.timers, id.0, Timer::Idle, deadline);
             return;
         }
         conn.partial = rest.to_vec();

@@ -88,6 +88,7 @@ fn help_lists_every_flag_with_its_variable() {
         "ping-interval",
         "pong-timeout",
         "handshake-timeout",
+        "keepalive-timeout",
         "send-queue-limit",
         "drain-timeout",
         "allowed-origins",

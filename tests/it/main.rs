@@ -2,7 +2,9 @@
 
 mod drain;
 mod echo;
+mod hostile;
 mod http;
 mod limits;
+mod liveness;
 mod topics;
 mod util;

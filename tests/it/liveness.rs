@@ -1,0 +1,147 @@
+//! Timeouts: slowloris, idle keep-alive, half-open peers, unfinished close handshakes.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tungstenite::Message;
+
+use crate::util::{
+    Herald, HttpConn, masked_frame, next_json, raw_close_code, raw_ws, read_raw_frame,
+};
+
+/// Block until the server closes `stream` (EOF or reset); return how long that took.
+fn time_to_close(stream: &mut TcpStream, start: Instant) -> Duration {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return start.elapsed(),
+            Ok(_) => continue,
+        }
+    }
+}
+
+fn assert_between(took: Duration, low_ms: u64, high_ms: u64, what: &str) {
+    assert!(
+        took >= Duration::from_millis(low_ms) && took <= Duration::from_millis(high_ms),
+        "{what}: closed after {took:?}, expected {low_ms}..{high_ms} ms"
+    );
+}
+
+#[test]
+fn a_slowloris_sending_a_byte_at_a_time_is_cut_at_the_handshake_timeout() {
+    let herald = Herald::start(&["--handshake-timeout", "2"]);
+    let mut stream = TcpStream::connect(herald.addr).unwrap();
+    let mut reader = stream.try_clone().unwrap();
+    let start = Instant::now();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(time_to_close(&mut reader, start)));
+    stream.write_all(b"GET /health HTTP/1.1\r\n").unwrap();
+    // One more header byte every 200 ms, for at most 6 s, until the server hangs up.
+    let took = loop {
+        if let Ok(took) = rx.try_recv() {
+            break took;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "slowloris still connected"
+        );
+        let _ = stream.write_all(b"X");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_between(took, 1900, 3000, "slowloris");
+    assert_eq!(herald.metric("herald_handshake_timeouts_total"), 1.0);
+}
+
+#[test]
+fn a_connection_that_never_speaks_is_closed() {
+    let herald = Herald::start(&["--handshake-timeout", "1"]);
+    let mut stream = TcpStream::connect(herald.addr).unwrap();
+    assert_between(
+        time_to_close(&mut stream, Instant::now()),
+        900,
+        2000,
+        "silent connection",
+    );
+}
+
+#[test]
+fn idle_keep_alive_connections_close_after_the_keepalive_timeout() {
+    let herald = Herald::start(&["--keepalive-timeout", "1"]);
+    // Busy: a request every 400 ms keeps the connection for 3 s.
+    let mut busy = HttpConn::connect(herald.addr);
+    for _ in 0..8 {
+        busy.send(b"GET /health HTTP/1.1\r\n\r\n");
+        assert_eq!(busy.response().status, 200);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    // Then idle: closed a second after the last response.
+    busy.send(b"GET /health HTTP/1.1\r\n\r\n");
+    assert_eq!(busy.response().status, 200);
+    let took = time_to_close(&mut busy.stream, Instant::now());
+    assert_between(took, 900, 2000, "idle keep-alive");
+    assert_eq!(herald.metric("herald_idle_timeouts_total"), 1.0);
+}
+
+#[test]
+fn a_peer_that_stops_answering_pings_is_closed_within_interval_plus_timeout() {
+    let herald = Herald::start(&["--ping-interval", "1", "--pong-timeout", "1"]);
+    // A half-open peer: it receives but never sends a byte.
+    let mut dead = raw_ws(herald.addr, "/ws?topics=t");
+    let start = Instant::now();
+    let mut pings = 0;
+    while let Some((first, _)) = read_raw_frame(&mut dead) {
+        if first == 0x89 {
+            pings += 1;
+        }
+    }
+    let took = start.elapsed();
+    assert!(pings >= 1, "no ping was sent");
+    assert_between(took, 1900, 3000, "unanswered ping");
+    assert_eq!(herald.metric("herald_pong_timeouts_total"), 1.0);
+    assert_eq!(herald.metric("herald_topics"), 0.0);
+}
+
+#[test]
+fn a_peer_that_answers_pings_stays_connected() {
+    let herald = Herald::start(&["--ping-interval", "1", "--pong-timeout", "1"]);
+    let mut alive = herald.subscriber("t");
+    alive
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = Instant::now();
+    let mut pings = 0;
+    while start.elapsed() < Duration::from_millis(3500) {
+        // tungstenite answers each ping with a pong on the next read.
+        match alive.read() {
+            Ok(Message::Ping(_)) => pings += 1,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("connection lost: {e}"),
+        }
+    }
+    assert!(pings >= 2, "expected pings every second, got {pings}");
+    alive
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(herald.publish("t", "1")["delivered"], 1);
+    assert_eq!(next_json(&mut alive)["id"], 1);
+}
+
+#[test]
+fn an_unfinished_close_handshake_is_cut_after_a_grace_period() {
+    let herald = Herald::start(&[]);
+    let mut ws = raw_ws(herald.addr, "/echo");
+    ws.write_all(&masked_frame(0xc1, b"rsv")).unwrap();
+    let start = Instant::now();
+    assert_eq!(raw_close_code(&mut ws), Some(1002));
+    // We never answer the close frame; the server must not wait forever.
+    assert_between(time_to_close(&mut ws, start), 2500, 4500, "close grace");
+    assert_eq!(herald.metric("herald_connections"), 1.0);
+}

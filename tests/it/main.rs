@@ -6,5 +6,6 @@ mod hostile;
 mod http;
 mod limits;
 mod liveness;
+mod overload;
 mod topics;
 mod util;

@@ -224,6 +224,10 @@ impl HttpConn {
     pub fn connect(addr: SocketAddr) -> HttpConn {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        HttpConn::from_stream(stream)
+    }
+
+    pub fn from_stream(stream: TcpStream) -> HttpConn {
         HttpConn {
             stream,
             buf: Vec::new(),

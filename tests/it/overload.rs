@@ -1,0 +1,239 @@
+//! Backpressure and overload: slow consumers, the fd limit.
+
+use std::io::{BufReader, Read};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::util::{Herald, HttpConn, eventually, parse_metrics, raw_ws};
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// A subscriber that reads raw frames fast and checks ids count up from 1.
+fn fast_reader(
+    addr: std::net::SocketAddr,
+    topic: &str,
+    expect: u64,
+) -> std::thread::JoinHandle<u64> {
+    let stream = raw_ws(addr, &format!("/ws?topics={topic}"));
+    std::thread::spawn(move || {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut reader = BufReader::with_capacity(1 << 20, stream);
+        let mut next = 0; // 0: the `subscribed` reply comes first
+        while next <= expect {
+            let (first, payload) =
+                read_frame(&mut reader).expect("fast reader lost its connection");
+            assert_eq!(first, 0x81, "unexpected frame {first:#x}");
+            if next == 0 {
+                next = 1;
+                continue;
+            }
+            // `{"op":"message","topic":"...","id":N,...`: parse N without a JSON parser.
+            let text = std::str::from_utf8(&payload[..payload.len().min(100)]).unwrap_or("");
+            let id: u64 = text
+                .split("\"id\":")
+                .nth(1)
+                .and_then(|s| s.split(',').next())
+                .and_then(|s| s.parse().ok())
+                .expect("id");
+            assert_eq!(id, next, "messages out of order or lost");
+            next += 1;
+        }
+        next - 1
+    })
+}
+
+fn read_frame(r: &mut impl Read) -> Option<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    r.read_exact(&mut head).ok()?;
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            r.read_exact(&mut b).ok()?;
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            r.read_exact(&mut b).ok()?;
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).ok()?;
+    Some((head[0], payload))
+}
+
+#[test]
+fn a_subscriber_that_never_reads_is_cut_off_and_the_others_lose_nothing() {
+    const MESSAGES: u64 = 3400; // × ~60 KB = 200 MB
+    let limit: u64 = 1 << 20;
+    let herald = Herald::start(&["--send-queue-limit", &limit.to_string()]);
+    let mut never_reads = raw_ws(herald.addr, "/ws?topics=flood");
+    let readers: Vec<_> = (0..3)
+        .map(|_| fast_reader(herald.addr, "flood", MESSAGES))
+        .collect();
+    assert!(eventually(Duration::from_secs(5), || herald
+        .metric("herald_websockets")
+        == 4.0));
+
+    let baseline = rss_bytes(herald.pid());
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(baseline));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, done, pid) = (peak.clone(), done.clone(), herald.pid());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                peak.fetch_max(rss_bytes(pid), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let data = format!("\"{}\"", "x".repeat(60_000));
+    let mut api = herald.http();
+    let start = Instant::now();
+    for _ in 0..MESSAGES {
+        api.publish("flood", &data);
+    }
+    for r in readers {
+        assert_eq!(r.join().unwrap(), MESSAGES);
+    }
+    done.store(true, Ordering::SeqCst);
+    sampler.join().unwrap();
+    let took = start.elapsed();
+
+    let m = herald.metrics();
+    assert_eq!(m["herald_slow_consumers_total"], 1.0);
+    assert_eq!(m["herald_websocket_closes_total{code=\"1008\"}"], 1.0);
+    assert_eq!(m["herald_messages_published_total"], MESSAGES as f64);
+    let growth = peak.load(Ordering::SeqCst).saturating_sub(baseline);
+    eprintln!(
+        "flood of {MESSAGES} messages took {took:?}; RSS grew by {} KiB at most",
+        growth / 1024
+    );
+    assert!(
+        growth < limit + 16 * 1024 * 1024,
+        "RSS grew by {growth} bytes"
+    );
+
+    // The stuck one was really disconnected: what it can still read ends in EOF.
+    never_reads
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut sink = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    loop {
+        match never_reads.read(&mut sink) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("slow consumer was not disconnected: {e} after {got} bytes"),
+        }
+    }
+    assert!(
+        (got as u64) < 200_000_000 / 4,
+        "the slow consumer got {got} bytes"
+    );
+    // Left: the publisher's keep-alive connection and the scrape asking.
+    assert!(eventually(Duration::from_secs(5), || herald
+        .metric("herald_connections")
+        == 2.0));
+    drop(api);
+}
+
+#[test]
+fn at_the_fd_limit_herald_idles_keeps_serving_and_recovers() {
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=128:128", "--", env!("CARGO_BIN_EXE_herald")]);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--max-connections",
+        "1000",
+        "--handshake-timeout",
+        "60",
+    ]);
+    let herald = Herald::spawn(cmd);
+    let mut subscriber = herald.subscriber("fd");
+    let mut api = HttpConn::connect(herald.addr);
+    let scrape = |api: &mut HttpConn| {
+        api.send(b"GET /metrics HTTP/1.1\r\n\r\n");
+        parse_metrics(&api.response().text())
+    };
+
+    // Far more connections than descriptors: the rest wait in the listen backlog.
+    let held: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(herald.addr).unwrap())
+        .collect();
+    assert!(
+        eventually(
+            Duration::from_secs(5),
+            || scrape(&mut api)["herald_accept_errors_total"] >= 1.0
+        ),
+        "herald never ran out of descriptors"
+    );
+    let open = scrape(&mut api)["herald_connections"];
+    assert!(open < 128.0, "{open} connections with 128 descriptors?");
+
+    // Sitting at the limit costs (almost) no CPU: accepting pauses instead of spinning.
+    let cpu0 = cpu_seconds(herald.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu = cpu_seconds(herald.pid()) - cpu0;
+    assert!(
+        cpu < 0.2,
+        "herald used {cpu:.2} s of CPU in 2 s at its fd limit"
+    );
+    let warnings = herald.log().matches("accept failed").count();
+    assert!(
+        warnings <= 4,
+        "accept failures logged {warnings} times in ~2 s"
+    );
+
+    // Existing clients are still served.
+    assert_eq!(api.publish("fd", "\"still here\"")["delivered"], 1);
+    assert_eq!(
+        crate::util::next_json(&mut subscriber)["data"],
+        "still here"
+    );
+
+    // Once clients leave, accepting resumes by itself.
+    drop(held);
+    let served = eventually(Duration::from_secs(10), || {
+        let Ok(stream) = TcpStream::connect(herald.addr) else {
+            return false;
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut conn = HttpConn::from_stream(stream);
+        conn.send(b"GET /health HTTP/1.1\r\n\r\n");
+        conn.try_response().is_ok_and(|r| r.status == 200)
+    });
+    assert!(
+        served,
+        "herald did not accept again after descriptors were freed"
+    );
+}

@@ -101,6 +101,20 @@ impl CloseReason {
         }
     }
 
+    /// Whether to wait for the peer's close frame after sending ours. A peer that broke
+    /// the protocol is not waited for: RFC 6455 §7.1.7 ("Fail the WebSocket Connection")
+    /// sends the close frame and closes TCP, and its decoder state can no longer be
+    /// trusted with more input anyway.
+    pub fn awaits_reply(self) -> bool {
+        match self {
+            CloseReason::GoingAway | CloseReason::SlowConsumer | CloseReason::Internal => true,
+            CloseReason::Protocol
+            | CloseReason::Unsupported
+            | CloseReason::InvalidUtf8
+            | CloseReason::TooBig => false,
+        }
+    }
+
     /// The close frame's reason text (at most 123 bytes by RFC 6455 §5.5).
     pub fn text(self) -> &'static str {
         match self {

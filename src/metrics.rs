@@ -19,6 +19,8 @@ pub struct Counters {
     /// Message frames queued to subscribers.
     pub delivered: u64,
     pub slow_consumers: u64,
+    /// Queued bytes thrown away: a slow consumer's backlog, a dead peer's queue.
+    pub undelivered_bytes: u64,
     /// WebSockets we closed, by close code.
     pub ws_closed: BTreeMap<u16, u64>,
     /// `error` replies sent to WebSocket clients.
@@ -143,8 +145,14 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
     o.metric(
         "herald_slow_consumers_total",
         "counter",
-        "Subscribers closed for exceeding --send-queue-limit.",
+        "Clients closed for exceeding --send-queue-limit.",
         c.slow_consumers,
+    );
+    o.metric(
+        "herald_undelivered_bytes_total",
+        "counter",
+        "Bytes queued to clients but discarded (slow consumers, dead or vanished peers).",
+        c.undelivered_bytes,
     );
     o.labelled(
         "herald_websocket_closes_total",

@@ -331,7 +331,7 @@ impl Server {
             }
             match conn.stream.read(&mut scratch) {
                 Ok(0) => {
-                    self.on_eof(id);
+                    self.on_eof(id, now);
                     break;
                 }
                 Ok(n) => {
@@ -363,15 +363,13 @@ impl Server {
         }
     }
 
-    fn on_eof(&mut self, id: ConnId) {
+    fn on_eof(&mut self, id: ConnId, now: Instant) {
         let conn = &mut self.conns[id.0];
+        conn.peer_shut = true;
         match conn.state {
             // The peer may have half-closed after its request; let the answer go out.
-            State::ReadingRequest if !conn.out.is_empty() => {
-                conn.state = State::Finishing;
-                conn.peer_shut = true;
-            }
-            State::Finishing => conn.peer_shut = true,
+            State::ReadingRequest if !conn.out.is_empty() => self.finish(id, now),
+            State::Finishing => {}
             _ => self.kill(id),
         }
     }
@@ -388,6 +386,16 @@ impl Server {
         let data: &[u8] = if held.is_empty() { input } else { &held };
         let mut pos = 0;
         loop {
+            if self.conns[id.0].out.len() > self.cfg.send_queue_limit {
+                // Pipelining requests without reading the answers: a slow consumer too.
+                self.counters.slow_consumers += 1;
+                info!(
+                    "{} sends requests but does not read the responses; closing",
+                    self.conns[id.0].peer
+                );
+                self.kill(id);
+                return;
+            }
             let rest = &data[pos..];
             match http::parse(rest, self.cfg.max_message_size) {
                 Ok(Parsed::Complete(req, used)) => {
@@ -414,7 +422,7 @@ impl Server {
                     return;
                 }
                 Err(reject) => {
-                    self.respond(id, reject.response(), false);
+                    self.respond(id, reject.response(), false, now);
                     return;
                 }
             }
@@ -480,23 +488,21 @@ impl Server {
         };
         // While draining, every response says the connection ends (PRODUCT.md).
         response.close |= !req.keep_alive || draining;
-        self.respond(id, response, head_only)
+        self.respond(id, response, head_only, now)
     }
 
-    fn respond(&mut self, id: ConnId, response: Response, head_only: bool) -> Next {
+    fn respond(&mut self, id: ConnId, response: Response, head_only: bool, now: Instant) -> Next {
         *self.counters.responses.entry(response.status).or_default() += 1;
-        let conn = &mut self.conns[id.0];
-        conn.out.push(Bytes::from(response.encode(head_only)));
-        let next = if response.close {
-            conn.state = State::Finishing;
-            self.timers.disarm(&mut conn.timers, id.0, Timer::Request);
-            self.timers.disarm(&mut conn.timers, id.0, Timer::Idle);
+        self.conns[id.0]
+            .out
+            .push(Bytes::from(response.encode(head_only)));
+        self.mark_dirty(id);
+        if response.close {
+            self.finish(id, now);
             Next::Stop
         } else {
             Next::KeepReading
-        };
-        self.mark_dirty(id);
-        next
+        }
     }
 
     // ---- WebSocket -------------------------------------------------------------------
@@ -563,7 +569,7 @@ impl Server {
                 WsEvent::Message(Message::Binary(data)) => self.on_binary(id, &data, now),
                 WsEvent::Message(_) => continue,
                 WsEvent::Closed => {
-                    self.finish(id);
+                    self.finish(id, now);
                     break;
                 }
                 WsEvent::Fail(reason) if open => {
@@ -573,7 +579,7 @@ impl Server {
                 }
                 // Garbage after our close frame: nothing more to say to this peer.
                 WsEvent::Fail(_) => {
-                    self.finish(id);
+                    self.finish(id, now);
                     break;
                 }
             }
@@ -664,9 +670,9 @@ impl Server {
         (published.id, reached)
     }
 
-    /// Start the close handshake from our side: leave every topic, queue the close frame
-    /// behind what is already queued (so accepted messages arrive first), give the peer
-    /// `CLOSE_GRACE` to answer.
+    /// Close from our side: leave every topic and queue the close frame behind what is
+    /// already queued (so accepted messages arrive first). Then either give the peer
+    /// `CLOSE_GRACE` to answer, or, if it broke the protocol, just flush and hang up.
     fn close_websocket(&mut self, id: ConnId, reason: CloseReason, now: Instant) {
         let conn = &mut self.conns[id.0];
         let State::Open(mut session) = mem::replace(&mut conn.state, State::Dead) else {
@@ -677,6 +683,7 @@ impl Server {
             // Its queue is what got it here; the close frame must not wait behind it.
             let dropped = conn.out.drop_unstarted();
             self.counters.slow_consumers += 1;
+            self.counters.undelivered_bytes += dropped as u64;
             info!(
                 "slow consumer {}: {dropped} queued bytes dropped, closing with 1008",
                 conn.peer
@@ -688,18 +695,29 @@ impl Server {
             .ws_closed
             .entry(reason.code().into())
             .or_default() += 1;
-        conn.state = State::Closing(session);
         self.timers.disarm(&mut conn.timers, id.0, Timer::Ping);
         self.timers.disarm(&mut conn.timers, id.0, Timer::Pong);
-        self.timers
-            .arm(&mut conn.timers, id.0, Timer::CloseGrace, now + CLOSE_GRACE);
-        self.mark_dirty(id);
+        if reason.awaits_reply() {
+            conn.state = State::Closing(session);
+            self.timers
+                .arm(&mut conn.timers, id.0, Timer::CloseGrace, now + CLOSE_GRACE);
+            self.mark_dirty(id);
+        } else {
+            self.finish(id, now);
+        }
     }
 
-    /// The exchange is over: write what is queued, then close our side.
-    fn finish(&mut self, id: ConnId) {
+    /// The exchange is over: write what is queued, then close our side. A peer that will
+    /// not take even that much is cut after `CLOSE_GRACE`.
+    fn finish(&mut self, id: ConnId, now: Instant) {
         self.leave_session(id);
-        self.conns[id.0].state = State::Finishing;
+        let conn = &mut self.conns[id.0];
+        conn.state = State::Finishing;
+        for kind in [Timer::Request, Timer::Idle, Timer::Ping, Timer::Pong] {
+            self.timers.disarm(&mut conn.timers, id.0, kind);
+        }
+        self.timers
+            .arm(&mut conn.timers, id.0, Timer::CloseGrace, now + CLOSE_GRACE);
         self.mark_dirty(id);
     }
 
@@ -867,6 +885,7 @@ impl Server {
             let Some(mut conn) = self.conns.try_remove(id.0) else {
                 continue;
             };
+            self.counters.undelivered_bytes += conn.out.len() as u64;
             self.timers.disarm_all(&mut conn.timers, id.0);
             let _ = self.poll.registry().deregister(&mut conn.stream);
         }
@@ -908,16 +927,13 @@ impl Server {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             let id = ConnId(key);
-            let conn = &mut self.conns[key];
+            let conn = &self.conns[key];
+            let between_requests = conn.partial.is_empty();
             match conn.state {
                 State::Open(_) => self.close_websocket(id, CloseReason::GoingAway, now),
-                State::ReadingRequest if conn.partial.is_empty() && conn.out.is_empty() => {
-                    self.kill(id)
-                }
-                State::ReadingRequest if conn.partial.is_empty() => {
-                    conn.state = State::Finishing;
-                    self.mark_dirty(id);
-                }
+                State::ReadingRequest if between_requests && conn.out.is_empty() => self.kill(id),
+                // Its last response is still going out; the connection ends after it.
+                State::ReadingRequest if between_requests => self.finish(id, now),
                 // A request in progress gets its answer with `Connection: close`.
                 _ => {}
             }

@@ -1,7 +1,7 @@
 //! Hostile and broken input: every case gets its documented answer, and nothing else
 //! on the server is disturbed.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -221,4 +221,61 @@ fn non_http_bytes_get_400_and_close() {
     conn.send(&[0u8, 0xff, 0x13, 0x37, b'\r', b'\n', b'\r', b'\n']);
     assert_eq!(conn.response().status, 400);
     assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+/// Found by the fuzz test: after a breach, more bytes from the same peer reached
+/// tungstenite, whose decoder was left mid-frame, and a debug assertion inside it took the
+/// process down. A peer that breaks the protocol now gets its close frame and a FIN, and
+/// nothing more it sends is parsed.
+#[test]
+fn bytes_after_a_protocol_breach_are_not_parsed() {
+    let herald = Herald::start(&["--max-message-size", "1000"]);
+    let mut declared_huge = vec![0x82, 0x80 | 127];
+    declared_huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    declared_huge.extend_from_slice(&[1, 2, 3, 4]);
+    for (bad, code) in [
+        (declared_huge, 1009),
+        (masked_frame(0x82, &[0; 1001]), 1009),
+        (vec![0x81, 0x01, b'x'], 1002),
+        (masked_frame(0x81, &[0xff]), 1007),
+    ] {
+        let mut ws = raw_ws(herald.addr, "/echo");
+        ws.write_all(&bad).unwrap();
+        assert_eq!(raw_close_code(&mut ws), Some(code));
+        // The server has acted on the breach; now more frames, valid and not.
+        let _ = ws.write_all(
+            &[
+                masked_frame(0x81, b"more"),
+                vec![0xff; 64],
+                masked_frame(0x88, &[3, 232]),
+            ]
+            .concat(),
+        );
+        let mut rest = Vec::new();
+        let _ = ws.read_to_end(&mut rest);
+        assert!(
+            rest.is_empty(),
+            "the server answered after failing the connection: {rest:?}"
+        );
+    }
+    assert_eq!(herald.request("GET /health HTTP/1.1\r\n\r\n").status, 200);
+}
+
+#[test]
+fn a_client_pipelining_without_reading_is_cut_off() {
+    let herald = Herald::start(&["--send-queue-limit", "100000"]);
+    let mut hog = TcpStream::connect(herald.addr).unwrap();
+    hog.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let burst = "GET /metrics HTTP/1.1\r\n\r\n".repeat(100);
+    for _ in 0..100 {
+        if hog.write_all(burst.as_bytes()).is_err() {
+            break;
+        }
+    }
+    assert!(eventually(Duration::from_secs(5), || herald
+        .metric("herald_slow_consumers_total")
+        == 1.0));
+    assert!(eventually(Duration::from_secs(5), || herald
+        .metric("herald_connections")
+        == 1.0));
 }

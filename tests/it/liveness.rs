@@ -135,13 +135,50 @@ fn a_peer_that_answers_pings_stays_connected() {
 }
 
 #[test]
-fn an_unfinished_close_handshake_is_cut_after_a_grace_period() {
+fn an_unanswered_close_frame_is_cut_after_a_grace_period() {
+    // During a drain every WebSocket gets 1001 and herald waits for the reply; a peer
+    // that never sends one must not hold the process until --drain-timeout.
+    let herald = Herald::start(&["--drain-timeout", "30"]);
+    let mut ws = raw_ws(herald.addr, "/ws?topics=t");
+    read_raw_frame(&mut ws).unwrap(); // subscribed
+    // SAFETY: kill(2) on the PID of our own child.
+    unsafe { libc::kill(herald.pid() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    assert_eq!(raw_close_code(&mut ws), Some(1001));
+    assert_between(
+        time_to_close(&mut ws, start),
+        2500,
+        4500,
+        "unanswered close",
+    );
+    let mut herald = herald;
+    assert!(
+        herald
+            .wait(Duration::from_secs(3))
+            .is_some_and(|s| s.success())
+    );
+}
+
+#[test]
+fn a_failed_peer_that_never_hangs_up_is_released_after_a_grace_period() {
     let herald = Herald::start(&[]);
     let mut ws = raw_ws(herald.addr, "/echo");
     ws.write_all(&masked_frame(0xc1, b"rsv")).unwrap();
     let start = Instant::now();
     assert_eq!(raw_close_code(&mut ws), Some(1002));
-    // We never answer the close frame; the server must not wait forever.
-    assert_between(time_to_close(&mut ws, start), 2500, 4500, "close grace");
-    assert_eq!(herald.metric("herald_connections"), 1.0);
+    // Our side got the close frame and a FIN at once (RFC 6455 §7.1.7)...
+    assert!(time_to_close(&mut ws, start) < Duration::from_secs(1));
+    // ...and although we keep our socket open, herald lets go of its own after a grace.
+    assert!(crate::util::eventually(Duration::from_secs(2), || herald
+        .metric("herald_connections")
+        == 2.0));
+    let released = crate::util::eventually(Duration::from_secs(5), || {
+        herald.metric("herald_connections") == 1.0
+    });
+    assert!(
+        released && start.elapsed() >= Duration::from_millis(2500),
+        "released after {:?}",
+        start.elapsed()
+    );
+    drop(ws);
 }

@@ -2,6 +2,7 @@
 
 mod drain;
 mod echo;
+mod fuzz;
 mod hostile;
 mod http;
 mod limits;

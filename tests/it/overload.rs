@@ -128,6 +128,8 @@ fn a_subscriber_that_never_reads_is_cut_off_and_the_others_lose_nothing() {
     let m = herald.metrics();
     assert_eq!(m["herald_slow_consumers_total"], 1.0);
     assert_eq!(m["herald_websocket_closes_total{code=\"1008\"}"], 1.0);
+    // What it never got is counted, not silently lost.
+    assert!(m["herald_undelivered_bytes_total"] >= limit as f64);
     assert_eq!(m["herald_messages_published_total"], MESSAGES as f64);
     let growth = peak.load(Ordering::SeqCst).saturating_sub(baseline);
     eprintln!(

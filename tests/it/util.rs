@@ -64,6 +64,11 @@ impl Herald {
         Herald { child, addr, log }
     }
 
+    /// The exit status, if the process has ended (it should not have).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -400,7 +400,10 @@ impl Server {
             match http::parse(rest, self.cfg.max_message_size) {
                 Ok(Parsed::Complete(req, used)) => {
                     pos += used;
-                    self.conns[id.0].sent_continue = false;
+                    let conn = &mut self.conns[id.0];
+                    conn.sent_continue = false;
+                    // The next request's clock starts at its own first byte.
+                    self.timers.disarm(&mut conn.timers, id.0, Timer::Request);
                     match self.on_request(id, *req, &data[pos..], now) {
                         Next::KeepReading => continue,
                         Next::Stop => return,
@@ -523,7 +526,7 @@ impl Server {
         ));
         self.timers.disarm(&mut conn.timers, id.0, Timer::Request);
         self.timers.disarm(&mut conn.timers, id.0, Timer::Idle);
-        let mut session = Session::new(Ws::new(Vec::new(), self.cfg.max_message_size), kind, now);
+        let mut session = Session::new(Ws::new(self.cfg.max_message_size), kind, now);
         for topic in topics {
             // `?topics=` was capped at the per-connection limit when it was parsed.
             if self
@@ -652,7 +655,11 @@ impl Server {
         let mut reached = 0;
         let mut slow = Vec::new();
         for sub in self.hub.subscribers(&published) {
-            let conn = &mut self.conns[sub.0];
+            // The hub holds open sessions only; a miss would be our bug, not a reason to die.
+            let Some(conn) = self.conns.get_mut(sub.0) else {
+                debug_assert!(false, "hub names a connection that is gone");
+                continue;
+            };
             conn.out.push(published.frame.clone());
             reached += 1;
             if !conn.dirty {
@@ -897,7 +904,7 @@ impl Server {
         let count = self.signals.pending().count();
         for _ in 0..count {
             match self.drain.on_signal(now, self.cfg.drain_timeout) {
-                OnSignal::StartDrain => self.start_drain(),
+                OnSignal::StartDrain => self.start_drain(now),
                 OnSignal::ExitNow => {
                     warn!(
                         "second signal: exiting now, abandoning {} connections and {} queued bytes",
@@ -914,8 +921,7 @@ impl Server {
     /// PRODUCT.md's order: health turns 503 (the drain state says so from now on), the
     /// listener closes, every WebSocket gets 1001 behind the messages already queued to
     /// it, idle HTTP connections close, busy ones close after their response.
-    fn start_drain(&mut self) {
-        let now = Instant::now();
+    fn start_drain(&mut self, now: Instant) {
         info!(
             "draining {} connections (deadline {} s)",
             self.conns.len(),

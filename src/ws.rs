@@ -70,8 +70,9 @@ pub struct Ws {
 }
 
 impl Ws {
-    /// `leftover`: bytes that arrived behind the HTTP request head; they are frames.
-    pub fn new(leftover: Vec<u8>, max_message_size: usize) -> Ws {
+    /// Bytes that arrived behind the HTTP request head are frames: the caller passes them
+    /// to `read` like any later input.
+    pub fn new(max_message_size: usize) -> Ws {
         let config = WebSocketConfig::default()
             // Our scratch buffer does the reading; tungstenite grows its own buffer only
             // to hold a partial frame (NOTES.md: 0.4 KiB per idle connection this way).
@@ -80,7 +81,7 @@ impl Ws {
             .max_message_size(Some(max_message_size))
             .max_frame_size(Some(max_message_size));
         Ws {
-            ctx: WebSocketContext::from_partially_read(leftover, Role::Server, Some(config)),
+            ctx: WebSocketContext::new(Role::Server, Some(config)),
         }
     }
 
@@ -206,7 +207,7 @@ mod tests {
         let mut bytes = client_frame(0x81, b"hello");
         bytes.extend(client_frame(0x81, b"world"));
         for split in 0..bytes.len() {
-            let mut ws = Ws::new(Vec::new(), 1024);
+            let mut ws = Ws::new(1024);
             let mut out = OutQueue::default();
             let mut events = drain(&mut ws, &bytes[..split], &mut out);
             events.extend(drain(&mut ws, &bytes[split..], &mut out));
@@ -220,7 +221,7 @@ mod tests {
         let mut bytes = client_frame(0x01, b"hel");
         bytes.extend(client_frame(0x89, b"p"));
         bytes.extend(client_frame(0x80, b"lo"));
-        let mut ws = Ws::new(Vec::new(), 1024);
+        let mut ws = Ws::new(1024);
         let mut out = OutQueue::default();
         let events = drain(&mut ws, &bytes, &mut out);
         assert_eq!(events.iter().map(text).collect::<Vec<_>>(), ["hello"]);
@@ -232,7 +233,7 @@ mod tests {
 
     #[test]
     fn peer_close_is_answered_then_reported_closed() {
-        let mut ws = Ws::new(Vec::new(), 1024);
+        let mut ws = Ws::new(1024);
         let mut out = OutQueue::default();
         let events = drain(&mut ws, &client_frame(0x88, &[0x03, 0xe8]), &mut out);
         assert!(matches!(events.as_slice(), [WsEvent::Closed]), "{events:?}");
@@ -251,14 +252,14 @@ mod tests {
             (client_frame(0x81, &[0xff, 0xfe]), CloseReason::InvalidUtf8),
         ];
         for (bytes, want) in cases {
-            let mut ws = Ws::new(Vec::new(), 1024);
+            let mut ws = Ws::new(1024);
             let events = drain(&mut ws, &bytes, &mut OutQueue::default());
             assert!(
                 matches!(events.last(), Some(WsEvent::Fail(r)) if *r == want),
                 "{bytes:x?}: {events:?}"
             );
         }
-        let mut ws = Ws::new(Vec::new(), 10);
+        let mut ws = Ws::new(10);
         let events = drain(
             &mut ws,
             &client_frame(0x82, &[0; 11]),
@@ -271,15 +272,8 @@ mod tests {
     }
 
     #[test]
-    fn leftover_bytes_from_the_handshake_are_frames() {
-        let mut ws = Ws::new(client_frame(0x81, b"early"), 1024);
-        let events = drain(&mut ws, &[], &mut OutQueue::default());
-        assert_eq!(events.iter().map(text).collect::<Vec<_>>(), ["early"]);
-    }
-
-    #[test]
     fn our_close_is_queued_once() {
-        let mut ws = Ws::new(Vec::new(), 1024);
+        let mut ws = Ws::new(1024);
         let mut out = OutQueue::default();
         ws.close(CloseReason::GoingAway, &mut out);
         ws.close(CloseReason::GoingAway, &mut out);

@@ -182,3 +182,23 @@ fn a_failed_peer_that_never_hangs_up_is_released_after_a_grace_period() {
     );
     drop(ws);
 }
+
+#[test]
+fn a_busy_pipelining_client_is_not_mistaken_for_a_slowloris() {
+    // Every write ends halfway through the next request, for longer than the handshake
+    // timeout: each request completes in time, so the connection must live on.
+    let herald = Herald::start(&["--handshake-timeout", "1"]);
+    let mut conn = HttpConn::connect(herald.addr);
+    let request = "GET /health HTTP/1.1\r\nHost: t\r\n\r\n";
+    let (first, second) = request.split_at(10);
+    conn.send(first.as_bytes());
+    let start = Instant::now();
+    let mut answered = 0;
+    while start.elapsed() < Duration::from_millis(2500) {
+        std::thread::sleep(Duration::from_millis(250));
+        conn.send(format!("{second}{first}").as_bytes());
+        assert_eq!(conn.response().status, 200, "after {:?}", start.elapsed());
+        answered += 1;
+    }
+    assert!(answered >= 8);
+}

@@ -165,3 +165,31 @@ fn binary_on_ws_closes_with_1003_and_other_subscribers_are_unaffected() {
     assert_eq!(herald.publish("t", "1")["delivered"], 1);
     expect_message(&mut good, "t", 1, json!(1));
 }
+
+#[test]
+fn frames_sent_in_the_same_write_as_the_upgrade_belong_to_the_websocket() {
+    use std::io::{Read, Write};
+    let herald = Herald::start(&[]);
+    let mut stream = std::net::TcpStream::connect(herald.addr).unwrap();
+    stream.set_read_timeout(Some(crate::util::TIMEOUT)).unwrap();
+    let mut bytes = b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    bytes.extend(crate::util::masked_frame(
+        0x81,
+        br#"{"op":"subscribe","topic":"early"}"#,
+    ));
+    bytes.extend(crate::util::masked_frame(0x81, br#"{"op":"ping"}"#));
+    stream.write_all(&bytes).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101 "));
+    let (_, first) = crate::util::read_raw_frame(&mut stream).unwrap();
+    assert_eq!(first, br#"{"op":"subscribed","topic":"early"}"#);
+    let (_, second) = crate::util::read_raw_frame(&mut stream).unwrap();
+    assert_eq!(second, br#"{"op":"pong"}"#);
+}

@@ -132,16 +132,27 @@ fn sigterm_drain_delivers_every_accepted_message_then_1001_and_exits_0() {
     );
 }
 
-#[test]
-fn drain_deadline_abandons_what_is_left_and_says_so() {
-    let herald = Herald::start(&["--drain-timeout", "1", "--send-queue-limit", "100000000"]);
-    // A subscriber that never reads: its queue cannot drain.
+/// herald with one subscriber that never reads and 12 MB queued to it: a drain cannot
+/// finish on its own.
+fn with_stuck_subscriber(drain_timeout: &str) -> (Herald, Client) {
+    let herald = Herald::start(&[
+        "--drain-timeout",
+        drain_timeout,
+        "--send-queue-limit",
+        "100000000",
+    ]);
     let stuck = herald.subscriber("s");
     let mut api = herald.http();
     let big = format!("\"{}\"", "x".repeat(60_000));
     for _ in 0..200 {
         api.publish("s", &big);
     }
+    (herald, stuck)
+}
+
+#[test]
+fn drain_deadline_abandons_what_is_left_and_says_so() {
+    let (herald, stuck) = with_stuck_subscriber("1");
     let start = Instant::now();
     signal(&herald, libc::SIGTERM);
     let mut herald = herald;
@@ -162,13 +173,7 @@ fn drain_deadline_abandons_what_is_left_and_says_so() {
 
 #[test]
 fn second_signal_exits_at_once() {
-    let herald = Herald::start(&["--drain-timeout", "30", "--send-queue-limit", "100000000"]);
-    let _stuck = herald.subscriber("s");
-    let mut api = herald.http();
-    let big = format!("\"{}\"", "x".repeat(60_000));
-    for _ in 0..200 {
-        api.publish("s", &big);
-    }
+    let (herald, _stuck) = with_stuck_subscriber("30");
     signal(&herald, libc::SIGINT);
     std::thread::sleep(Duration::from_millis(200));
     let start = Instant::now();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::util::{Herald, HttpConn, eventually, parse_metrics, raw_ws};
+use crate::util::{Herald, HttpConn, eventually, parse_metrics, raw_ws, read_raw_frame};
 
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -45,7 +45,7 @@ fn fast_reader(
         let mut next = 0; // 0: the `subscribed` reply comes first
         while next <= expect {
             let (first, payload) =
-                read_frame(&mut reader).expect("fast reader lost its connection");
+                read_raw_frame(&mut reader).expect("fast reader lost its connection");
             assert_eq!(first, 0x81, "unexpected frame {first:#x}");
             if next == 0 {
                 next = 1;
@@ -64,27 +64,6 @@ fn fast_reader(
         }
         next - 1
     })
-}
-
-fn read_frame(r: &mut impl Read) -> Option<(u8, Vec<u8>)> {
-    let mut head = [0u8; 2];
-    r.read_exact(&mut head).ok()?;
-    let len = match head[1] & 0x7f {
-        126 => {
-            let mut b = [0u8; 2];
-            r.read_exact(&mut b).ok()?;
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            r.read_exact(&mut b).ok()?;
-            u64::from_be_bytes(b) as usize
-        }
-        n => n as usize,
-    };
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).ok()?;
-    Some((head[0], payload))
 }
 
 #[test]

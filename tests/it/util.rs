@@ -382,7 +382,7 @@ pub fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// One server frame: (first byte, payload), or `None` at EOF.
-pub fn read_raw_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+pub fn read_raw_frame(stream: &mut impl Read) -> Option<(u8, Vec<u8>)> {
     let mut head = [0u8; 2];
     stream.read_exact(&mut head).ok()?;
     let len = match head[1] & 0x7f {

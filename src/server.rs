@@ -241,13 +241,12 @@ impl Server {
         let Some(listener) = self.listener.take() else {
             return;
         };
-        let mut exhausted_budget = true;
+        // If the budget runs out, `ready` stays set and the next pass goes on accepting.
         for _ in 0..ACCEPTS_PER_PASS {
             match listener.accept() {
                 Ok((stream, peer)) => self.admit(stream, peer, now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.accepting.ready = false;
-                    exhausted_budget = false;
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -256,16 +255,12 @@ impl Server {
                     if net::is_resource_exhaustion(&e) {
                         self.warn_accept(now, &e);
                         self.accepting.paused_until = Some(now + ACCEPT_PAUSE);
-                        exhausted_budget = false;
                         break;
                     }
                     // ECONNABORTED and friends: that one connection is gone; go on.
                     debug!("accept: {e}");
                 }
             }
-        }
-        if exhausted_budget {
-            debug!("accepted {ACCEPTS_PER_PASS} connections this pass; more next pass");
         }
         self.listener = Some(listener);
     }

@@ -118,6 +118,16 @@ pub struct Args {
     /// Listen backlog (also capped by net.core.somaxconn)
     #[arg(long, env = "HERALD_BACKLOG", value_name = "N", default_value_t = 4096)]
     pub backlog: i32,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Check whether this host, and optionally deployment files, can hold N connections;
+    /// print the fix for each gap. Exit 0 only when everything fits
+    Check(crate::check::CheckArgs),
 }
 
 /// Validated settings. Durations are `Duration`, lists are parsed, the address resolved.

@@ -5,6 +5,7 @@
 //! stops the start is printed once.
 
 mod api;
+mod check;
 mod close;
 mod config;
 mod conn;
@@ -36,9 +37,14 @@ fn main() {
 }
 
 fn run() -> Result<i32, String> {
-    let args = config::Args::parse();
+    let mut args = config::Args::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let command = args.command.take();
     let cfg = args.into_config(std::env::var("HOST").ok(), std::env::var("PORT").ok())?;
+    if let Some(config::Command::Check(check)) = command {
+        let fits = check::run(&check, &check::Settings::from_config(&cfg))?;
+        return Ok(if fits { 0 } else { 1 });
+    }
 
     let nofile =
         rlimit::raise_nofile().map_err(|e| format!("reading the open-files limit: {e}"))?;
@@ -54,5 +60,13 @@ fn run() -> Result<i32, String> {
     let server = server::Server::bind(cfg, nofile, max_connections)
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     info!("listening on {}", server.local_addr());
+    // Under systemd (Type=notify) this is what ends "activating": the port is bound.
+    let status = format!("listening on {}", server.local_addr());
+    if let Err(e) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]) {
+        log::warn!("sd_notify READY=1 failed: {e}");
+    }
     server.run().map_err(|e| format!("event loop failed: {e}"))
 }

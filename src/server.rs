@@ -922,6 +922,9 @@ impl Server {
             self.conns.len(),
             self.cfg.drain_timeout.as_secs()
         );
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
+            warn!("sd_notify STOPPING=1 failed: {e}");
+        }
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }

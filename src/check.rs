@@ -235,7 +235,7 @@ pub fn assess_host(host: &Host, n: u64, settings: &Settings) -> Vec<Finding> {
                  for {n} proxied connections"
             ),
             vec![
-                "sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\"".to_string(),
+                "sysctl -w net.ipv4.ip_local_port_range=\"10240 65535\"".to_string(),
                 "past ~64,000: run herald on several ports, or give HAProxy several loopback source addresses (see haproxy/haproxy.cfg)".to_string(),
             ],
         ));
@@ -442,11 +442,38 @@ pub fn assess_systemd(text: &str, n: u64, settings: &Settings) -> Vec<Finding> {
     out
 }
 
-pub fn assess_haproxy(text: &str, n: u64, settings: &Settings) -> Vec<Finding> {
+/// HAProxy expands `"${NAME}"` from its environment, which `presetenv` fills in only
+/// where unset and `setenv` overrides. `env` is the process environment.
+fn haproxy_value(
+    word: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    set: &[(String, String, bool)],
+) -> String {
+    let word = word.trim_matches('"');
+    let Some(name) = word.strip_prefix("${").and_then(|w| w.strip_suffix('}')) else {
+        return word.to_string();
+    };
+    let forced = set.iter().rev().find(|(n, _, force)| n == name && *force);
+    let preset = set.iter().find(|(n, _, force)| n == name && !*force);
+    forced
+        .map(|(_, v, _)| v.clone())
+        .or_else(|| env(name))
+        .or_else(|| preset.map(|(_, v, _)| v.clone()))
+        .unwrap_or_default()
+}
+
+pub fn assess_haproxy(
+    text: &str,
+    n: u64,
+    settings: &Settings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut section = String::new();
     let mut tunnel: Vec<Duration> = Vec::new();
     let mut maxconn: Option<u64> = None;
+    // (name, value, overrides the environment)
+    let mut set: Vec<(String, String, bool)> = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -471,14 +498,22 @@ pub fn assess_haproxy(text: &str, n: u64, settings: &Settings) -> Vec<Finding> {
             {
                 section = s.to_string();
             }
-            ["timeout", "tunnel", value, ..] => match parse_haproxy_time(value) {
-                Some(d) => tunnel.push(d),
-                None => out.push(Finding::fail(
-                    format!("timeout tunnel {value}: not a duration"),
-                    Vec::new(),
-                )),
-            },
-            ["maxconn", value, ..] if section == "global" => maxconn = value.parse().ok(),
+            ["presetenv", name, value, ..] => {
+                set.push((name.to_string(), value.to_string(), false))
+            }
+            ["setenv", name, value, ..] => set.push((name.to_string(), value.to_string(), true)),
+            ["timeout", "tunnel", value, ..] => {
+                match parse_haproxy_time(&haproxy_value(value, env, &set)) {
+                    Some(d) => tunnel.push(d),
+                    None => out.push(Finding::fail(
+                        format!("timeout tunnel {value}: not a duration"),
+                        Vec::new(),
+                    )),
+                }
+            }
+            ["maxconn", value, ..] if section == "global" => {
+                maxconn = haproxy_value(value, env, &set).parse().ok()
+            }
             _ => {}
         }
     }
@@ -553,22 +588,66 @@ fn parse_systemd_time(v: &str) -> Option<Duration> {
     Some(total)
 }
 
+/// The file followed by the files its `[include] files =` names (relative to its
+/// directory; `*` in a file name matches as a shell would), as supervisord reads them.
+fn with_supervisor_includes(path: &std::path::Path, text: &str) -> Result<String, String> {
+    let mut all = text.to_string();
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let ini = Ini::parse(text);
+    for pattern in ini.all("include", "files").flat_map(str::split_whitespace) {
+        let full = dir.join(pattern);
+        let parent = full.parent().unwrap_or(dir);
+        let name = full.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let mut matches: Vec<PathBuf> = match name.split_once('*') {
+            None => vec![full.clone()],
+            Some((prefix, suffix)) => std::fs::read_dir(parent)
+                .map_err(|e| format!("{}: {e}", parent.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    n.starts_with(prefix) && n.ends_with(suffix)
+                })
+                .collect(),
+        };
+        matches.sort();
+        for file in matches {
+            let included =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            all.push('\n');
+            all.push_str(&included);
+        }
+    }
+    Ok(all)
+}
+
 /// Run every check that applies, print the findings; true when everything fits.
 pub fn run(args: &CheckArgs, settings: &Settings) -> Result<bool, String> {
     let n = args.connections;
     let mut sections: Vec<(String, Vec<Finding>)> =
         vec![("host".into(), assess_host(&Host::read(), n, settings))];
-    let files: [(&Option<PathBuf>, fn(&str, u64, &Settings) -> Vec<Finding>); 3] = [
-        (&args.supervisor, assess_supervisor),
-        (&args.systemd, assess_systemd),
-        (&args.haproxy, assess_haproxy),
-    ];
-    for (path, assess) in files {
-        if let Some(path) = path {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            sections.push((path.display().to_string(), assess(&text, n, settings)));
-        }
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    if let Some(path) = &args.supervisor {
+        let text = with_supervisor_includes(path, &read(path)?)?;
+        sections.push((
+            path.display().to_string(),
+            assess_supervisor(&text, n, settings),
+        ));
+    }
+    if let Some(path) = &args.systemd {
+        sections.push((
+            path.display().to_string(),
+            assess_systemd(&read(path)?, n, settings),
+        ));
+    }
+    if let Some(path) = &args.haproxy {
+        let env = |name: &str| std::env::var(name).ok();
+        let text = read(path)?;
+        sections.push((
+            path.display().to_string(),
+            assess_haproxy(&text, n, settings, &env),
+        ));
     }
     println!(
         "herald check: {n} connections (drain timeout {}s, ping interval {}s, backlog {})",
@@ -685,14 +764,29 @@ mod tests {
 
     #[test]
     fn haproxy_tunnel_timeout_and_maxconn() {
+        let no_env = |_: &str| None;
         let good = "global\n  maxconn 100000\ndefaults\n  timeout tunnel 1h # long\n";
-        assert!(fails(&assess_haproxy(good, 50_000, &settings())).is_empty());
+        assert!(fails(&assess_haproxy(good, 50_000, &settings(), &no_env)).is_empty());
         let bad = "global\n  maxconn 2000\ndefaults\n  timeout tunnel 30000\n";
-        assert_eq!(fails(&assess_haproxy(bad, 50_000, &settings())).len(), 2);
         assert_eq!(
-            fails(&assess_haproxy("defaults\n", 10, &settings())).len(),
+            fails(&assess_haproxy(bad, 50_000, &settings(), &no_env)).len(),
             2
         );
+        assert_eq!(
+            fails(&assess_haproxy("defaults\n", 10, &settings(), &no_env)).len(),
+            2
+        );
+        // "${VAR}": the environment wins over presetenv, setenv wins over both.
+        let preset =
+            "global\n  presetenv MC 100000\n  maxconn \"${MC}\"\ndefaults\n  timeout tunnel 1h\n";
+        assert!(fails(&assess_haproxy(preset, 50_000, &settings(), &no_env)).is_empty());
+        let small = |name: &str| (name == "MC").then(|| "8000".to_string());
+        assert_eq!(
+            fails(&assess_haproxy(preset, 50_000, &settings(), &small)).len(),
+            1
+        );
+        let forced = preset.replace("presetenv", "setenv");
+        assert!(fails(&assess_haproxy(&forced, 50_000, &settings(), &small)).is_empty());
     }
 
     #[test]

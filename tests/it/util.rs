@@ -169,7 +169,7 @@ pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
 }
 
 /// Next text message, parsed as JSON (pings and pongs are skipped).
-pub fn next_json(ws: &mut Client) -> Value {
+pub fn next_json<S: Read + Write>(ws: &mut WebSocket<S>) -> Value {
     loop {
         match ws.read().expect("read message") {
             Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON"),
@@ -241,6 +241,12 @@ impl HttpConn {
 
     pub fn send(&mut self, raw: &[u8]) {
         self.stream.write_all(raw).expect("send");
+    }
+
+    /// Send one request and read its response.
+    pub fn exchange(&mut self, raw: &[u8]) -> HttpResponse {
+        self.send(raw);
+        self.response()
     }
 
     pub fn publish(&mut self, topic: &str, data: &str) -> Value {

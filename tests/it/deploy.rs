@@ -1,0 +1,763 @@
+//! The deployment kit, tested as shipped: the real HAProxy, supervisord and
+//! systemd-analyze read the files in `haproxy/`, `supervisor/` and `systemd/` unedited.
+//! Ports and paths are chosen through the environment variables the files themselves
+//! read. `.ci/run` installs the programs from Debian's packages.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::util::{Client, Herald, HttpConn, close_code, eventually, next_json, wait_exit};
+
+/// The shipped supervisord.conf has one control socket path; one supervisord at a time.
+static SUPERVISORD: Mutex<()> = Mutex::new(());
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn require(program: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{program} is not installed; .ci/run installs it (apt-get)"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("herald-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A self-signed certificate for `localhost`: (certificate, certificate + key for HAProxy).
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    require("openssl");
+    let (cert, key, pem) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("site.pem"),
+    );
+    let o = run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let both = [std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap()].concat();
+    std::fs::write(&pem, both).unwrap();
+    (cert, pem)
+}
+
+// ---- the programs ------------------------------------------------------------------
+
+struct HaProxy {
+    child: Child,
+    stats: SocketAddr,
+}
+
+impl HaProxy {
+    fn start(env: &[(&str, String)]) -> HaProxy {
+        require("haproxy");
+        let stats: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Command::new("haproxy")
+            .args(["-db", "-f"])
+            .arg(repo("haproxy/haproxy.cfg"))
+            .env("HERALD_STATS_BIND", stats.to_string())
+            // This host's hard fd limit cannot hold the shipped 100000 (2 fds each).
+            .env("HERALD_HAPROXY_MAXCONN", "4000")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start haproxy");
+        let haproxy = HaProxy { child, stats };
+        assert!(
+            eventually(Duration::from_secs(10), || TcpStream::connect(stats)
+                .is_ok()),
+            "haproxy did not start"
+        );
+        haproxy
+    }
+
+    /// The `status` column of the stats CSV for herald's server: "UP", "DOWN", ...
+    fn herald_status(&self) -> String {
+        // HTTP/1.0: the body ends with the connection (HAProxy would chunk a 1.1 answer).
+        let Ok(mut stream) = TcpStream::connect(self.stats) else {
+            return "unreachable".into();
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut answer = String::new();
+        if stream.write_all(b"GET /;csv HTTP/1.0\r\n\r\n").is_err()
+            || stream.read_to_string(&mut answer).is_err()
+        {
+            return "unreachable".into();
+        }
+        let Some((head, body)) = answer.split_once("\r\n\r\n") else {
+            return "unreachable".into();
+        };
+        let csv = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        let header: Vec<&str> = csv
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("# ")
+            .split(',')
+            .collect();
+        let col = header
+            .iter()
+            .position(|h| *h == "status")
+            .expect("status column");
+        csv.lines()
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .find(|f| f.len() > col && f[0] == "herald" && f[1] == "herald1")
+            .map(|f| f[col].to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Undo HTTP/1.1 chunked transfer coding: `<hex size>\r\n<data>\r\n` ... `0\r\n\r\n`.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].strip_prefix("\r\n").unwrap_or(&rest[size..]);
+    }
+    out
+}
+
+/// The application's own web server: answers every request with `app`.
+struct App {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl App {
+    fn start() -> App {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = stop.clone();
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\napp\n",
+                );
+            }
+        });
+        App { addr, stop }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// supervisord with the shipped supervisord.conf (which includes herald.conf). Its own
+/// log, pid file and child logs go to `dir` through supervisord's command-line flags.
+struct Supervisord {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Supervisord {
+    fn start(dir: &Path, herald_listen: &str) -> Supervisord {
+        require("supervisord");
+        assert!(
+            Path::new("/var/log/supervisor").is_dir(),
+            "herald.conf logs to /var/log/supervisor (Debian's supervisor package creates it)"
+        );
+        let bin_dir = Path::new(env!("CARGO_BIN_EXE_herald"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = dir.join("supervisord.log");
+        let child = Command::new("supervisord")
+            .arg("--nodaemon")
+            .arg("-c")
+            .arg(repo("supervisor/supervisord.conf"))
+            .arg("--logfile")
+            .arg(&log)
+            .arg("--pidfile")
+            .arg(dir.join("supervisord.pid"))
+            .arg("--childlogdir")
+            .arg(dir)
+            // The shipped minfds (262144) exceeds this host's hard fd limit (20000), and
+            // supervisord refuses to start below its minfds.
+            .args(["--minfds", "8192"])
+            .env("PATH", path)
+            .env("HERALD_LISTEN", herald_listen)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start supervisord");
+        Supervisord { child, log }
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        run(Command::new("supervisorctl")
+            .arg("-c")
+            .arg(repo("supervisor/supervisord.conf"))
+            .args(args))
+    }
+
+    fn herald_pid(&self) -> Option<u32> {
+        let o = self.ctl(&["pid", "herald"]);
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&p| p > 0)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Supervisord {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        if wait_exit(&mut self.child, Duration::from_secs(40)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn healthy(addr: SocketAddr) -> bool {
+    let Ok(stream) = TcpStream::connect(addr) else {
+        return false;
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut conn = HttpConn::from_stream(stream);
+    conn.send(b"GET /health HTTP/1.1\r\n\r\n");
+    conn.try_response().is_ok_and(|r| r.status == 200)
+}
+
+/// Subscribe through the public frontend, retrying while HAProxy or herald come up.
+fn subscribe_through(public: SocketAddr, topic: &str) -> Client {
+    let start = Instant::now();
+    loop {
+        let attempt = TcpStream::connect(public).ok().and_then(|stream| {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let url = format!("ws://{public}/ws?topics={topic}");
+            tungstenite::client::client(url.as_str(), stream)
+                .ok()
+                .map(|(ws, _)| ws)
+        });
+        if let Some(mut ws) = attempt
+            && let Ok(tungstenite::Message::Text(t)) = ws.read()
+            && t.as_str().contains("subscribed")
+        {
+            return ws;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "could not subscribe through HAProxy"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn publish_to(herald: SocketAddr, topic: &str, data: &str) -> serde_json::Value {
+    HttpConn::connect(herald).publish(topic, data)
+}
+
+// ---- the tests ---------------------------------------------------------------------
+
+#[test]
+fn haproxy_accepts_the_shipped_config_plain_and_with_tls() {
+    require("haproxy");
+    let o = run(Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(repo("haproxy/haproxy.cfg")));
+    assert!(o.status.success(), "{}", text(&o));
+    let dir = scratch_dir("haproxy-check");
+    let (_, pem) = self_signed(&dir);
+    let o = run(Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(repo("haproxy/haproxy.cfg"))
+        .env("HERALD_TLS_CERT", &pem));
+    assert!(o.status.success(), "{}", text(&o));
+    // The check is real: a missing certificate is an error.
+    let o = run(Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(repo("haproxy/haproxy.cfg"))
+        .env("HERALD_TLS_CERT", dir.join("missing.pem")));
+    assert!(!o.status.success());
+}
+
+#[test]
+fn systemd_analyze_verifies_the_shipped_units() {
+    require("systemd-analyze");
+    require("unshare");
+    // `verify` insists that ExecStart's /usr/local/bin/herald exists. Rather than install
+    // into the host, bind-mount a directory holding this build over /usr/local/bin in a
+    // private mount namespace. The template is verified through an instance name.
+    let dir = scratch_dir("systemd");
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_herald"), dir.join("bin/herald")).unwrap();
+    std::os::unix::fs::symlink(
+        repo("systemd/herald@.service"),
+        dir.join("herald@8080.service"),
+    )
+    .unwrap();
+    let script = format!(
+        "mount --bind {bin} /usr/local/bin && systemd-analyze verify {unit} {instance}",
+        bin = dir.join("bin").display(),
+        unit = repo("systemd/herald.service").display(),
+        instance = dir.join("herald@8080.service").display(),
+    );
+    let o = run(Command::new("unshare").args(["--mount", "sh", "-c", &script]));
+    // verify exits 0 even for directives it ignores; a clean unit prints nothing.
+    assert!(
+        o.status.success() && text(&o).trim().is_empty(),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn sd_notify_says_ready_once_listening_and_stopping_on_sigterm() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = scratch_dir("notify");
+    let socket_path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &socket_path);
+    let herald = Herald::spawn(cmd);
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).expect("READY=1");
+    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(
+        ready.contains(&format!("STATUS=listening on {}", herald.addr)),
+        "{ready:?}"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(herald.pid() as i32, libc::SIGTERM) };
+    let n = socket.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "STOPPING=1");
+    let mut herald = herald;
+    assert!(
+        herald
+            .wait(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+}
+
+fn check(args: &[&str]) -> Output {
+    run(Command::new(env!("CARGO_BIN_EXE_herald")).args(args))
+}
+
+#[test]
+fn check_reports_a_low_fd_limit_with_its_fixes() {
+    let o = run(Command::new("prlimit").args([
+        "--nofile=512:512",
+        "--",
+        env!("CARGO_BIN_EXE_herald"),
+        "check",
+        "--connections",
+        "1000",
+    ]));
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("FAIL  open files: hard limit 512 for 1064 descriptors"),
+        "{out}"
+    );
+    assert!(
+        out.contains("LimitNOFILE=1064")
+            && out.contains("minfds=1064")
+            && out.contains("ulimit -Hn 1064"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_catches_a_stopwaitsecs_shorter_than_the_drain() {
+    let dir = scratch_dir("check-sup");
+    let file = dir.join("herald.conf");
+    std::fs::write(
+        &file,
+        "[program:herald]\ncommand=herald --drain-timeout 20\nstopwaitsecs=15\n",
+    )
+    .unwrap();
+    let o = check(&[
+        "--backlog",
+        "128",
+        "check",
+        "--connections",
+        "100",
+        "--supervisor",
+        file.to_str().unwrap(),
+    ]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("FAIL  stopwaitsecs 15 against herald's --drain-timeout 20"),
+        "{out}"
+    );
+    assert!(out.contains("fix: stopwaitsecs=40"), "{out}");
+}
+
+#[test]
+fn check_passes_against_the_shipped_files() {
+    // 10,000 connections with a backlog of 1024 fit this host; the files must agree with
+    // each other and with herald's defaults (drain 10 s, ping 25 s).
+    let o = check(&[
+        "--backlog",
+        "1024",
+        "check",
+        "--connections",
+        "10000",
+        "--supervisor",
+        repo("supervisor/supervisord.conf").to_str().unwrap(),
+        "--systemd",
+        repo("systemd/herald.service").to_str().unwrap(),
+        "--haproxy",
+        repo("haproxy/haproxy.cfg").to_str().unwrap(),
+    ]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    for line in [
+        "stopwaitsecs 30",
+        "minfds 262144",
+        "TimeoutStopSec 30s",
+        "LimitNOFILE 1048576",
+        "timeout tunnel 3600s",
+        "maxconn 100000",
+    ] {
+        assert!(out.contains(line), "{line} not checked:\n{out}");
+    }
+    let o = check(&[
+        "check",
+        "--connections",
+        "100",
+        "--systemd",
+        repo("systemd/herald@.service").to_str().unwrap(),
+    ]);
+    assert!(
+        text(&o).contains("ok    TimeoutStopSec 30s"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn supervisord_and_haproxy_run_herald_through_a_crash_and_a_deploy() {
+    let _one_at_a_time = SUPERVISORD.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir("e2e");
+    let herald: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let app = App::start();
+    let haproxy = HaProxy::start(&[
+        ("HERALD_PUBLIC_BIND", public.to_string()),
+        ("HERALD_BACKEND", herald.to_string()),
+        ("HERALD_APP_BACKEND", app.addr.to_string()),
+    ]);
+    let sup = Supervisord::start(&dir, &herald.to_string());
+    assert!(
+        eventually(Duration::from_secs(20), || healthy(herald)),
+        "herald did not start under supervisord:\n{}",
+        sup.log()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || haproxy
+            .herald_status()
+            .starts_with("UP")),
+        "HAProxy never saw herald up"
+    );
+
+    // Routing: WebSockets to herald, the rest to the app, herald's API refused.
+    let mut ws = subscribe_through(public, "e2e");
+    assert_eq!(publish_to(herald, "e2e", "\"hello\"")["delivered"], 1);
+    assert_eq!(next_json(&mut ws)["data"], "hello");
+    let page = HttpConn::connect(public).exchange(b"GET / HTTP/1.1\r\nHost: site\r\n\r\n");
+    assert_eq!((page.status, page.text().as_str()), (200, "app\n"));
+    let body = r#"{"topic":"e2e","data":"evil"}"#;
+    let raw = format!(
+        "POST /publish HTTP/1.1\r\nHost: site\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(
+        HttpConn::connect(public).exchange(raw.as_bytes()).status,
+        403
+    );
+    assert_eq!(
+        HttpConn::connect(public)
+            .exchange(b"GET /metrics HTTP/1.1\r\nHost: site\r\n\r\n")
+            .status,
+        403
+    );
+
+    // Crash: kill -9, supervisord restarts it, clients reconnect and receive again.
+    let first = sup.herald_pid().expect("herald pid");
+    // SAFETY: kill(2) on a process our supervisord started for this test.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    assert!(
+        ws.read().is_err() || ws.read().is_err(),
+        "the WebSocket outlived its server"
+    );
+    let restarted = eventually(Duration::from_secs(15), || {
+        sup.herald_pid().is_some_and(|p| p != first) && healthy(herald)
+    });
+    assert!(
+        restarted,
+        "supervisord did not restart herald:\n{}",
+        sup.log()
+    );
+    assert!(
+        sup.log()
+            .contains("exited: herald (terminated by SIGKILL; not expected)"),
+        "{}",
+        sup.log()
+    );
+    let mut ws = subscribe_through(public, "e2e");
+    assert_eq!(publish_to(herald, "e2e", "\"again\"")["delivered"], 1);
+    assert_eq!(next_json(&mut ws)["data"], "again");
+    assert!(eventually(Duration::from_secs(10), || haproxy
+        .herald_status()
+        .starts_with("UP")));
+
+    // Deploy: supervisorctl stop drains herald. A request caught mid-way keeps the drain
+    // open long enough to watch HAProxy take the server out.
+    let mut caught = HttpConn::connect(herald);
+    caught.send(b"GET /health HTTP/1.1\r\nHost: t\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    let stopper = std::thread::spawn(|| {
+        let start = Instant::now();
+        let o = run(Command::new("supervisorctl")
+            .arg("-c")
+            .arg(repo("supervisor/supervisord.conf"))
+            .args(["stop", "herald"]));
+        (start.elapsed(), text(&o))
+    });
+    assert_eq!(close_code(&mut ws), CloseCode::Away);
+    let marked_down = eventually(Duration::from_secs(8), || {
+        haproxy.herald_status().starts_with("DOWN")
+    });
+    assert!(
+        marked_down,
+        "HAProxy did not mark herald down during the drain: {}",
+        haproxy.herald_status()
+    );
+    caught.send(b"\r\n");
+    let r = caught.response();
+    assert_eq!(
+        (r.status, r.text().as_str(), r.header("Connection")),
+        (503, "draining\n", Some("close"))
+    );
+    drop(caught);
+    let (took, said) = stopper.join().unwrap();
+    assert!(said.contains("herald: stopped"), "{said}");
+    assert!(
+        took < Duration::from_secs(30),
+        "stop took {took:?}: stopwaitsecs ran out"
+    );
+    let log = sup.log();
+    let last_stop = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("stopped: herald"))
+        .unwrap_or_default();
+    assert!(
+        last_stop.contains("(exit status 0)"),
+        "herald was not left to exit on its own: {last_stop}\n{log}"
+    );
+
+    // And back: start, HAProxy sees it, clients reconnect.
+    let o = sup.ctl(&["start", "herald"]);
+    assert!(text(&o).contains("herald: started"), "{}", text(&o));
+    assert!(eventually(Duration::from_secs(10), || haproxy
+        .herald_status()
+        .starts_with("UP")));
+    let mut ws = subscribe_through(public, "e2e");
+    assert_eq!(publish_to(herald, "e2e", "\"back\"")["delivered"], 1);
+    assert_eq!(next_json(&mut ws)["data"], "back");
+    drop(app);
+}
+
+/// A TLS client: `openssl s_client` does TLS (verifying our certificate) and the test
+/// speaks WebSocket over its stdin and stdout.
+struct TlsPipe {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+}
+
+impl TlsPipe {
+    fn connect(addr: SocketAddr, ca: &Path) -> TlsPipe {
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &addr.to_string(),
+                "-servername",
+                "localhost",
+            ])
+            .args(["-verify_return_error", "-quiet", "-nocommands", "-CAfile"])
+            .arg(ca)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_client");
+        let (stdin, stdout) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+        TlsPipe {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+}
+
+impl Read for TlsPipe {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stdout.read(buf)
+    }
+}
+
+impl Write for TlsPipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stdin.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stdin.flush()
+    }
+}
+
+impl Drop for TlsPipe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_tls_variant_carries_wss_to_herald() {
+    let herald = Herald::start(&[]);
+    let dir = scratch_dir("tls");
+    let (cert, pem) = self_signed(&dir);
+    let (public, tls) = (free_port(), free_port());
+    let _haproxy = HaProxy::start(&[
+        ("HERALD_PUBLIC_BIND", format!("127.0.0.1:{public}")),
+        ("HERALD_TLS_BIND", format!("127.0.0.1:{tls}")),
+        ("HERALD_TLS_CERT", pem.display().to_string()),
+        ("HERALD_BACKEND", herald.addr.to_string()),
+        ("HERALD_APP_BACKEND", "127.0.0.1:9".to_string()),
+    ]);
+    let tls_addr: SocketAddr = format!("127.0.0.1:{tls}").parse().unwrap();
+    assert!(eventually(Duration::from_secs(10), || TcpStream::connect(
+        tls_addr
+    )
+    .is_ok()));
+    let pipe = TlsPipe::connect(tls_addr, &cert);
+    let (mut wss, response) = tungstenite::client::client("ws://localhost/ws?topics=secure", pipe)
+        .expect("wss handshake through HAProxy");
+    assert_eq!(response.status(), 101);
+    assert_eq!(next_json(&mut wss)["op"], "subscribed");
+    assert!(eventually(Duration::from_secs(5), || herald
+        .metric("herald_websockets")
+        == 1.0));
+    assert_eq!(herald.publish("secure", "\"over tls\"")["delivered"], 1);
+    assert_eq!(next_json(&mut wss)["data"], "over tls");
+    // Plain HTTP on the public port is sent to HTTPS.
+    let r = HttpConn::connect(format!("127.0.0.1:{public}").parse().unwrap())
+        .exchange(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(r.status, 301);
+    assert!(
+        r.header("Location")
+            .is_some_and(|l| l.starts_with("https://localhost"))
+    );
+}

@@ -789,6 +789,32 @@ mod tests {
         assert!(fails(&assess_haproxy(&forced, 50_000, &settings(), &small)).is_empty());
     }
 
+    /// The shipped sysctl drop-in and systemd unit give a host room for 50,000
+    /// connections by herald's own rules (the numbers in the files must agree).
+    #[test]
+    fn the_shipped_sysctl_and_unit_fit_fifty_thousand() {
+        let sysctl = Ini::parse(include_str!("../systemd/sysctl.d/90-herald.conf"));
+        let get = |k: &str| sysctl.get(|_| true, k).map(str::to_string);
+        let num = |k: &str| get(k).and_then(|v| v.parse().ok());
+        let range = get("net.ipv4.ip_local_port_range").unwrap();
+        let (lo, hi) = range.split_once(' ').unwrap();
+        let unit = Ini::parse(include_str!("../systemd/herald.service"));
+        let nofile: u64 = unit.get(|s| s == "Service", "LimitNOFILE").unwrap().parse().unwrap();
+        let host = Host {
+            nofile_soft: 1024,
+            nofile_hard: nofile,
+            file_max: num("fs.file-max"),
+            nr_open: num("fs.nr_open"),
+            somaxconn: num("net.core.somaxconn"),
+            tcp_max_syn_backlog: num("net.ipv4.tcp_max_syn_backlog"),
+            port_range: Some((lo.trim().parse().unwrap(), hi.trim().parse().unwrap())),
+            mem_available_kib: Some(1 << 20),
+        };
+        assert!(host.nr_open.unwrap() >= nofile, "LimitNOFILE above fs.nr_open cannot be set");
+        let found = assess_host(&host, 50_000, &settings());
+        assert!(fails(&found).is_empty(), "{:?}", fails(&found));
+    }
+
     #[test]
     fn durations_parse_like_their_programs_do() {
         assert_eq!(parse_haproxy_time("500"), Some(Duration::from_millis(500)));

@@ -799,7 +799,11 @@ mod tests {
         let range = get("net.ipv4.ip_local_port_range").unwrap();
         let (lo, hi) = range.split_once(' ').unwrap();
         let unit = Ini::parse(include_str!("../systemd/herald.service"));
-        let nofile: u64 = unit.get(|s| s == "Service", "LimitNOFILE").unwrap().parse().unwrap();
+        let nofile: u64 = unit
+            .get(|s| s == "Service", "LimitNOFILE")
+            .unwrap()
+            .parse()
+            .unwrap();
         let host = Host {
             nofile_soft: 1024,
             nofile_hard: nofile,
@@ -810,7 +814,10 @@ mod tests {
             port_range: Some((lo.trim().parse().unwrap(), hi.trim().parse().unwrap())),
             mem_available_kib: Some(1 << 20),
         };
-        assert!(host.nr_open.unwrap() >= nofile, "LimitNOFILE above fs.nr_open cannot be set");
+        assert!(
+            host.nr_open.unwrap() >= nofile,
+            "LimitNOFILE above fs.nr_open cannot be set"
+        );
         let found = assess_host(&host, 50_000, &settings());
         assert!(fails(&found).is_empty(), "{:?}", fails(&found));
     }

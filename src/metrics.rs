@@ -40,6 +40,35 @@ pub struct Gauges {
     pub fd_limit: u64,
     pub max_connections: usize,
     pub draining: bool,
+    /// This process's user + system CPU time and resident memory, when readable.
+    pub cpu_seconds: Option<f64>,
+    pub resident_bytes: Option<u64>,
+}
+
+/// CPU seconds and resident bytes of this process, from /proc (Linux); `None` elsewhere.
+/// Read at scrape time, so load tools can watch the server without knowing its PID.
+pub fn process_usage() -> (Option<f64>, Option<u64>) {
+    // SAFETY: sysconf has no preconditions.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let stat = std::fs::read_to_string("/proc/self/stat").ok();
+    // Fields after the parenthesised name: utime and stime are the 12th and 13th.
+    let cpu = stat.as_deref().and_then(|s| {
+        let fields: Vec<&str> = s.get(s.rfind(')')? + 2..)?.split_whitespace().collect();
+        let t: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        (ticks > 0).then(|| t / ticks as f64)
+    });
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+            Some(pages * u64::try_from(page).ok()?)
+        });
+    (cpu, rss)
 }
 
 struct Out(String);
@@ -106,6 +135,18 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "1 once a graceful shutdown has begun.",
         u8::from(g.draining),
     );
+    if let Some(cpu) = g.cpu_seconds {
+        let help = "User and system CPU time spent, in seconds.";
+        o.metric("process_cpu_seconds_total", "counter", help, cpu);
+    }
+    if let Some(rss) = g.resident_bytes {
+        o.metric(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            rss,
+        );
+    }
     o.metric(
         "herald_connections_accepted_total",
         "counter",

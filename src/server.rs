@@ -963,6 +963,7 @@ impl Server {
     }
 
     fn render_metrics(&self) -> String {
+        let (cpu_seconds, resident_bytes) = metrics::process_usage();
         let gauges = Gauges {
             connections: self.conns.len(),
             websockets: self
@@ -975,6 +976,8 @@ impl Server {
             fd_limit: self.nofile.soft,
             max_connections: self.max_connections,
             draining: self.drain.is_draining(),
+            cpu_seconds,
+            resident_bytes,
         };
         metrics::render(&self.counters, &gauges)
     }

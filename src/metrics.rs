@@ -18,6 +18,8 @@ pub struct Counters {
     pub published: u64,
     /// Message frames queued to subscribers.
     pub delivered: u64,
+    /// writev calls to clients: with many messages per pass, far fewer than `delivered`.
+    pub write_syscalls: u64,
     pub slow_consumers: u64,
     /// Queued bytes thrown away: a slow consumer's backlog, a dead peer's queue.
     pub undelivered_bytes: u64,
@@ -188,6 +190,12 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "counter",
         "Clients closed for exceeding --send-queue-limit.",
         c.slow_consumers,
+    );
+    o.metric(
+        "herald_write_syscalls_total",
+        "counter",
+        "writev calls to clients; each carries every message queued since the last one.",
+        c.write_syscalls,
     );
     o.metric(
         "herald_undelivered_bytes_total",

@@ -64,8 +64,14 @@ impl OutQueue {
     }
 
     /// Write with `writev` until the queue is empty, the socket would block, or `budget`
-    /// bytes have gone out. One syscall carries many queued messages at once.
-    pub fn write_to(&mut self, w: &mut impl Write, budget: usize) -> io::Result<Flushed> {
+    /// bytes have gone out. One syscall carries many queued messages at once; `syscalls`
+    /// counts the calls made.
+    pub fn write_to(
+        &mut self,
+        w: &mut impl Write,
+        budget: usize,
+        syscalls: &mut u64,
+    ) -> io::Result<Flushed> {
         let mut written = 0;
         while !self.chunks.is_empty() {
             if written >= budget {
@@ -78,6 +84,7 @@ impl OutQueue {
                 slices[i] = IoSlice::new(&chunk[start..]);
                 count += 1;
             }
+            *syscalls += 1;
             let n = match w.write_vectored(&slices[..count]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
@@ -159,11 +166,17 @@ mod tests {
             cap: 4,
             calls: 2,
         };
-        assert_eq!(q.write_to(&mut sock, usize::MAX).unwrap(), Flushed::Blocked);
+        assert_eq!(
+            q.write_to(&mut sock, usize::MAX, &mut 0).unwrap(),
+            Flushed::Blocked
+        );
         assert_eq!(sock.out, b"hello bi");
         assert_eq!(q.len(), 7);
         sock.calls = 10;
-        assert_eq!(q.write_to(&mut sock, usize::MAX).unwrap(), Flushed::Drained);
+        assert_eq!(
+            q.write_to(&mut sock, usize::MAX, &mut 0).unwrap(),
+            Flushed::Drained
+        );
         assert_eq!(sock.out, b"hello big world");
         assert!(q.is_empty());
     }
@@ -179,7 +192,7 @@ mod tests {
             cap: 10,
             calls: 100,
         };
-        assert_eq!(q.write_to(&mut sock, 30).unwrap(), Flushed::Budget);
+        assert_eq!(q.write_to(&mut sock, 30, &mut 0).unwrap(), Flushed::Budget);
         assert_eq!(sock.out.len(), 30);
         assert_eq!(q.len(), 70);
     }
@@ -194,12 +207,12 @@ mod tests {
             cap: 2,
             calls: 1,
         };
-        q.write_to(&mut sock, usize::MAX).unwrap();
+        q.write_to(&mut sock, usize::MAX, &mut 0).unwrap();
         assert_eq!(q.drop_unstarted(), 4);
         assert_eq!(q.len(), 2);
         sock.calls = 5;
         sock.cap = 10;
-        q.write_to(&mut sock, usize::MAX).unwrap();
+        q.write_to(&mut sock, usize::MAX, &mut 0).unwrap();
         assert_eq!(sock.out, b"aaaa");
         // Nothing started: everything goes.
         q.push(Bytes::from_static(b"cc"));

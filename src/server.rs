@@ -316,7 +316,7 @@ impl Server {
         }
     }
 
-    /// Read until the socket would block (edge-triggered) or the budget is spent.
+    /// Read until the socket is empty (edge-triggered) or the budget is spent.
     fn on_readable(&mut self, id: ConnId, now: Instant) {
         let mut scratch = mem::take(&mut self.scratch);
         let mut total = 0;
@@ -334,6 +334,11 @@ impl Server {
                     total += n;
                     if total >= READ_BUDGET {
                         self.unread.push(id);
+                        break;
+                    }
+                    // A short read emptied the socket: skip the read that would only say
+                    // EAGAIN. Data arriving later raises a new edge-triggered event.
+                    if n < scratch.len() {
                         break;
                     }
                 }
@@ -816,7 +821,8 @@ impl Server {
             if matches!(conn.state, State::Dead) {
                 continue;
             }
-            match conn.out.write_to(&mut conn.stream, WRITE_BUDGET) {
+            let syscalls = &mut self.counters.write_syscalls;
+            match conn.out.write_to(&mut conn.stream, WRITE_BUDGET, syscalls) {
                 Ok(Flushed::Drained) => {
                     if matches!(conn.state, State::Finishing) {
                         if conn.peer_shut {

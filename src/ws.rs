@@ -227,7 +227,7 @@ mod tests {
         assert_eq!(events.iter().map(text).collect::<Vec<_>>(), ["hello"]);
         // The pong went into our queue: 0x8A, length 1, payload "p".
         let mut wire = Vec::new();
-        out.write_to(&mut wire, usize::MAX).unwrap();
+        out.write_to(&mut wire, usize::MAX, &mut 0).unwrap();
         assert_eq!(wire, [0x8a, 0x01, b'p']);
     }
 
@@ -238,7 +238,7 @@ mod tests {
         let events = drain(&mut ws, &client_frame(0x88, &[0x03, 0xe8]), &mut out);
         assert!(matches!(events.as_slice(), [WsEvent::Closed]), "{events:?}");
         let mut wire = Vec::new();
-        out.write_to(&mut wire, usize::MAX).unwrap();
+        out.write_to(&mut wire, usize::MAX, &mut 0).unwrap();
         assert_eq!(wire, [0x88, 0x02, 0x03, 0xe8]);
     }
 
@@ -278,7 +278,7 @@ mod tests {
         ws.close(CloseReason::GoingAway, &mut out);
         ws.close(CloseReason::GoingAway, &mut out);
         let mut wire = Vec::new();
-        out.write_to(&mut wire, usize::MAX).unwrap();
+        out.write_to(&mut wire, usize::MAX, &mut 0).unwrap();
         assert_eq!(&wire[..4], [0x88, 2 + 20, 0x03, 0xe9]);
         assert_eq!(wire.len(), 4 + 20);
     }

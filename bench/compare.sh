@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Reproduce the README's Performance table: herald, uWebSockets.js and Node's ws, each
+# started fresh for every scenario and pinned to core 0, with herald-bench pinned to
+# core 1. Results (one JSON object per run) go to bench/results/DATE/.
+#
+#   bench/compare.sh                 # every scenario, every server
+#   bench/compare.sh broadcast       # one scenario
+#   SERVERS="herald" bench/compare.sh idle
+#
+# Needs: a release build (done here), node + npm (bench/peers), taskset (util-linux).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release --locked -p herald -p herald-bench
+(cd bench/peers && npm ci --no-audit --no-fund --silent)
+
+SCENARIOS="${*:-idle connect broadcast fixed echo}"
+SERVERS="${SERVERS:-herald uws ws}"
+OUT="bench/results/$(date +%Y-%m-%d)"
+mkdir -p "$OUT"
+BENCH="taskset -c 1 target/release/herald-bench"
+
+port_of() { case "$1" in herald) echo 9000 ;; uws) echo 9001 ;; ws) echo 9002 ;; esac; }
+
+start() { # start SERVER: pinned to core 0; its PID in $PID
+  local port; port=$(port_of "$1")
+  case "$1" in
+    herald) sh -c 'echo $$ > /tmp/bench-server.pid; exec taskset -c 0 target/release/herald --listen 127.0.0.1:'"$port" 2>/dev/null & ;;
+    uws) sh -c 'echo $$ > /tmp/bench-server.pid; exec taskset -c 0 node bench/peers/uws-server.js' 2>/dev/null & ;;
+    ws) sh -c 'echo $$ > /tmp/bench-server.pid; exec taskset -c 0 node bench/peers/ws-server.js' 2>/dev/null & ;;
+  esac
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  PID=$(cat /tmp/bench-server.pid)
+}
+
+stop() { # stop the server we started, by PID, and wait for it
+  kill "$PID" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$PID" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$PID" 2>/dev/null || true
+}
+
+run() { # run SERVER SCENARIO ARGS...
+  local server=$1 name=$2; shift 2
+  start "$server"
+  echo "== $server $name: herald-bench $*" >&2
+  $BENCH --url "ws://127.0.0.1:$(port_of "$server")" --server-pid "$PID" --json "$@" \
+    > "$OUT/$server-$name.json" 2> >(grep -v '^worker' >&2) || echo "{\"error\":\"run failed\"}" > "$OUT/$server-$name.json"
+  stop
+  cat "$OUT/$server-$name.json"
+}
+
+for scenario in $SCENARIOS; do
+  for server in $SERVERS; do
+    case "$scenario" in
+      idle) run "$server" idle idle -n 15000 --hold 1 ;;
+      connect) run "$server" connect connect -n 15000 --hold 1 ;;
+      broadcast) run "$server" broadcast broadcast -n 10000 --rate 100 --duration 10 --payload 64 ;;
+      fixed) run "$server" fixed broadcast -n 5000 --rate 100 --duration 10 --payload 64 ;;
+      echo) run "$server" echo echo -c 50 --size 64 --duration 10 ;;
+      *) echo "unknown scenario $scenario" >&2; exit 2 ;;
+    esac
+  done
+done
+echo "results in $OUT" >&2

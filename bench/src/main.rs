@@ -1,0 +1,793 @@
+//! herald-bench: a load tool for WebSocket push servers, herald first among them.
+//!
+//! The driver (this process) plans a scenario, starts worker processes that hold the
+//! connections (`worker.rs`), publishes when the scenario needs it (`publish.rs`),
+//! watches the server (`observe.rs`) and prints what happened (`report.rs`). Every
+//! scenario is bounded in count and time and stops by itself.
+
+mod client;
+mod frames;
+mod observe;
+mod publish;
+mod report;
+mod stats;
+mod worker;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use client::{Mode, ThreadPlan};
+use observe::Observer;
+use publish::Pace;
+use report::Report;
+use worker::{WorkerPlan, Workers};
+
+/// Descriptors a worker keeps back from its connections.
+const FD_RESERVE: u64 = 100;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "herald-bench",
+    version,
+    about = "Load tool for WebSocket push servers: connect, idle, broadcast, echo, capacity, storm.",
+    after_help = "Conventions: subscribers open /ws?topics=TOPIC and wait for {\"op\":\"subscribed\"}; \
+                  publishes are POST /publish {\"topic\":..,\"data\":[send_ns,\"pad\"]}; echo uses /echo. \
+                  Pin server and tool to different cores, e.g. taskset -c 0 herald / taskset -c 1 herald-bench."
+)]
+struct Cli {
+    /// The server, as ws://HOST:PORT
+    #[arg(long, default_value = "ws://127.0.0.1:8080", global = true)]
+    url: String,
+    /// Topic for subscribe scenarios
+    #[arg(long, default_value = "bench", global = true)]
+    topic: String,
+    /// Client source addresses: a comma list and/or ranges like 127.0.0.2-127.0.0.254
+    /// [default: 127.0.0.2-127.0.0.254 for a loopback server]
+    #[arg(long, global = true)]
+    sources: Option<String>,
+    /// Worker processes [default: as many as the open-files limit requires]
+    #[arg(long, global = true)]
+    workers: Option<usize>,
+    /// Client threads per worker process, each with its own event loop
+    #[arg(long, default_value_t = 1, global = true)]
+    threads: usize,
+    /// The server's PID, to read its CPU and RSS from /proc [default: its /metrics]
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Print one JSON object instead of a table
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// Open N connections at a rate (or as fast as possible): handshakes/s and latency
+    Connect {
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        connections: usize,
+        /// Connection attempts per second; 0 = as fast as possible
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Seconds to hold the connections once open
+        #[arg(long, default_value_t = 1.0)]
+        hold: f64,
+    },
+    /// Hold N subscribed connections: server memory per connection
+    Idle {
+        #[arg(short = 'n', long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 2.0)]
+        hold: f64,
+    },
+    /// N subscribers, a publisher at a rate (or ramping): deliveries/s, latency, loss
+    Broadcast {
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        connections: usize,
+        /// Publishes per second
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Ramp linearly from --rate to this over the run
+        #[arg(long)]
+        ramp_to: Option<f64>,
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Bytes of data per message
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        /// Seconds to wait for stragglers after the last publish
+        #[arg(long, default_value_t = 5.0)]
+        drain: f64,
+    },
+    /// C clients in a closed loop on /echo: messages/s and round trips
+    Echo {
+        #[arg(short = 'c', long, default_value_t = 50)]
+        clients: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
+    /// Add subscribers step by step until 95% of broadcasts no longer reach everyone
+    /// within the bound: the largest N that met it
+    Capacity {
+        #[arg(long, default_value_t = 1000)]
+        step: usize,
+        #[arg(long, default_value_t = 20_000)]
+        max: usize,
+        #[arg(long, default_value_t = 500)]
+        bound_ms: u64,
+        /// Publishes per second during each step
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Publishes per step
+        #[arg(long, default_value_t = 40)]
+        messages: u64,
+    },
+    /// N clients connected while the server restarts: time until all are back, and the
+    /// messages published meanwhile that they missed
+    Storm {
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        connections: usize,
+        /// Command that restarts the server (run with sh -c); without it, restart the
+        /// server yourself within --timeout
+        #[arg(long)]
+        restart: Option<String>,
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        /// Publishes per second throughout
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+    },
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        plan: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Scenario::Worker { plan } = &cli.scenario {
+        match serde_json::from_str(plan) {
+            Ok(plan) => worker::serve(plan),
+            Err(e) => {
+                eprintln!("herald-bench worker: bad plan: {e}");
+                std::process::exit(2);
+            }
+        }
+        return;
+    }
+    match run(&cli) {
+        Ok(report) => report.print(cli.json),
+        Err(e) => {
+            eprintln!("herald-bench: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+struct Target {
+    addr: SocketAddr,
+    host: String,
+}
+
+fn target(url: &str) -> Result<Target, String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or("--url must be ws://HOST:PORT")?;
+    let host = rest.split('/').next().unwrap_or(rest).to_string();
+    let addr = host
+        .to_socket_addrs()
+        .map_err(|e| format!("{host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host} resolves to nothing"))?;
+    Ok(Target { addr, host })
+}
+
+fn parse_sources(spec: Option<&str>, target: SocketAddr) -> Result<Vec<IpAddr>, String> {
+    let Some(spec) = spec else {
+        return Ok(if target.ip().is_loopback() && target.is_ipv4() {
+            (2..=254)
+                .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+                .collect()
+        } else {
+            vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
+        });
+    };
+    let mut out = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item.split_once('-') {
+            Some((a, b)) => {
+                let a: Ipv4Addr = a.parse().map_err(|_| format!("bad address {a}"))?;
+                let b: Ipv4Addr = b.parse().map_err(|_| format!("bad address {b}"))?;
+                out.extend((u32::from(a)..=u32::from(b)).map(|n| IpAddr::V4(n.into())));
+            }
+            None => out.push(item.parse().map_err(|_| format!("bad address {item}"))?),
+        }
+    }
+    if out.is_empty() {
+        return Err("--sources names no address".into());
+    }
+    Ok(out)
+}
+
+/// Split `n` connections over worker processes and their threads.
+struct Planner<'a> {
+    cli: &'a Cli,
+    target: &'a Target,
+    sources: Vec<IpAddr>,
+}
+
+impl Planner<'_> {
+    fn plans(
+        &self,
+        mode: Mode,
+        path: &str,
+        n: usize,
+        rate: f64,
+        reconnect: bool,
+        bound_us: Option<u64>,
+    ) -> Vec<WorkerPlan> {
+        let per_process = (worker::raise_fd_limit().saturating_sub(FD_RESERVE) as usize).max(1);
+        let workers = self.cli.workers.unwrap_or(n.div_ceil(per_process)).max(1);
+        let threads = self.cli.threads.max(1);
+        let slots = workers * threads;
+        (0..workers)
+            .map(|w| WorkerPlan {
+                threads: (0..threads)
+                    .map(|t| {
+                        let slot = w * threads + t;
+                        let share = n / slots + usize::from(slot < n % slots);
+                        let mut sources = self.sources.clone();
+                        let shift = slot % sources.len();
+                        sources.rotate_left(shift);
+                        ThreadPlan {
+                            target: self.target.addr,
+                            host: self.target.host.clone(),
+                            path: path.to_string(),
+                            mode,
+                            connections: share,
+                            rate: rate * share as f64 / n.max(1) as f64,
+                            sources,
+                            reconnect,
+                            bound_us,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+fn run(cli: &Cli) -> Result<Report, String> {
+    let target = target(&cli.url)?;
+    let planner = Planner {
+        cli,
+        target: &target,
+        sources: parse_sources(cli.sources.as_deref(), target.addr)?,
+    };
+    let observer = Observer::new(cli.server_pid, target.addr);
+    let subscribe_path = format!("/ws?topics={}", cli.topic);
+    let tool_start = stats::cpu_seconds();
+    let mut report = match &cli.scenario {
+        Scenario::Connect {
+            connections,
+            rate,
+            hold,
+        } => {
+            let workers = Workers::spawn(planner.plans(
+                Mode::Connect,
+                "/ws",
+                *connections,
+                *rate,
+                false,
+                None,
+            ));
+            let limit = 60.0
+                + if *rate > 0.0 {
+                    *connections as f64 / rate
+                } else {
+                    0.0
+                };
+            workers.wait_settled(Duration::from_secs_f64(limit), "connect");
+            std::thread::sleep(Duration::from_secs_f64(*hold));
+            let fin = workers.stop();
+            let t = &fin.tally;
+            let elapsed = match (t.first_attempt_ns, t.last_connected_ns) {
+                (Some(a), Some(b)) if b > a => secs(b - a),
+                _ => 0.0,
+            };
+            let mut r = Report::new("connect");
+            r.add(
+                "connections",
+                format!("{} connected of {} attempted", t.connected, t.attempted),
+                json!({"attempted": t.attempted, "connected": t.connected}),
+            );
+            r.add("failures", format!("{:?}", t.failures), json!(t.failures));
+            r.add(
+                "all connected in",
+                format!("{elapsed:.3} s"),
+                json!(elapsed),
+            );
+            let rate = if elapsed > 0.0 {
+                t.connected as f64 / elapsed
+            } else {
+                0.0
+            };
+            r.add("handshakes/s", format!("{rate:.0}"), json!(rate));
+            r.add_latency("handshake latency", &t.handshake_us);
+            add_tool(&mut r, &fin, tool_start);
+            r
+        }
+        Scenario::Idle { connections, hold } => {
+            let before = observer.sample();
+            let workers = Workers::spawn(planner.plans(
+                Mode::Subscribe,
+                &subscribe_path,
+                *connections,
+                0.0,
+                false,
+                None,
+            ));
+            let p = workers.wait_settled(Duration::from_secs(120), "idle");
+            // Let allocations settle (queued confirmations written, buffers released).
+            std::thread::sleep(Duration::from_secs(1));
+            let after = observer.sample();
+            std::thread::sleep(Duration::from_secs_f64(*hold));
+            let fin = workers.stop();
+            let mut r = Report::new("idle");
+            r.add(
+                "subscribed connections",
+                p.usable.to_string(),
+                json!(p.usable),
+            );
+            r.add(
+                "failures",
+                format!("{:?}", fin.tally.failures),
+                json!(fin.tally.failures),
+            );
+            r.add(
+                "server observed via",
+                observer.describe(),
+                json!(observer.describe()),
+            );
+            match (before.rss_bytes, after.rss_bytes) {
+                (Some(a), Some(b)) if p.usable > 0 => {
+                    let per = (b as f64 - a as f64) / p.usable as f64 / 1024.0;
+                    r.add(
+                        "server RSS",
+                        format!("{} KiB -> {} KiB", a / 1024, b / 1024),
+                        json!({"before_bytes": a, "after_bytes": b}),
+                    );
+                    r.add("server KiB per connection", format!("{per:.2}"), json!(per));
+                }
+                _ => r.add("server KiB per connection", "not observed", json!(null)),
+            }
+            add_tool(&mut r, &fin, tool_start);
+            r
+        }
+        Scenario::Broadcast {
+            connections,
+            rate,
+            ramp_to,
+            duration,
+            payload,
+            drain,
+        } => {
+            let pace = Pace {
+                from: *rate,
+                to: ramp_to.unwrap_or(*rate),
+                duration: Duration::from_secs_f64(*duration),
+            };
+            broadcast(
+                cli,
+                &planner,
+                &observer,
+                &subscribe_path,
+                *connections,
+                pace,
+                *payload,
+                *drain,
+                tool_start,
+            )?
+        }
+        Scenario::Echo {
+            clients,
+            size,
+            duration,
+        } => {
+            let workers = Workers::spawn(planner.plans(
+                Mode::Echo { size: *size },
+                "/echo",
+                *clients,
+                0.0,
+                false,
+                None,
+            ));
+            workers.wait_settled(Duration::from_secs(60), "echo");
+            let cpu0 = observer.sample();
+            let (r0, t0) = (workers.progress().received, Instant::now());
+            while t0.elapsed().as_secs_f64() < *duration {
+                std::thread::sleep(Duration::from_millis(250));
+                let rx = workers.progress().received - r0;
+                report::progress_line(&format!(
+                    "echo: {:.0} msg/s",
+                    rx as f64 / t0.elapsed().as_secs_f64()
+                ));
+            }
+            report::progress_done();
+            let (r1, took) = (workers.progress().received, t0.elapsed().as_secs_f64());
+            let cpu1 = observer.sample();
+            let fin = workers.stop();
+            let mut r = Report::new("echo");
+            r.add(
+                "clients",
+                format!("{} connected", fin.tally.connected),
+                json!(fin.tally.connected),
+            );
+            let per_sec = (r1 - r0) as f64 / took;
+            r.add(
+                "messages/s",
+                format!("{per_sec:.0} ({size}-byte binary, closed loop)"),
+                json!(per_sec),
+            );
+            r.add_latency("round trip", &fin.tally.rtt_us);
+            add_server_cpu(&mut r, cpu0, cpu1, (r1 - r0) as f64, "messages");
+            add_tool(&mut r, &fin, tool_start);
+            r
+        }
+        Scenario::Capacity {
+            step,
+            max,
+            bound_ms,
+            rate,
+            messages,
+        } => capacity(
+            &planner,
+            &subscribe_path,
+            cli,
+            *step,
+            *max,
+            *bound_ms,
+            *rate,
+            *messages,
+            tool_start,
+        )?,
+        Scenario::Storm {
+            connections,
+            restart,
+            timeout,
+            rate,
+        } => storm(
+            &planner,
+            &observer,
+            &subscribe_path,
+            cli,
+            *connections,
+            restart.as_deref(),
+            *timeout,
+            *rate,
+            tool_start,
+        )?,
+        Scenario::Worker { .. } => unreachable!("handled in main"),
+    };
+    report.add("target", cli.url.clone(), json!(cli.url));
+    Ok(report)
+}
+
+fn add_tool(r: &mut Report, fin: &worker::Finished, tool_start: f64) {
+    let cpu = fin.tally.cpu_seconds + stats::cpu_seconds() - tool_start;
+    r.add(
+        "tool CPU",
+        format!("{cpu:.2} s (driver and workers)"),
+        json!(cpu),
+    );
+    if !fin.dead.is_empty() {
+        let lost_conns: usize = fin.dead.iter().map(|(_, c)| c).sum();
+        r.add(
+            "dead workers",
+            format!(
+                "{:?}: their {lost_conns} connections reported nothing",
+                fin.dead
+            ),
+            json!(fin.dead),
+        );
+    }
+}
+
+fn add_server_cpu(r: &mut Report, a: observe::Sample, b: observe::Sample, units: f64, what: &str) {
+    if let (Some(x), Some(y)) = (a.cpu_seconds, b.cpu_seconds) {
+        let per_million = if units > 0.0 {
+            (y - x) / (units / 1e6)
+        } else {
+            0.0
+        };
+        r.add(
+            "server CPU",
+            format!("{:.2} s, {per_million:.3} s per million {what}", y - x),
+            json!({"seconds": y - x, "per_million": per_million}),
+        );
+    }
+    if let Some(rss) = b.rss_bytes {
+        r.add("server RSS", format!("{} KiB", rss / 1024), json!(rss));
+    }
+}
+
+/// Subscribers, then a paced publisher; every acknowledged publish is expected at every
+/// subscriber, and what did not arrive is reported as lost.
+#[allow(clippy::too_many_arguments)]
+fn broadcast(
+    cli: &Cli,
+    planner: &Planner,
+    observer: &Observer,
+    path: &str,
+    n: usize,
+    pace: Pace,
+    payload: usize,
+    drain: f64,
+    tool_start: f64,
+) -> Result<Report, String> {
+    let workers = Workers::spawn(planner.plans(Mode::Subscribe, path, n, 0.0, false, None));
+    let ready = workers.wait_settled(Duration::from_secs(120), "subscribe");
+    if ready.usable == 0 {
+        workers.stop();
+        return Err("no subscriber could connect".into());
+    }
+    let subscribers = ready.usable;
+    let cpu0 = observer.sample();
+    eprintln!("publishing to {subscribers} subscribers");
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = publish::spawn(
+        planner.target.addr,
+        cli.topic.clone(),
+        payload,
+        pace.clone(),
+        stop.clone(),
+    );
+    let start = Instant::now();
+    while !publisher.is_finished() {
+        std::thread::sleep(Duration::from_millis(250));
+        let rx = workers.progress().received;
+        report::progress_line(&format!(
+            "broadcast: {:.0} deliveries/s",
+            rx as f64 / start.elapsed().as_secs_f64()
+        ));
+    }
+    let published = publisher.join().map_err(|_| "publisher panicked")?;
+    let expected = published.acked * subscribers;
+    let drain_start = Instant::now();
+    while workers.progress().received < expected && drain_start.elapsed().as_secs_f64() < drain {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    report::progress_done();
+    let cpu1 = observer.sample();
+    let fin = workers.stop();
+    let t = &fin.tally;
+    let window = secs(published.last_ns.saturating_sub(published.first_ns)).max(1e-9);
+    let mut r = Report::new("broadcast");
+    r.add("subscribers", subscribers.to_string(), json!(subscribers));
+    r.add(
+        "published",
+        format!("{} acknowledged, {} failed, at {:.0}/s", published.acked, published.failed, published.acked as f64 / window),
+        json!({"acked": published.acked, "failed": published.failed, "per_second": published.acked as f64 / window}),
+    );
+    r.add(
+        "deliveries",
+        format!("{} received of {expected} expected", t.received),
+        json!({"received": t.received, "expected": expected}),
+    );
+    let lost = expected.saturating_sub(t.received);
+    r.add(
+        "lost",
+        format!("{lost} (expected - received; {} id gaps seen)", t.gaps),
+        json!(lost),
+    );
+    let per_sec = t.received as f64 / window;
+    r.add("deliveries/s", format!("{per_sec:.0}"), json!(per_sec));
+    r.add_latency("publish-to-receive latency", &t.latency_us);
+    add_server_cpu(&mut r, cpu0, cpu1, t.received as f64, "deliveries");
+    add_tool(&mut r, &fin, tool_start);
+    Ok(r)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn capacity(
+    planner: &Planner,
+    path: &str,
+    cli: &Cli,
+    step: usize,
+    max: usize,
+    bound_ms: u64,
+    rate: f64,
+    messages: u64,
+    tool_start: f64,
+) -> Result<Report, String> {
+    let mut best = 0usize;
+    let mut steps = Vec::new();
+    let mut n = step.max(1);
+    let mut tool_cpu = 0.0;
+    while n <= max {
+        let workers = Workers::spawn(planner.plans(
+            Mode::Subscribe,
+            path,
+            n,
+            0.0,
+            false,
+            Some(bound_ms * 1000),
+        ));
+        let ready = workers.wait_settled(Duration::from_secs(120), &format!("capacity {n}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let pace = Pace {
+            from: rate,
+            to: rate,
+            duration: Duration::from_secs_f64(messages as f64 / rate),
+        };
+        let published = publish::run(planner.target.addr, &cli.topic, 64, &pace, &stop);
+        let expected = published.acked * ready.usable;
+        let t0 = Instant::now();
+        while workers.progress().received < expected
+            && t0.elapsed() < Duration::from_millis(2000 + bound_ms)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let fin = workers.stop();
+        tool_cpu += fin.tally.cpu_seconds;
+        let everyone = fin
+            .tally
+            .within_bound
+            .values()
+            .filter(|&&c| c >= n as u64)
+            .count() as u64;
+        let share = if published.acked > 0 {
+            everyone as f64 / published.acked as f64
+        } else {
+            0.0
+        };
+        let p99 = report::percentiles(&fin.tally.latency_us)["p99_ms"].clone();
+        eprintln!(
+            "capacity: {n} subscribers ({} usable): {:.1}% of broadcasts reached all within {bound_ms} ms, p99 {p99} ms",
+            ready.usable,
+            share * 100.0
+        );
+        steps.push(json!({"subscribers": n, "usable": ready.usable, "share_within_bound": share, "p99_ms": p99}));
+        if share < 0.95 || ready.usable < n as u64 {
+            break;
+        }
+        best = n;
+        n += step;
+    }
+    let mut r = Report::new("capacity");
+    r.add(
+        "largest N within bound",
+        format!("{best} subscribers (95% of broadcasts reach all within {bound_ms} ms)"),
+        json!(best),
+    );
+    r.add("steps", format!("{} measured", steps.len()), json!(steps));
+    let cpu = tool_cpu + stats::cpu_seconds() - tool_start;
+    r.add("tool CPU", format!("{cpu:.2} s"), json!(cpu));
+    Ok(r)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn storm(
+    planner: &Planner,
+    observer: &Observer,
+    path: &str,
+    cli: &Cli,
+    n: usize,
+    restart: Option<&str>,
+    timeout: f64,
+    rate: f64,
+    tool_start: f64,
+) -> Result<Report, String> {
+    let workers = Workers::spawn(planner.plans(Mode::Subscribe, path, n, 0.0, true, None));
+    let ready = workers.wait_settled(Duration::from_secs(120), "storm: connecting");
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Pace {
+        from: rate,
+        to: rate,
+        duration: Duration::from_secs_f64(timeout + 5.0),
+    };
+    let publisher = publish::spawn(
+        planner.target.addr,
+        cli.topic.clone(),
+        64,
+        pace,
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    match restart {
+        Some(cmd) => {
+            eprintln!("storm: restarting the server: {cmd}");
+            let status = std::process::Command::new("sh")
+                .args(["-c", cmd])
+                .status()
+                .map_err(|e| format!("{cmd}: {e}"))?;
+            if !status.success() {
+                eprintln!("storm: restart command exited with {status}");
+            }
+        }
+        None => eprintln!("storm: restart the server now (waiting up to {timeout} s)"),
+    }
+    let start = Instant::now();
+    let mut went_down = false;
+    let recovered = loop {
+        let p = workers.progress();
+        went_down |= p.usable < ready.usable;
+        report::progress_line(&format!("storm: {}/{} subscribed", p.usable, ready.usable));
+        if went_down && p.usable >= ready.usable {
+            break true;
+        }
+        if start.elapsed().as_secs_f64() > timeout {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    report::progress_done();
+    // A second of traffic with everyone back, then count.
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let published = publisher.join().map_err(|_| "publisher panicked")?;
+    let expected = published.acked * ready.usable;
+    let t0 = Instant::now();
+    while workers.progress().received < expected && t0.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fin = workers.stop();
+    let t = &fin.tally;
+    let mut r = Report::new("storm");
+    r.add(
+        "clients",
+        format!("{} subscribed before the restart", ready.usable),
+        json!(ready.usable),
+    );
+    r.add(
+        "disconnects",
+        t.disconnects.to_string(),
+        json!(t.disconnects),
+    );
+    let back = match (t.first_disconnect_ns, t.last_subscribed_ns) {
+        (Some(a), Some(b)) if recovered && b > a => Some(secs(b - a)),
+        _ => None,
+    };
+    r.add(
+        "all back within",
+        back.map_or_else(
+            || format!("not all back within {timeout} s"),
+            |s| format!("{s:.3} s after the first disconnect"),
+        ),
+        json!(back),
+    );
+    r.add(
+        "published",
+        format!(
+            "{} acknowledged, {} refused or failed during the restart",
+            published.acked, published.failed
+        ),
+        json!({"acked": published.acked, "failed": published.failed}),
+    );
+    let lost = expected.saturating_sub(t.received);
+    r.add(
+        "missed across the restart",
+        format!("{lost} of {expected} deliveries (published while clients were away)"),
+        json!(lost),
+    );
+    r.add(
+        "server observed via",
+        observer.describe(),
+        json!(observer.describe()),
+    );
+    add_tool(&mut r, &fin, tool_start);
+    Ok(r)
+}

@@ -1,0 +1,177 @@
+//! What a run measured, mergeable across threads and worker processes: counters, failure
+//! kinds, and histograms in microseconds that travel between processes as
+//! (value, count) pairs.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Microseconds, 1 µs to 10 minutes, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// A histogram as it crosses a process boundary.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Buckets(pub Vec<(u64, u64)>);
+
+impl Buckets {
+    pub fn from(h: &Histogram<u64>) -> Buckets {
+        Buckets(
+            h.iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect(),
+        )
+    }
+
+    pub fn add_to(&self, h: &mut Histogram<u64>) {
+        for &(value, count) in &self.0 {
+            h.saturating_record_n(value, count);
+        }
+    }
+}
+
+/// One thread's or one worker's tally.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Tally {
+    pub attempted: u64,
+    /// Handshakes answered 101.
+    pub connected: u64,
+    /// Connections whose subscription was confirmed.
+    pub subscribed: u64,
+    pub failures: BTreeMap<String, u64>,
+    pub handshake_us: Buckets,
+    pub received: u64,
+    pub bytes: u64,
+    /// Ids skipped within a connection's stream (a gap in `id`).
+    pub gaps: u64,
+    pub latency_us: Buckets,
+    pub echo_sent: u64,
+    pub rtt_us: Buckets,
+    /// Connections that ended while the run wanted them open.
+    pub disconnects: u64,
+    /// CLOCK_MONOTONIC ns: first connect attempt, last successful handshake, first
+    /// disconnect, last (re)subscription confirmed.
+    pub first_attempt_ns: Option<u64>,
+    pub last_connected_ns: Option<u64>,
+    pub first_disconnect_ns: Option<u64>,
+    pub last_subscribed_ns: Option<u64>,
+    /// capacity: per message id, how many subscribers received it within the bound.
+    pub within_bound: BTreeMap<u64, u64>,
+    /// This process's CPU seconds (user + system), filled in by the worker.
+    pub cpu_seconds: f64,
+}
+
+fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    a.max(b)
+}
+
+impl Tally {
+    pub fn fail(&mut self, kind: &str) {
+        *self.failures.entry(kind.to_string()).or_default() += 1;
+    }
+
+    pub fn merge(&mut self, o: &Tally) {
+        self.attempted += o.attempted;
+        self.connected += o.connected;
+        self.subscribed += o.subscribed;
+        for (k, v) in &o.failures {
+            *self.failures.entry(k.clone()).or_default() += v;
+        }
+        self.handshake_us.0.extend_from_slice(&o.handshake_us.0);
+        self.received += o.received;
+        self.bytes += o.bytes;
+        self.gaps += o.gaps;
+        self.latency_us.0.extend_from_slice(&o.latency_us.0);
+        self.echo_sent += o.echo_sent;
+        self.rtt_us.0.extend_from_slice(&o.rtt_us.0);
+        self.disconnects += o.disconnects;
+        self.first_attempt_ns = min_opt(self.first_attempt_ns, o.first_attempt_ns);
+        self.last_connected_ns = max_opt(self.last_connected_ns, o.last_connected_ns);
+        self.first_disconnect_ns = min_opt(self.first_disconnect_ns, o.first_disconnect_ns);
+        self.last_subscribed_ns = max_opt(self.last_subscribed_ns, o.last_subscribed_ns);
+        for (id, n) in &o.within_bound {
+            *self.within_bound.entry(*id).or_default() += n;
+        }
+        self.cpu_seconds += o.cpu_seconds;
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the same clock in every process on the host, so a
+/// publisher's stamp can be compared with a subscriber's in another process.
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid pointer we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// User + system CPU seconds of this process (all threads).
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_survive_the_trip_and_merge() {
+        let mut a = histogram();
+        for v in 1..=1000 {
+            a.record(v).unwrap();
+        }
+        let mut b = histogram();
+        b.record(5000).unwrap();
+        let mut t = Tally {
+            latency_us: Buckets::from(&a),
+            ..Tally::default()
+        };
+        t.merge(&Tally {
+            latency_us: Buckets::from(&b),
+            received: 1,
+            ..Tally::default()
+        });
+        let json = serde_json::to_string(&t).unwrap();
+        let back: Tally = serde_json::from_str(&json).unwrap();
+        let mut h = histogram();
+        back.latency_us.add_to(&mut h);
+        assert_eq!(h.len(), 1001);
+        assert_eq!(h.max(), 5000);
+        assert!((495..=505).contains(&h.value_at_quantile(0.5)));
+    }
+
+    #[test]
+    fn times_merge_as_first_and_last() {
+        let mut t = Tally {
+            first_attempt_ns: Some(10),
+            last_connected_ns: Some(20),
+            ..Tally::default()
+        };
+        t.merge(&Tally {
+            first_attempt_ns: Some(5),
+            last_connected_ns: Some(30),
+            ..Tally::default()
+        });
+        t.merge(&Tally::default());
+        assert_eq!(
+            (t.first_attempt_ns, t.last_connected_ns),
+            (Some(5), Some(30))
+        );
+    }
+}

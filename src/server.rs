@@ -73,6 +73,16 @@ struct Accepting {
     last_warning: Option<Instant>,
 }
 
+/// One readiness event, copied out of mio's `Events`.
+#[derive(Debug, Clone, Copy)]
+struct Ready {
+    token: Token,
+    readable: bool,
+    writable: bool,
+    /// The peer hung up (FIN or error) as well: read to the end, not just until a short read.
+    hup: bool,
+}
+
 /// What to do after a request has been answered.
 enum Next {
     /// Keep parsing: HTTP keep-alive, maybe a pipelined request.
@@ -100,7 +110,7 @@ pub struct Server {
     accepting: Accepting,
     drain: Drain,
     /// Readiness of this pass, copied out of `events` so handlers may borrow `self`.
-    ready: Vec<(Token, bool, bool)>,
+    ready: Vec<Ready>,
     /// Connections with output to write this pass.
     dirty: Vec<ConnId>,
     /// Connections whose read budget ran out with input possibly left.
@@ -198,15 +208,20 @@ impl Server {
     fn dispatch(&mut self, now: Instant) -> Option<i32> {
         let mut ready = mem::take(&mut self.ready);
         ready.clear();
-        ready.extend(self.events.iter().map(|e| {
-            (
-                e.token(),
-                e.is_readable() || e.is_read_closed() || e.is_error(),
-                e.is_writable(),
-            )
+        ready.extend(self.events.iter().map(|e| Ready {
+            token: e.token(),
+            readable: e.is_readable() || e.is_read_closed() || e.is_error(),
+            writable: e.is_writable(),
+            hup: e.is_read_closed() || e.is_error(),
         }));
         let mut exit = None;
-        for &(token, readable, writable) in &ready {
+        for &Ready {
+            token,
+            readable,
+            writable,
+            hup,
+        } in &ready
+        {
             match token {
                 LISTENER => self.accepting.ready = true,
                 SIGNALS => exit = exit.or(self.on_signals(now)),
@@ -216,7 +231,7 @@ impl Server {
                         self.mark_dirty(id);
                     }
                     if readable {
-                        self.on_readable(id, now);
+                        self.on_readable(id, now, hup);
                     }
                 }
             }
@@ -305,19 +320,21 @@ impl Server {
         self.timers
             .arm(&mut conn.timers, id.0, Timer::Request, deadline);
         // Edge-triggered: bytes that arrived with the connection raise no new event.
-        self.on_readable(id, now);
+        self.on_readable(id, now, true);
     }
 
     // ---- reading ---------------------------------------------------------------------
 
     fn read_leftovers(&mut self, now: Instant) {
         for id in mem::take(&mut self.unread) {
-            self.on_readable(id, now);
+            self.on_readable(id, now, true);
         }
     }
 
-    /// Read until the socket is empty (edge-triggered) or the budget is spent.
-    fn on_readable(&mut self, id: ConnId, now: Instant) {
+    /// Read until the socket is empty (edge-triggered) or the budget is spent. `to_end`:
+    /// keep reading past a short read, because a FIN (EOF) may be waiting behind the data
+    /// and it raises no event of its own.
+    fn on_readable(&mut self, id: ConnId, now: Instant, to_end: bool) {
         let mut scratch = mem::take(&mut self.scratch);
         let mut total = 0;
         while let Some(conn) = self.conns.get_mut(id.0) {
@@ -338,7 +355,7 @@ impl Server {
                     }
                     // A short read emptied the socket: skip the read that would only say
                     // EAGAIN. Data arriving later raises a new edge-triggered event.
-                    if n < scratch.len() {
+                    if n < scratch.len() && !to_end {
                         break;
                     }
                 }

@@ -184,8 +184,9 @@ impl Client<'_> {
                 if event.is_writable() {
                     self.on_writable(key);
                 }
-                if event.is_readable() || event.is_read_closed() || event.is_error() {
-                    self.on_readable(key, &mut scratch);
+                let hup = event.is_read_closed() || event.is_error();
+                if event.is_readable() || hup {
+                    self.on_readable(key, &mut scratch, hup);
                 }
             }
         }
@@ -295,7 +296,9 @@ impl Client<'_> {
         }
     }
 
-    fn on_readable(&mut self, key: usize, scratch: &mut [u8]) {
+    /// Read until a short read, or to EOF when the event said the server hung up (a FIN
+    /// behind the data raises no event of its own).
+    fn on_readable(&mut self, key: usize, scratch: &mut [u8], to_end: bool) {
         loop {
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
@@ -315,7 +318,7 @@ impl Client<'_> {
                     self.tally.bytes += n as u64;
                     self.on_bytes(key, &scratch[..n], now);
                     // A short read emptied the socket; a later arrival is a new event.
-                    if n < scratch.len() {
+                    if n < scratch.len() && !to_end {
                         return;
                     }
                 }

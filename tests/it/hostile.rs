@@ -279,3 +279,29 @@ fn a_client_pipelining_without_reading_is_cut_off() {
         .metric("herald_connections")
         == 1.0));
 }
+
+/// Found by the fuzz test: data and the peer's FIN arriving in one readiness event. A
+/// short read used to end the read burst, and the FIN behind the data, which raises no
+/// event of its own, went unseen: the connection stayed until its next ping.
+#[test]
+fn data_and_fin_together_still_end_the_connection() {
+    let herald = Herald::start(&[]);
+    let mut peers = Vec::new();
+    for _ in 0..20 {
+        let mut ws = raw_ws(herald.addr, "/ws");
+        let mut bytes = masked_frame(0x81, br#"{"op":"subscribe","topic":"bye"}"#);
+        bytes.extend(masked_frame(0x81, br#"{"op":"ping"}"#));
+        ws.write_all(&bytes).unwrap();
+        ws.shutdown(std::net::Shutdown::Write).unwrap();
+        peers.push(ws);
+    }
+    let released = eventually(Duration::from_secs(2), || {
+        herald.metric("herald_connections") == 1.0
+    });
+    assert!(
+        released,
+        "{} connections left",
+        herald.metric("herald_connections")
+    );
+    assert_eq!(herald.metric("herald_topics"), 0.0);
+}

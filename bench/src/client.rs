@@ -441,6 +441,7 @@ impl Client<'_> {
                     let latency_us = (now.saturating_sub(stamp) / 1000).max(1);
                     let _ = self.latency.record(latency_us);
                     self.tally.received += 1;
+                    self.tally.last_received_ns = Some(now);
                     self.control.received.fetch_add(1, Ordering::Relaxed);
                     let conn = &mut self.conns[key];
                     if conn.last_id > 0 && id > conn.last_id + 1 {

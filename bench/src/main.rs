@@ -574,7 +574,10 @@ fn broadcast(
     let cpu1 = observer.sample();
     let fin = workers.stop();
     let t = &fin.tally;
-    let window = secs(published.last_ns.saturating_sub(published.first_ns)).max(1e-9);
+    // From the first publish to the last message received: neither the publisher's own
+    // wind-down nor the drain wait after the last delivery counts.
+    let last = t.last_received_ns.unwrap_or(published.last_ns);
+    let window = secs(last.saturating_sub(published.first_ns)).max(1e-9);
     let mut r = Report::new("broadcast");
     r.add("subscribers", subscribers.to_string(), json!(subscribers));
     r.add(

@@ -57,6 +57,8 @@ pub struct Tally {
     pub last_connected_ns: Option<u64>,
     pub first_disconnect_ns: Option<u64>,
     pub last_subscribed_ns: Option<u64>,
+    /// When the last message arrived.
+    pub last_received_ns: Option<u64>,
     /// capacity: per message id, how many subscribers received it within the bound.
     pub within_bound: BTreeMap<u64, u64>,
     /// This process's CPU seconds (user + system), filled in by the worker.
@@ -98,6 +100,7 @@ impl Tally {
         self.last_connected_ns = max_opt(self.last_connected_ns, o.last_connected_ns);
         self.first_disconnect_ns = min_opt(self.first_disconnect_ns, o.first_disconnect_ns);
         self.last_subscribed_ns = max_opt(self.last_subscribed_ns, o.last_subscribed_ns);
+        self.last_received_ns = max_opt(self.last_received_ns, o.last_received_ns);
         for (id, n) in &o.within_bound {
             *self.within_bound.entry(*id).or_default() += n;
         }

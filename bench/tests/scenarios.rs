@@ -1,0 +1,306 @@
+//! herald-bench against a real herald, at small sizes: the tool must count correctly.
+//! These are not performance assertions. `cargo test --workspace` builds both binaries
+//! into the same target directory, which is where herald is looked for.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn bench() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_herald-bench"))
+}
+
+fn herald_binary() -> PathBuf {
+    let path = bench().with_file_name("herald");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace`, which builds it",
+        path.display()
+    );
+    path
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start() -> Server {
+        let mut child = Command::new(herald_binary())
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start herald");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("herald did not start");
+        Server {
+            child,
+            url: format!("ws://{addr}"),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run a scenario to completion; its JSON report.
+fn run(url: &str, args: &[&str]) -> Value {
+    let out = Command::new(bench())
+        .args(["--url", url, "--json"])
+        .args(args)
+        .output()
+        .expect("run herald-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "herald-bench {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[test]
+fn broadcast_counts_every_delivery() {
+    let server = Server::start();
+    let r = run(
+        &server.url,
+        &[
+            "broadcast",
+            "-n",
+            "200",
+            "--rate",
+            "50",
+            "--duration",
+            "2",
+            "--drain",
+            "3",
+        ],
+    );
+    assert_eq!(r["subscribers"], 200);
+    let acked = r["published"]["acked"].as_u64().unwrap();
+    assert!(acked >= 90, "{r}");
+    assert_eq!(r["deliveries"]["expected"].as_u64(), Some(acked * 200));
+    assert_eq!(
+        r["deliveries"]["received"].as_u64(),
+        Some(acked * 200),
+        "{r}"
+    );
+    assert_eq!(r["lost"], 0);
+    assert_eq!(
+        r["publish-to-receive latency"]["count"].as_u64(),
+        Some(acked * 200)
+    );
+    // herald's own /metrics fed the server figures.
+    assert!(r["server RSS"].as_u64().is_some_and(|b| b > 0), "{r}");
+}
+
+#[test]
+fn a_subscriber_killed_mid_run_is_reported_as_loss() {
+    let server = Server::start();
+    let mut child = Command::new(bench())
+        .args(["--url", &server.url, "--json", "--workers", "2"])
+        .args([
+            "broadcast",
+            "-n",
+            "200",
+            "--rate",
+            "50",
+            "--duration",
+            "4",
+            "--drain",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run herald-bench");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut victim = None;
+    let start = Instant::now();
+    for line in stderr.lines().map_while(Result::ok) {
+        if let Some(rest) = line.strip_prefix("worker 1 pid ") {
+            victim = rest
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<i32>().ok());
+        }
+        if line.starts_with("publishing") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never started publishing"
+        );
+    }
+    let victim = victim.expect("worker 1's pid");
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: kill(2) on a worker process of the herald-bench this test started.
+    assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).expect("report");
+    let expected = r["deliveries"]["expected"].as_u64().unwrap();
+    let received = r["deliveries"]["received"].as_u64().unwrap();
+    let lost = r["lost"].as_u64().unwrap();
+    // Half the subscribers vanished: everything published to them is lost, and said so.
+    assert_eq!(lost, expected - received, "{r}");
+    assert!(lost >= expected / 2 - 100, "loss hidden: {r}");
+    assert_eq!(r["dead workers"][0][0], 1, "{r}");
+}
+
+#[test]
+fn connect_echo_and_idle_count_what_they_did() {
+    let server = Server::start();
+    let r = run(&server.url, &["connect", "-n", "300", "--hold", "0.2"]);
+    assert_eq!(r["connections"]["connected"], 300, "{r}");
+    assert_eq!(r["failures"], serde_json::json!({}));
+    assert!(r["handshakes/s"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["handshake latency"]["count"], 300);
+
+    let r = run(&server.url, &["echo", "-c", "10", "--duration", "1"]);
+    assert_eq!(r["clients"], 10);
+    assert!(r["messages/s"].as_f64().unwrap() > 100.0, "{r}");
+    assert!(r["round trip"]["count"].as_u64().unwrap() > 100);
+
+    let r = run(&server.url, &["idle", "-n", "200", "--hold", "0.2"]);
+    assert_eq!(r["subscribed connections"], 200);
+    assert!(r["server KiB per connection"].as_f64().is_some(), "{r}");
+}
+
+#[test]
+fn connection_failures_are_counted_by_kind() {
+    // Nothing listens on this port: every attempt is refused, and the report says so.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let r = run(
+        &format!("ws://127.0.0.1:{port}"),
+        &["connect", "-n", "50", "--hold", "0"],
+    );
+    assert_eq!(r["connections"]["connected"], 0);
+    assert_eq!(r["failures"]["refused"], 50, "{r}");
+}
+
+#[test]
+fn storm_measures_the_way_back_after_a_restart() {
+    let dir = std::env::temp_dir().join(format!("herald-bench-storm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("herald.pid");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let launch = format!(
+        "sh -c 'echo $$ > {pid}; exec {bin} --listen 127.0.0.1:{port}' >/dev/null 2>&1 &",
+        pid = pidfile.display(),
+        bin = herald_binary().display()
+    );
+    assert!(
+        Command::new("sh")
+            .args(["-c", &launch])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let up = || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    let start = Instant::now();
+    while !up() {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGTERM (herald drains), wait for the exit, start a new one on the same port.
+    let restart = format!(
+        "kill $(cat {pid}); while kill -0 $(cat {pid}) 2>/dev/null; do sleep 0.05; done; {launch}",
+        pid = pidfile.display()
+    );
+    let r = run(
+        &format!("ws://127.0.0.1:{port}"),
+        &[
+            "storm",
+            "-n",
+            "300",
+            "--restart",
+            &restart,
+            "--timeout",
+            "20",
+            "--rate",
+            "20",
+        ],
+    );
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let _ = Command::new("kill").arg(pid.trim()).status();
+    assert_eq!(r["clients"], 300, "{r}");
+    assert_eq!(r["disconnects"], 300, "{r}");
+    assert!(
+        r["all back within"]
+            .as_f64()
+            .is_some_and(|s| s > 0.0 && s < 20.0),
+        "{r}"
+    );
+    // Messages published while clients were away are counted as missed, not hidden.
+    let missed = r["missed across the restart"].as_u64().unwrap();
+    assert!(r["published"]["acked"].as_u64().unwrap() > 0);
+    assert!(
+        missed > 0,
+        "a restart with publishes in flight missed nothing? {r}"
+    );
+}
+
+#[test]
+fn capacity_reports_the_largest_n_that_met_the_bound() {
+    let server = Server::start();
+    let r = run(
+        &server.url,
+        &[
+            "capacity",
+            "--step",
+            "100",
+            "--max",
+            "300",
+            "--rate",
+            "20",
+            "--messages",
+            "10",
+        ],
+    );
+    assert_eq!(r["largest N within bound"], 300, "{r}");
+    assert_eq!(r["steps"].as_array().unwrap().len(), 3);
+    // An impossible bound: nothing meets it.
+    let r = run(
+        &server.url,
+        &[
+            "capacity",
+            "--step",
+            "100",
+            "--max",
+            "300",
+            "--bound-ms",
+            "0",
+            "--messages",
+            "5",
+        ],
+    );
+    assert_eq!(r["largest N within bound"], 0, "{r}");
+}

@@ -3,7 +3,8 @@
 # started fresh for every scenario and pinned to core 0, with herald-bench pinned to
 # core 1. Results (one JSON object per run) go to bench/results/DATE/.
 #
-#   bench/compare.sh                 # every scenario, every server
+#   bench/compare.sh                 # the main scenarios, every server
+#   bench/compare.sh sweep capacity  # latency against load, largest N within 500 ms
 #   bench/compare.sh broadcast       # one scenario
 #   SERVERS="herald" bench/compare.sh idle
 #
@@ -60,6 +61,10 @@ for scenario in $SCENARIOS; do
       broadcast) run "$server" broadcast broadcast -n 10000 --rate 100 --duration 10 --payload 64 ;;
       fixed) run "$server" fixed broadcast -n 5000 --rate 100 --duration 10 --payload 64 ;;
       echo) run "$server" echo echo -c 50 --size 64 --duration 10 ;;
+      capacity) run "$server" capacity capacity --step 4000 --max 19000 --rate 20 --messages 40 ;;
+      sweep) for rate in 25 50 75; do
+               run "$server" "sweep-$rate" broadcast -n 10000 --rate "$rate" --duration 10 --payload 64
+             done ;;
       *) echo "unknown scenario $scenario" >&2; exit 2 ;;
     esac
   done

@@ -115,6 +115,25 @@ pub struct Args {
     #[arg(long, env = "HERALD_CLIENT_PUBLISH", value_name = "PATTERNS")]
     pub client_publish: Option<String>,
 
+    /// Share topics with other herald processes through Redis:
+    /// redis://[[user]:password@]host[:port][/db]
+    #[arg(long, env = "HERALD_REDIS", value_name = "URL", hide_env_values = true)]
+    pub redis: Option<String>,
+
+    /// Prefix of herald's Redis channels and keys, so deployments can share one Redis
+    #[arg(
+        long,
+        env = "HERALD_REDIS_PREFIX",
+        value_name = "PREFIX",
+        default_value = "herald:"
+    )]
+    pub redis_prefix: String,
+
+    /// Bind with SO_REUSEPORT, so several processes can share one port (the kernel
+    /// balances new connections between them)
+    #[arg(long, env = "HERALD_REUSE_PORT")]
+    pub reuse_port: bool,
+
     /// Listen backlog (also capped by net.core.somaxconn)
     #[arg(long, env = "HERALD_BACKLOG", value_name = "N", default_value_t = 4096)]
     pub backlog: i32,
@@ -148,6 +167,8 @@ pub struct Config {
     pub allowed_origins: Option<Vec<String>>,
     pub client_publish: Patterns,
     pub backlog: i32,
+    pub redis: Option<crate::redis::RedisConfig>,
+    pub reuse_port: bool,
 }
 
 impl Args {
@@ -191,7 +212,16 @@ impl Args {
             Some(list) => Patterns::parse(&list).map_err(|e| format!("--client-publish: {e}"))?,
             None => Patterns::default(),
         };
+        let redis = match &self.redis {
+            Some(url) => Some(
+                crate::redis::parse_url(url, &self.redis_prefix)
+                    .map_err(|e| format!("--redis: {e}"))?,
+            ),
+            None => None,
+        };
         Ok(Config {
+            redis,
+            reuse_port: self.reuse_port,
             listen,
             api_key,
             max_connections: self.max_connections,

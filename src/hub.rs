@@ -43,6 +43,26 @@ pub enum SubscribeError {
     TooManyTopics,
 }
 
+/// How a subscribe changed things.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// The connection was already subscribed (idempotent).
+    Already,
+    /// It joined a topic that had subscribers.
+    Existing,
+    /// Its subscription created the topic here: with Redis, time to SUBSCRIBE.
+    NewTopic,
+}
+
+/// How an unsubscribe changed things.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    NotSubscribed,
+    Left,
+    /// It was the last subscriber: the topic is freed (with Redis, UNSUBSCRIBE).
+    TopicFreed,
+}
+
 #[derive(Default)]
 pub struct Hub {
     by_name: HashMap<Rc<str>, usize>,
@@ -53,25 +73,26 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Add `conn` to `name`. Returns false if it was already there (not an error:
-    /// subscribing twice is idempotent).
+    /// Add `conn` to `name`. Subscribing twice is not an error (`Joined::Already`).
     pub fn subscribe(
         &mut self,
         conn: ConnId,
         memberships: &mut Vec<Membership>,
         name: &str,
-    ) -> Result<bool, SubscribeError> {
+    ) -> Result<Joined, SubscribeError> {
         if let Some(&topic) = self.by_name.get(name)
             && memberships.iter().any(|m| m.topic == topic)
         {
-            return Ok(false);
+            return Ok(Joined::Already);
         }
         if memberships.len() >= MAX_TOPICS_PER_CONNECTION {
             return Err(SubscribeError::TooManyTopics);
         }
+        let mut joined = Joined::Existing;
         let topic = match self.by_name.get(name) {
             Some(&topic) => topic,
             None => {
+                joined = Joined::NewTopic;
                 let name: Rc<str> = Rc::from(name);
                 let key = self.topics.insert(Topic {
                     name: name.clone(),
@@ -84,37 +105,47 @@ impl Hub {
         };
         let slot = self.topics[topic].subscribers.insert(conn);
         memberships.push(Membership { topic, slot });
-        Ok(true)
+        Ok(joined)
     }
 
-    /// Remove the connection from `name`. Returns false if it was not subscribed.
-    pub fn unsubscribe(&mut self, memberships: &mut Vec<Membership>, name: &str) -> bool {
+    /// Remove the connection from `name`.
+    pub fn unsubscribe(&mut self, memberships: &mut Vec<Membership>, name: &str) -> Left {
         let Some(&topic) = self.by_name.get(name) else {
-            return false;
+            return Left::NotSubscribed;
         };
         let Some(i) = memberships.iter().position(|m| m.topic == topic) else {
-            return false;
+            return Left::NotSubscribed;
         };
         let membership = memberships.swap_remove(i);
-        self.leave(membership);
-        true
+        match self.leave(membership) {
+            Some(_) => Left::TopicFreed,
+            None => Left::Left,
+        }
     }
 
-    /// Remove the connection from every topic (it is closing).
-    pub fn unsubscribe_all(&mut self, memberships: &mut Vec<Membership>) {
+    /// Remove the connection from every topic (it is closing). Returns the topics that
+    /// lost their last subscriber (no allocation when there are none).
+    pub fn unsubscribe_all(&mut self, memberships: &mut Vec<Membership>) -> Vec<String> {
+        let mut freed = Vec::new();
         for membership in memberships.drain(..) {
-            self.leave(membership);
+            if let Some(name) = self.leave(membership) {
+                freed.push(name.to_string());
+            }
         }
         *memberships = Vec::new();
+        freed
     }
 
-    fn leave(&mut self, m: Membership) {
+    /// The topic's name if this membership was its last one.
+    fn leave(&mut self, m: Membership) -> Option<Rc<str>> {
         let topic = &mut self.topics[m.topic];
         topic.subscribers.remove(m.slot);
         if topic.subscribers.is_empty() {
             let topic = self.topics.remove(m.topic);
             self.by_name.remove(&topic.name);
+            return Some(topic.name);
         }
+        None
     }
 
     /// Assign the next id on `name` and frame the message once. `data` is passed through
@@ -141,6 +172,29 @@ impl Hub {
             frame: ws::text_frame(payload.as_bytes()),
             topic,
         }
+    }
+
+    /// Frame a message whose id was assigned elsewhere (by Redis, for every process at
+    /// once). `None` when no local connection listens to `name`.
+    pub fn deliver(&mut self, name: &str, id: u64, data: &str) -> Option<Published> {
+        let key = *self.by_name.get(name)?;
+        let topic = &mut self.topics[key];
+        topic.last_id = topic.last_id.max(id);
+        let payload = format!(r#"{{"op":"message","topic":"{name}","id":{id},"data":{data}}}"#);
+        Some(Published {
+            id,
+            frame: ws::text_frame(payload.as_bytes()),
+            topic: Some(key),
+        })
+    }
+
+    /// Every topic with local subscribers (to subscribe again after a Redis reconnect).
+    pub fn topic_names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.topics.iter().map(|(_, t)| &*t.name)
+    }
+
+    pub fn has_topic(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
     }
 
     /// The connections subscribed to the topic of `published`.
@@ -188,6 +242,21 @@ mod tests {
     }
 
     #[test]
+    fn redis_ids_are_framed_as_given_and_only_where_someone_listens() {
+        let mut hub = Hub::default();
+        assert!(hub.deliver("t", 41, "1").is_none());
+        let mut m = Vec::new();
+        hub.subscribe(ConnId(3), &mut m, "t").unwrap();
+        let p = hub.deliver("t", 41, r#"{"a":1}"#).unwrap();
+        assert_eq!(
+            &p.frame[2..],
+            br#"{"op":"message","topic":"t","id":41,"data":{"a":1}}"#
+        );
+        assert_eq!(hub.subscribers(&p).collect::<Vec<_>>(), [ConnId(3)]);
+        assert_eq!(hub.topic_names().collect::<Vec<_>>(), ["t"]);
+    }
+
+    #[test]
     fn the_frame_is_one_text_frame_with_the_envelope() {
         let mut hub = Hub::default();
         let p = hub.publish("t", &raw(r#"{"x":[1,2]}"#));
@@ -201,9 +270,13 @@ mod tests {
     fn subscribe_is_idempotent_and_capped() {
         let mut hub = Hub::default();
         let mut m = Vec::new();
-        assert_eq!(hub.subscribe(ConnId(0), &mut m, "a"), Ok(true));
-        assert_eq!(hub.subscribe(ConnId(0), &mut m, "a"), Ok(false));
-        assert_eq!(hub.subscriber_count("a"), 1);
+        assert_eq!(hub.subscribe(ConnId(0), &mut m, "a"), Ok(Joined::NewTopic));
+        assert_eq!(hub.subscribe(ConnId(0), &mut m, "a"), Ok(Joined::Already));
+        assert_eq!(
+            hub.subscribe(ConnId(1), &mut Vec::new(), "a"),
+            Ok(Joined::Existing)
+        );
+        assert_eq!(hub.subscriber_count("a"), 2);
         for i in 1..MAX_TOPICS_PER_CONNECTION {
             hub.subscribe(ConnId(0), &mut m, &format!("t{i}")).unwrap();
         }
@@ -211,7 +284,7 @@ mod tests {
             hub.subscribe(ConnId(0), &mut m, "one-more"),
             Err(SubscribeError::TooManyTopics)
         );
-        assert!(!hub.unsubscribe(&mut m, "never"));
+        assert_eq!(hub.unsubscribe(&mut m, "never"), Left::NotSubscribed);
     }
 
     /// Random joins and leaves against a naive map of sets.
@@ -228,22 +301,29 @@ mod tests {
             let conn = (seed % 20) as usize;
             let topic = format!("t{}", (seed >> 8) % 7);
             if (seed >> 16) % 3 == 0 {
-                let removed = hub.unsubscribe(&mut memberships[conn], &topic);
+                let left = hub.unsubscribe(&mut memberships[conn], &topic);
                 let ref_removed = reference.get_mut(&topic).is_some_and(|s| s.remove(&conn));
-                assert_eq!(removed, ref_removed);
+                assert_eq!(left != Left::NotSubscribed, ref_removed);
+                let ref_freed = ref_removed && reference[&topic].is_empty();
+                assert_eq!(left == Left::TopicFreed, ref_freed);
             } else if (seed >> 16) % 97 == 1 {
-                hub.unsubscribe_all(&mut memberships[conn]);
-                reference.values_mut().for_each(|s| {
-                    s.remove(&conn);
-                });
+                let mut freed = hub.unsubscribe_all(&mut memberships[conn]);
+                let mut ref_freed = Vec::new();
+                for (name, s) in reference.iter_mut() {
+                    if s.remove(&conn) && s.is_empty() {
+                        ref_freed.push(name.clone());
+                    }
+                }
+                freed.sort();
+                assert_eq!(freed, ref_freed);
             } else {
-                let added = hub
+                let joined = hub
                     .subscribe(ConnId(conn), &mut memberships[conn], &topic)
                     .unwrap();
-                assert_eq!(
-                    added,
-                    reference.entry(topic.clone()).or_default().insert(conn)
-                );
+                let was_new_topic = !reference.contains_key(&topic);
+                let added = reference.entry(topic.clone()).or_default().insert(conn);
+                assert_eq!(joined != Joined::Already, added);
+                assert_eq!(joined == Joined::NewTopic, was_new_topic);
             }
             reference.retain(|_, s| !s.is_empty());
             assert_eq!(hub.topic_count(), reference.len());

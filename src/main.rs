@@ -15,6 +15,7 @@ mod hub;
 mod metrics;
 mod net;
 mod outq;
+mod redis;
 mod rlimit;
 mod server;
 mod session;

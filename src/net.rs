@@ -9,10 +9,15 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 /// Bind a nonblocking listener. mio's own `bind` listens with a backlog of 128, which a
 /// reconnect storm overflows at once; the kernel still caps ours at net.core.somaxconn.
-pub fn listen(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+/// With `reuse_port`, several processes bind the same port (SO_REUSEPORT) and the kernel
+/// spreads new connections over them.
+pub fn listen(addr: SocketAddr, backlog: i32, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // A restarted herald must be able to bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(false).ok();
     }

@@ -122,7 +122,7 @@ pub struct Server {
 impl Server {
     pub fn bind(cfg: Config, nofile: NoFile, max_connections: usize) -> io::Result<Server> {
         let poll = Poll::new()?;
-        let mut listener = net::listen(cfg.listen, cfg.backlog)?;
+        let mut listener = net::listen(cfg.listen, cfg.backlog, cfg.reuse_port)?;
         let local_addr = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;

@@ -94,6 +94,9 @@ fn help_lists_every_flag_with_its_variable() {
         "allowed-origins",
         "client-publish",
         "backlog",
+        "redis",
+        "redis-prefix",
+        "reuse-port",
     ] {
         assert!(
             help.contains(&format!("--{flag}")),

@@ -1,0 +1,882 @@
+//! Sharing topics with other herald processes through Redis pub/sub, inside the one event
+//! loop: two nonblocking connections, one for commands (publish) and one for
+//! subscriptions, spoken in RESP2 through the `redis-protocol` codec. No thread, no
+//! blocking call.
+//!
+//! Publishing runs a Lua script that increments the topic's id counter and publishes
+//! `"<id> <data>"` to the topic's channel in one atomic step, so every process sees one
+//! order per topic and the same id for the same message. herald delivers to its own
+//! subscribers only what comes back on the subscription link.
+//!
+//! This module owns the sockets and the protocol; what a reply means for clients is
+//! decided by the server from the `Event`s returned here. When Redis goes away, links
+//! reconnect with capped, jittered backoff, each state change is logged once, pending
+//! publishes fail (the server answers 503), and the server subscribes again to every topic
+//! it still has. A malformed or unexpected reply resets the link it came on.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::ToSocketAddrs;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use redis_protocol::resp2::decode::decode;
+use redis_protocol::resp2::encode::encode_borrowed;
+use redis_protocol::resp2::types::{BorrowedFrame, OwnedFrame};
+
+pub const COMMAND_TOKEN: Token = Token(usize::MAX - 3);
+pub const SUBSCRIPTION_TOKEN: Token = Token(usize::MAX - 4);
+
+/// Reconnect delays: full jitter between 0 and min(MAX, MIN × 2^attempt).
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A command unanswered this long means Redis (or the path to it) is stuck: reset.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A reply still incomplete past this size is not one Redis would send us: reset.
+const MAX_PENDING_INPUT: usize = 64 * 1024 * 1024;
+/// Channels per SUBSCRIBE command when subscribing again after a reconnect.
+const SUBSCRIBE_BATCH: usize = 512;
+
+/// INCR the topic's id and PUBLISH "<id> <data>" on its channel, atomically.
+const PUBLISH_SCRIPT: &str = "local id = redis.call('INCR', KEYS[1]) \
+     local n = redis.call('PUBLISH', KEYS[2], id .. ' ' .. ARGV[1]) return {id, n}";
+
+/// Where Redis is and how to speak to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// host:port
+    pub addr: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: u32,
+    /// Channel and key prefix, so several deployments can share one Redis.
+    pub prefix: String,
+}
+
+/// `redis://[[user]:password@]host[:port][/db]`
+pub fn parse_url(url: &str, prefix: &str) -> Result<RedisConfig, String> {
+    let rest = url
+        .strip_prefix("redis://")
+        .ok_or("the Redis URL must start with redis://")?;
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((auth, rest)) => (Some(auth), rest),
+        None => (None, rest),
+    };
+    let (hostport, db) = match rest.split_once('/') {
+        Some((h, "")) => (h, 0),
+        Some((h, db)) => (
+            h,
+            db.parse()
+                .map_err(|_| format!("Redis database {db:?} is not a number"))?,
+        ),
+        None => (rest, 0),
+    };
+    if hostport.is_empty() {
+        return Err("the Redis URL names no host".into());
+    }
+    let addr = if hostport
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:6379")
+    };
+    let (username, password) = match auth.map(|a| a.split_once(':').unwrap_or(("", a))) {
+        None => (None, None),
+        Some(("", pass)) => (None, Some(pass.to_string())),
+        Some((user, pass)) => (Some(user.to_string()), Some(pass.to_string())),
+    };
+    Ok(RedisConfig {
+        addr,
+        username,
+        password,
+        db,
+        prefix: prefix.to_string(),
+    })
+}
+
+/// What happened on the links, for the server to act on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A publish finished: the message's id and how many herald processes received it.
+    Published {
+        tag: u64,
+        result: Result<(u64, u64), String>,
+    },
+    /// A message came back on a channel: deliver it locally.
+    Message {
+        topic: String,
+        id: u64,
+        data: String,
+    },
+    /// Redis confirmed our subscription to this topic's channel.
+    Confirmed {
+        topic: String,
+    },
+    /// The subscription link is (again) ready: subscribe to every local topic.
+    SubscriptionReady,
+    /// Both links ready / one of them lost.
+    Up,
+    Down,
+    /// Reply to `ping_subscription`: everything published before it has arrived.
+    Pong,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Down,
+    Connecting,
+    /// Connected; waiting for this many handshake replies (AUTH, SELECT).
+    Handshaking(usize),
+    Ready,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Command,
+    Subscription,
+}
+
+struct Link {
+    role: Role,
+    token: Token,
+    stream: Option<TcpStream>,
+    phase: Phase,
+    retry_at: Instant,
+    attempt: u32,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    wants_writable: bool,
+}
+
+impl Link {
+    fn new(role: Role, token: Token, now: Instant) -> Link {
+        Link {
+            role,
+            token,
+            stream: None,
+            phase: Phase::Down,
+            retry_at: now,
+            attempt: 0,
+            input: Vec::new(),
+            output: Vec::new(),
+            wants_writable: false,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self.role {
+            Role::Command => "command",
+            Role::Subscription => "subscription",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct RedisCounters {
+    pub reconnects: u64,
+    /// Links reset for a malformed or unexpected reply, or a stuck command.
+    pub errors: u64,
+}
+
+pub struct Redis {
+    cfg: RedisConfig,
+    command: Link,
+    subscription: Link,
+    /// Publishes sent on the command link, oldest first: (tag, sent at).
+    in_flight: VecDeque<(Option<u64>, Instant)>,
+    /// Topics Redis has confirmed a subscription for.
+    confirmed: HashSet<String>,
+    /// Both links ready, as last reported.
+    up: bool,
+    pings: usize,
+    pub counters: RedisCounters,
+    rng: u64,
+}
+
+impl Redis {
+    pub fn new(cfg: RedisConfig, now: Instant) -> Redis {
+        info!(
+            "redis: connecting to {} (channel prefix {:?})",
+            cfg.addr, cfg.prefix
+        );
+        Redis {
+            cfg,
+            command: Link::new(Role::Command, COMMAND_TOKEN, now),
+            subscription: Link::new(Role::Subscription, SUBSCRIPTION_TOKEN, now),
+            in_flight: VecDeque::new(),
+            confirmed: HashSet::new(),
+            up: false,
+            pings: 0,
+            counters: RedisCounters::default(),
+            rng: u64::from(std::process::id()) << 20 | 0x9e37,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    pub fn is_confirmed(&self, topic: &str) -> bool {
+        self.confirmed.contains(topic)
+    }
+
+    pub fn confirmed_count(&self) -> usize {
+        self.confirmed.len()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// The next time `tick` has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let retries = [&self.command, &self.subscription]
+            .into_iter()
+            .filter(|l| l.phase == Phase::Down)
+            .map(|l| l.retry_at);
+        let stuck = self.in_flight.front().map(|&(_, at)| at + REPLY_TIMEOUT);
+        retries.chain(stuck).min()
+    }
+
+    /// Reconnect links whose time has come; reset a link whose oldest command is stuck.
+    pub fn tick(&mut self, now: Instant, registry: &Registry, events: &mut Vec<Event>) {
+        for role in [Role::Command, Role::Subscription] {
+            let link = self.link(role);
+            if link.phase == Phase::Down && link.retry_at <= now {
+                self.connect(role, registry, now, events);
+            }
+        }
+        if self
+            .in_flight
+            .front()
+            .is_some_and(|&(_, at)| now.duration_since(at) >= REPLY_TIMEOUT)
+        {
+            self.counters.errors += 1;
+            self.reset(Role::Command, "no reply within 5 s", registry, now, events);
+        }
+    }
+
+    /// Queue a publish. False when Redis is down: the caller answers 503.
+    pub fn publish(&mut self, topic: &str, data: &str, tag: Option<u64>, now: Instant) -> bool {
+        if !self.up {
+            return false;
+        }
+        let id_key = format!("{}id:{topic}", self.cfg.prefix);
+        let channel = format!("{}{topic}", self.cfg.prefix);
+        command(
+            &mut self.command.output,
+            &[
+                b"EVAL",
+                PUBLISH_SCRIPT.as_bytes(),
+                b"2",
+                id_key.as_bytes(),
+                channel.as_bytes(),
+                data.as_bytes(),
+            ],
+        );
+        self.in_flight.push_back((tag, now));
+        true
+    }
+
+    pub fn subscribe(&mut self, topic: &str) {
+        if self.subscription.phase == Phase::Ready {
+            let channel = format!("{}{topic}", self.cfg.prefix);
+            command(
+                &mut self.subscription.output,
+                &[b"SUBSCRIBE", channel.as_bytes()],
+            );
+        }
+    }
+
+    pub fn unsubscribe(&mut self, topic: &str) {
+        self.confirmed.remove(topic);
+        if self.subscription.phase == Phase::Ready {
+            let channel = format!("{}{topic}", self.cfg.prefix);
+            command(
+                &mut self.subscription.output,
+                &[b"UNSUBSCRIBE", channel.as_bytes()],
+            );
+        }
+    }
+
+    /// Subscribe again to every local topic (after `Event::SubscriptionReady`).
+    pub fn resubscribe<'a>(&mut self, topics: impl Iterator<Item = &'a str>) {
+        let channels: Vec<String> = topics.map(|t| format!("{}{t}", self.cfg.prefix)).collect();
+        for batch in channels.chunks(SUBSCRIBE_BATCH) {
+            let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+            args.extend(batch.iter().map(|c| c.as_bytes()));
+            command(&mut self.subscription.output, &args);
+        }
+    }
+
+    /// PING on the subscription link: Redis answers after every message published before
+    /// it has been sent to us. False when the link is not ready.
+    pub fn ping_subscription(&mut self) -> bool {
+        if self.subscription.phase != Phase::Ready {
+            return false;
+        }
+        command(&mut self.subscription.output, &[b"PING"]);
+        self.pings += 1;
+        true
+    }
+
+    /// Readiness on one of our tokens.
+    pub fn on_ready(
+        &mut self,
+        token: Token,
+        registry: &Registry,
+        now: Instant,
+        events: &mut Vec<Event>,
+    ) {
+        let role = if token == COMMAND_TOKEN {
+            Role::Command
+        } else {
+            Role::Subscription
+        };
+        if self.link(role).phase == Phase::Connecting {
+            let link = self.link_mut(role);
+            let Some(stream) = link.stream.as_ref() else {
+                return;
+            };
+            match stream.take_error() {
+                Ok(Some(e)) | Err(e) => {
+                    return self.reset(role, &e.to_string(), registry, now, events);
+                }
+                Ok(None) => {}
+            }
+            if stream.peer_addr().is_err() {
+                return; // still connecting
+            }
+            self.handshake(role, events);
+        }
+        self.read(role, registry, now, events);
+    }
+
+    /// Write what the loop queued this pass.
+    pub fn flush(&mut self, registry: &Registry, now: Instant, events: &mut Vec<Event>) {
+        for role in [Role::Command, Role::Subscription] {
+            let link = self.link_mut(role);
+            let Some(stream) = link.stream.as_mut() else {
+                continue;
+            };
+            if link.phase == Phase::Connecting {
+                continue;
+            }
+            let mut failed = None;
+            while !link.output.is_empty() {
+                match stream.write(&link.output) {
+                    Ok(0) => {
+                        failed = Some("connection closed".to_string());
+                        break;
+                    }
+                    Ok(n) => {
+                        link.output.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if let Some(why) = failed {
+                self.reset(role, &why, registry, now, events);
+                continue;
+            }
+            let wants = !link.output.is_empty();
+            if wants != link.wants_writable {
+                let interest = if wants {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                if registry.reregister(stream, link.token, interest).is_ok() {
+                    link.wants_writable = wants;
+                }
+            }
+        }
+    }
+
+    fn link(&self, role: Role) -> &Link {
+        match role {
+            Role::Command => &self.command,
+            Role::Subscription => &self.subscription,
+        }
+    }
+
+    fn link_mut(&mut self, role: Role) -> &mut Link {
+        match role {
+            Role::Command => &mut self.command,
+            Role::Subscription => &mut self.subscription,
+        }
+    }
+
+    fn connect(&mut self, role: Role, registry: &Registry, now: Instant, events: &mut Vec<Event>) {
+        let addr = match self.cfg.addr.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(addr)) => addr,
+            Ok(None) | Err(_) => {
+                return self.reset(role, "cannot resolve the address", registry, now, events);
+            }
+        };
+        let link = self.link_mut(role);
+        let mut stream = match TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(e) => return self.reset(role, &e.to_string(), registry, now, events),
+        };
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = registry.register(&mut stream, link.token, interest) {
+            return self.reset(role, &e.to_string(), registry, now, events);
+        }
+        let _ = stream.set_nodelay(true);
+        link.stream = Some(stream);
+        link.phase = Phase::Connecting;
+        link.wants_writable = true;
+        link.input.clear();
+        link.output.clear();
+    }
+
+    /// Connected: authenticate and choose the database before anything else.
+    fn handshake(&mut self, role: Role, events: &mut Vec<Event>) {
+        let (user, pass, db) = (
+            self.cfg.username.clone(),
+            self.cfg.password.clone(),
+            self.cfg.db,
+        );
+        let link = self.link_mut(role);
+        let mut expected = 0;
+        match (&user, &pass) {
+            (Some(u), Some(p)) => command(&mut link.output, &[b"AUTH", u.as_bytes(), p.as_bytes()]),
+            (None, Some(p)) => command(&mut link.output, &[b"AUTH", p.as_bytes()]),
+            _ => {}
+        }
+        if pass.is_some() {
+            expected += 1;
+        }
+        // Pub/sub ignores databases; ids live in the command link's one.
+        if role == Role::Command && db != 0 {
+            command(&mut link.output, &[b"SELECT", db.to_string().as_bytes()]);
+            expected += 1;
+        }
+        link.phase = Phase::Handshaking(expected);
+        if expected == 0 {
+            self.ready(role, events);
+        }
+    }
+
+    fn ready(&mut self, role: Role, events: &mut Vec<Event>) {
+        let link = self.link_mut(role);
+        link.phase = Phase::Ready;
+        link.attempt = 0;
+        debug!("redis: {} link ready", link.name());
+        if role == Role::Subscription {
+            events.push(Event::SubscriptionReady);
+        }
+        self.report(events, None);
+    }
+
+    /// Log and report a change of the combined state, once per change.
+    fn report(&mut self, events: &mut Vec<Event>, why: Option<&str>) {
+        let up = self.command.phase == Phase::Ready && self.subscription.phase == Phase::Ready;
+        if up == self.up {
+            return;
+        }
+        self.up = up;
+        if up {
+            info!("redis: up ({})", self.cfg.addr);
+            events.push(Event::Up);
+        } else {
+            warn!(
+                "redis: down ({}): {}; /publish answers 503 until it is back",
+                self.cfg.addr,
+                why.unwrap_or("lost")
+            );
+            events.push(Event::Down);
+        }
+    }
+
+    /// Close the link and plan its reconnect. Publishes in flight on the command link
+    /// fail: Redis may or may not have run them, and the publisher must be told.
+    fn reset(
+        &mut self,
+        role: Role,
+        why: &str,
+        registry: &Registry,
+        now: Instant,
+        events: &mut Vec<Event>,
+    ) {
+        let jitter = self.next_random();
+        let link = self.link_mut(role);
+        if let Some(mut stream) = link.stream.take() {
+            let _ = registry.deregister(&mut stream);
+        }
+        let was_connected = link.phase != Phase::Down;
+        link.phase = Phase::Down;
+        link.input = Vec::new();
+        link.output = Vec::new();
+        let cap = BACKOFF_MIN
+            .saturating_mul(1 << link.attempt.min(10))
+            .min(BACKOFF_MAX);
+        let delay = Duration::from_nanos(jitter % (cap.as_nanos() as u64).max(1))
+            .max(Duration::from_millis(20));
+        link.retry_at = now + delay;
+        link.attempt += 1;
+        if was_connected {
+            self.counters.reconnects += 1;
+            debug!(
+                "redis: {} link reset: {why}; retrying in {delay:?}",
+                self.link(role).name()
+            );
+        }
+        match role {
+            Role::Command => {
+                for (tag, _) in self.in_flight.drain(..) {
+                    if let Some(tag) = tag {
+                        events.push(Event::Published {
+                            tag,
+                            result: Err("redis unavailable".into()),
+                        });
+                    }
+                }
+            }
+            Role::Subscription => {
+                self.confirmed.clear();
+                self.pings = 0;
+            }
+        }
+        self.report(events, Some(why));
+    }
+
+    fn next_random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn read(&mut self, role: Role, registry: &Registry, now: Instant, events: &mut Vec<Event>) {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let link = self.link_mut(role);
+            let Some(stream) = link.stream.as_mut() else {
+                return;
+            };
+            match stream.read(&mut chunk) {
+                Ok(0) => {
+                    return self.reset(role, "connection closed by Redis", registry, now, events);
+                }
+                Ok(n) => link.input.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.reset(role, &e.to_string(), registry, now, events),
+            }
+        }
+        // Take every whole frame; a partial one waits for more bytes.
+        let input = std::mem::take(&mut self.link_mut(role).input);
+        let mut at = 0;
+        let outcome = loop {
+            match decode(&input[at..]) {
+                Ok(Some((frame, used))) => {
+                    at += used;
+                    if let Err(why) = self.on_frame(role, frame, events) {
+                        break Err(why);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(format!("malformed reply: {e:?}")),
+            }
+        };
+        match outcome {
+            Ok(()) if input.len() - at > MAX_PENDING_INPUT => {
+                self.counters.errors += 1;
+                self.reset(role, "reply too large", registry, now, events);
+            }
+            Ok(()) => self.link_mut(role).input = input[at..].to_vec(),
+            Err(why) => {
+                self.counters.errors += 1;
+                warn!(
+                    "redis: {} link: {why}; resetting it",
+                    self.link(role).name()
+                );
+                self.reset(role, &why, registry, now, events);
+            }
+        }
+    }
+
+    fn on_frame(
+        &mut self,
+        role: Role,
+        frame: OwnedFrame,
+        events: &mut Vec<Event>,
+    ) -> Result<(), String> {
+        if let Phase::Handshaking(left) = self.link(role).phase {
+            return match frame {
+                OwnedFrame::SimpleString(ref s) if s == b"OK" => {
+                    self.link_mut(role).phase = Phase::Handshaking(left - 1);
+                    if left == 1 {
+                        self.ready(role, events);
+                    }
+                    Ok(())
+                }
+                OwnedFrame::Error(e) => Err(format!("handshake refused: {e}")),
+                other => Err(format!("unexpected handshake reply {other:?}")),
+            };
+        }
+        match role {
+            Role::Command => {
+                let Some((tag, _)) = self.in_flight.pop_front() else {
+                    return Err(format!("reply {frame:?} to no command"));
+                };
+                let result = match frame {
+                    OwnedFrame::Array(ref items) => match items.as_slice() {
+                        [OwnedFrame::Integer(id), OwnedFrame::Integer(n)] if *id > 0 && *n >= 0 => {
+                            Ok((*id as u64, *n as u64))
+                        }
+                        _ => return Err(format!("unexpected publish reply {frame:?}")),
+                    },
+                    // Redis refused this command (out of memory, scripting disabled...):
+                    // that publish fails; the link is fine.
+                    OwnedFrame::Error(e) => {
+                        warn!("redis: publish refused: {e}");
+                        Err(e)
+                    }
+                    other => return Err(format!("unexpected publish reply {other:?}")),
+                };
+                if let Some(tag) = tag {
+                    events.push(Event::Published { tag, result });
+                }
+                Ok(())
+            }
+            Role::Subscription => self.on_push(frame, events),
+        }
+    }
+
+    /// Frames on the subscription link: messages, (un)subscribe confirmations, pongs.
+    fn on_push(&mut self, frame: OwnedFrame, events: &mut Vec<Event>) -> Result<(), String> {
+        let OwnedFrame::Array(items) = frame else {
+            return Err(format!(
+                "unexpected frame on the subscription link: {frame:?}"
+            ));
+        };
+        let kind = match items.first() {
+            Some(OwnedFrame::BulkString(k)) => k.as_slice(),
+            _ => {
+                return Err(format!(
+                    "unexpected frame on the subscription link: {items:?}"
+                ));
+            }
+        };
+        let channel_topic = |i: usize| -> Result<String, String> {
+            let Some(OwnedFrame::BulkString(ch)) = items.get(i) else {
+                return Err("channel missing".into());
+            };
+            let ch = std::str::from_utf8(ch).map_err(|_| "channel is not UTF-8".to_string())?;
+            ch.strip_prefix(self.cfg.prefix.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| format!("channel {ch:?} lacks our prefix"))
+        };
+        match kind {
+            b"message" => {
+                let topic = channel_topic(1)?;
+                let Some(OwnedFrame::BulkString(payload)) = items.get(2) else {
+                    return Err("message without payload".into());
+                };
+                let (id, data) = parse_payload(payload)?;
+                events.push(Event::Message { topic, id, data });
+            }
+            b"subscribe" => {
+                let topic = channel_topic(1)?;
+                self.confirmed.insert(topic.clone());
+                events.push(Event::Confirmed { topic });
+            }
+            b"unsubscribe" => {}
+            b"pong" if self.pings > 0 => {
+                self.pings -= 1;
+                events.push(Event::Pong);
+            }
+            _ => {
+                return Err(format!(
+                    "unexpected frame on the subscription link: {items:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `"<id> <json>"`, as the publish script writes it. The JSON is checked: it is spliced
+/// into every client's frame as is.
+fn parse_payload(payload: &[u8]) -> Result<(u64, String), String> {
+    let text =
+        std::str::from_utf8(payload).map_err(|_| "message payload is not UTF-8".to_string())?;
+    let (id, data) = text
+        .split_once(' ')
+        .ok_or("message payload is not \"<id> <data>\"")?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| format!("message id {id:?} is not a number"))?;
+    serde_json::from_str::<&serde_json::value::RawValue>(data)
+        .map_err(|e| format!("message data is not JSON: {e}"))?;
+    Ok((id, data.to_string()))
+}
+
+/// Append one command (an array of bulk strings) to `out`.
+fn command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    let parts: Vec<BorrowedFrame> = args.iter().map(|a| BorrowedFrame::BulkString(a)).collect();
+    let frame = BorrowedFrame::Array(&parts);
+    let start = out.len();
+    out.resize(start + frame.encode_len(false), 0);
+    let written = encode_borrowed(&mut out[start..], &frame, false)
+        .expect("the buffer was sized for the frame");
+    out.truncate(start + written);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_carry_host_port_auth_and_db() {
+        let c = parse_url("redis://127.0.0.1:6390/2", "h:").unwrap();
+        assert_eq!(
+            (c.addr.as_str(), c.db, c.password.as_deref()),
+            ("127.0.0.1:6390", 2, None)
+        );
+        let c = parse_url("redis://:s3cret@redis.internal", "h:").unwrap();
+        assert_eq!(
+            (c.addr.as_str(), c.password.as_deref(), c.username),
+            ("redis.internal:6379", Some("s3cret"), None)
+        );
+        let c = parse_url("redis://app:pw@10.0.0.5:7000/", "h:").unwrap();
+        assert_eq!(
+            (c.username.as_deref(), c.password.as_deref(), c.db),
+            (Some("app"), Some("pw"), 0)
+        );
+        assert!(parse_url("http://x", "h:").is_err());
+        assert!(parse_url("redis://x/db", "h:").is_err());
+        assert!(parse_url("redis://", "h:").is_err());
+    }
+
+    #[test]
+    fn commands_are_resp_arrays_of_bulk_strings() {
+        let mut out = Vec::new();
+        command(&mut out, &[b"SUBSCRIBE", b"h:news"]);
+        assert_eq!(out, b"*2\r\n$9\r\nSUBSCRIBE\r\n$6\r\nh:news\r\n");
+    }
+
+    #[test]
+    fn payloads_are_an_id_and_json() {
+        assert_eq!(
+            parse_payload(br#"7 {"a":[1,2]}"#),
+            Ok((7, r#"{"a":[1,2]}"#.to_string()))
+        );
+        assert!(parse_payload(b"7").is_err());
+        assert!(parse_payload(b"x {}").is_err());
+        assert!(parse_payload(b"7 {not json").is_err());
+        assert!(parse_payload(&[0xff, b' ', b'1']).is_err());
+    }
+
+    fn redis() -> Redis {
+        let cfg = parse_url("redis://127.0.0.1:1", "h:").unwrap();
+        Redis::new(cfg, Instant::now())
+    }
+
+    #[test]
+    fn pushes_become_events_and_strangers_are_errors() {
+        let mut r = redis();
+        let mut events = Vec::new();
+        let bulk = |s: &str| OwnedFrame::BulkString(s.as_bytes().to_vec());
+        let push = |items: Vec<OwnedFrame>| OwnedFrame::Array(items);
+        r.on_push(
+            push(vec![
+                bulk("subscribe"),
+                bulk("h:news"),
+                OwnedFrame::Integer(1),
+            ]),
+            &mut events,
+        )
+        .unwrap();
+        r.on_push(
+            push(vec![bulk("message"), bulk("h:news"), bulk("3 \"hi\"")]),
+            &mut events,
+        )
+        .unwrap();
+        assert_eq!(
+            events,
+            [
+                Event::Confirmed {
+                    topic: "news".into()
+                },
+                Event::Message {
+                    topic: "news".into(),
+                    id: 3,
+                    data: "\"hi\"".into()
+                }
+            ]
+        );
+        assert!(r.is_confirmed("news"));
+        assert!(
+            r.on_push(
+                push(vec![bulk("message"), bulk("other:news"), bulk("1 1")]),
+                &mut events
+            )
+            .is_err()
+        );
+        assert!(
+            r.on_push(
+                push(vec![bulk("message"), bulk("h:news"), bulk("garbage")]),
+                &mut events
+            )
+            .is_err()
+        );
+        assert!(r.on_push(OwnedFrame::Integer(1), &mut events).is_err());
+        // A pong nobody asked for is unexpected too.
+        assert!(
+            r.on_push(push(vec![bulk("pong"), bulk("")]), &mut events)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn publish_replies_match_the_oldest_command() {
+        let mut r = redis();
+        r.command.phase = Phase::Ready;
+        r.subscription.phase = Phase::Ready;
+        r.up = true;
+        let now = Instant::now();
+        assert!(r.publish("t", "1", Some(10), now));
+        assert!(r.publish("t", "2", None, now));
+        assert!(r.publish("t", "3", Some(12), now));
+        let mut events = Vec::new();
+        let reply =
+            |id, n| OwnedFrame::Array(vec![OwnedFrame::Integer(id), OwnedFrame::Integer(n)]);
+        r.on_frame(Role::Command, reply(5, 2), &mut events).unwrap();
+        r.on_frame(Role::Command, reply(6, 2), &mut events).unwrap();
+        r.on_frame(Role::Command, OwnedFrame::Error("OOM".into()), &mut events)
+            .unwrap();
+        assert_eq!(
+            events,
+            [
+                Event::Published {
+                    tag: 10,
+                    result: Ok((5, 2))
+                },
+                Event::Published {
+                    tag: 12,
+                    result: Err("OOM".into())
+                }
+            ]
+        );
+        // A reply with nothing waiting for it means we lost track: an error.
+        assert!(r.on_frame(Role::Command, reply(7, 1), &mut events).is_err());
+        // The EVAL went out as one command per publish.
+        assert_eq!(
+            r.command.output.windows(4).filter(|w| w == b"EVAL").count(),
+            3
+        );
+    }
+}

@@ -32,6 +32,8 @@ pub enum Reject {
     Draining,
     /// `--max-connections` reached.
     AtCapacity,
+    /// Redis is down or refused the publish: nothing was (surely) delivered.
+    RedisUnavailable,
 }
 
 impl Reject {
@@ -54,6 +56,7 @@ impl Reject {
             Reject::HeadersTooLarge => (431, "request head too large", true),
             Reject::Draining => (503, "draining", true),
             Reject::AtCapacity => (503, "server at connection capacity", true),
+            Reject::RedisUnavailable => (503, "redis unavailable", false),
         };
         let mut response = Response::text(status, line);
         response.close = close;
@@ -165,6 +168,7 @@ mod tests {
             Reject::HeadersTooLarge,
             Reject::Draining,
             Reject::AtCapacity,
+            Reject::RedisUnavailable,
         ] {
             let r = reject.response();
             let body = String::from_utf8(r.body.clone()).unwrap();

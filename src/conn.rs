@@ -25,6 +25,9 @@ impl ConnId {
 pub enum State {
     /// Awaiting an HTTP request; `Conn::partial` holds any part that has arrived.
     ReadingRequest,
+    /// A publish is at Redis; the answer goes out when Redis replies. Pipelined requests
+    /// behind it wait in `Conn::partial`, so responses keep their order.
+    AwaitingRedis,
     /// A WebSocket in use.
     Open(Box<Session>),
     /// Our close frame is queued or sent; awaiting the peer's (or the grace timer).
@@ -55,10 +58,13 @@ pub struct Conn {
     pub peer_shut: bool,
     /// `100 Continue` already went out for the request in progress.
     pub sent_continue: bool,
+    /// Unique for the life of the process: a reply that arrives after its connection is
+    /// gone must not reach another connection that reuses the slab key.
+    pub serial: u64,
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, peer: SocketAddr) -> Conn {
+    pub fn new(stream: TcpStream, peer: SocketAddr, serial: u64) -> Conn {
         Conn {
             stream,
             peer,
@@ -70,6 +76,7 @@ impl Conn {
             dirty: false,
             peer_shut: false,
             sent_continue: false,
+            serial,
         }
     }
 

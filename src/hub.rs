@@ -58,7 +58,7 @@ pub enum Joined {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Left {
     NotSubscribed,
-    Left,
+    Unsubscribed,
     /// It was the last subscriber: the topic is freed (with Redis, UNSUBSCRIBE).
     TopicFreed,
 }
@@ -119,7 +119,7 @@ impl Hub {
         let membership = memberships.swap_remove(i);
         match self.leave(membership) {
             Some(_) => Left::TopicFreed,
-            None => Left::Left,
+            None => Left::Unsubscribed,
         }
     }
 
@@ -193,8 +193,11 @@ impl Hub {
         self.topics.iter().map(|(_, t)| &*t.name)
     }
 
-    pub fn has_topic(&self, name: &str) -> bool {
-        self.by_name.contains_key(name)
+    /// Whether these memberships include `name`.
+    pub fn is_subscribed(&self, memberships: &[Membership], name: &str) -> bool {
+        self.by_name
+            .get(name)
+            .is_some_and(|&t| memberships.iter().any(|m| m.topic == t))
     }
 
     /// The connections subscribed to the topic of `published`.

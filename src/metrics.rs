@@ -27,6 +27,8 @@ pub struct Counters {
     pub ws_closed: BTreeMap<u16, u64>,
     /// `error` replies sent to WebSocket clients.
     pub op_errors: u64,
+    /// Messages that came back from Redis (whether or not anyone here listened).
+    pub redis_messages: u64,
     pub handshake_timeouts: u64,
     pub idle_timeouts: u64,
     pub pong_timeouts: u64,
@@ -42,6 +44,8 @@ pub struct Gauges {
     pub fd_limit: u64,
     pub max_connections: usize,
     pub draining: bool,
+    /// With --redis: (up, confirmed channels, publishes in flight, reconnects, errors).
+    pub redis: Option<(bool, usize, usize, u64, u64)>,
     /// This process's user + system CPU time and resident memory, when readable.
     pub cpu_seconds: Option<f64>,
     pub resident_bytes: Option<u64>,
@@ -137,6 +141,44 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "1 once a graceful shutdown has begun.",
         u8::from(g.draining),
     );
+    if let Some((up, channels, in_flight, reconnects, errors)) = g.redis {
+        o.metric(
+            "herald_redis_up",
+            "gauge",
+            "1 while both Redis links are ready.",
+            u8::from(up),
+        );
+        o.metric(
+            "herald_redis_channels",
+            "gauge",
+            "Topic channels Redis has confirmed.",
+            channels,
+        );
+        o.metric(
+            "herald_redis_publishes_in_flight",
+            "gauge",
+            "Publishes awaiting Redis's reply.",
+            in_flight,
+        );
+        o.metric(
+            "herald_redis_reconnects_total",
+            "counter",
+            "Redis links lost and reconnected.",
+            reconnects,
+        );
+        o.metric(
+            "herald_redis_errors_total",
+            "counter",
+            "Redis links reset for a malformed or unexpected reply, or a stuck command.",
+            errors,
+        );
+        o.metric(
+            "herald_redis_messages_total",
+            "counter",
+            "Messages received from Redis.",
+            c.redis_messages,
+        );
+    }
     if let Some(cpu) = g.cpu_seconds {
         let help = "User and system CPU time spent, in seconds.";
         o.metric("process_cpu_seconds_total", "counter", help, cpu);

@@ -8,6 +8,7 @@
 //! and mark the connection dirty; each dirty connection gets one `writev` per pass, and
 //! only one the kernel could not take registers for WRITABLE.
 
+use std::collections::HashMap;
 use std::io::{self, Read};
 use std::mem;
 use std::net::{IpAddr, SocketAddr};
@@ -29,10 +30,11 @@ use crate::config::Config;
 use crate::conn::{Conn, ConnId, State};
 use crate::drain::{Drain, Finished, OnSignal};
 use crate::http::{self, Method, Parsed, Request, Response};
-use crate::hub::{Hub, SubscribeError};
+use crate::hub::{Hub, Joined, Left, Published, SubscribeError};
 use crate::metrics::{self, Counters, Gauges};
 use crate::net;
 use crate::outq::Flushed;
+use crate::redis::{self, Redis};
 use crate::rlimit::NoFile;
 use crate::session::{self, Kind, Op, OpError, Session};
 use crate::timer::{self, Timer, Timers};
@@ -89,7 +91,26 @@ enum Next {
     KeepReading,
     /// The connection left `ReadingRequest` (closing, or now a WebSocket).
     Stop,
+    /// The answer waits for Redis: keep the rest of the input for later.
+    Wait,
 }
+
+/// A `/publish` whose answer waits for Redis, one reply per topic.
+struct PendingPublish {
+    conn: ConnId,
+    serial: u64,
+    /// Topics in the order their replies come back, with the id Redis gave each.
+    ids: Vec<(String, Option<u64>)>,
+    waiting: usize,
+    /// herald processes that received the messages (PUBLISH's count).
+    receivers: u64,
+    failed: bool,
+    keep_alive: bool,
+    head_only: bool,
+}
+
+/// How long a drain waits for Redis to hand over messages accepted before it began.
+const DRAIN_REDIS_WAIT: Duration = Duration::from_secs(1);
 
 pub struct Server {
     poll: Poll,
@@ -117,11 +138,25 @@ pub struct Server {
     unread: Vec<ConnId>,
     /// Connections to remove after this pass.
     reap: Vec<ConnId>,
+    /// `--redis`: the links to Redis and what came back on them this pass.
+    redis: Option<Redis>,
+    redis_events: Vec<redis::Event>,
+    /// Publishes waiting for Redis, by tag.
+    awaiting: HashMap<u64, PendingPublish>,
+    next_tag: u64,
+    /// `subscribed` replies held until Redis confirms the topic's channel, so a client
+    /// never misses a message published right after it was told it is subscribed.
+    pending_acks: HashMap<String, Vec<(ConnId, u64)>>,
+    next_serial: u64,
+    /// Draining with Redis: WebSockets close once Redis answers our PING (everything
+    /// published before has arrived), or at this deadline.
+    drain_redis_until: Option<Instant>,
 }
 
 impl Server {
     pub fn bind(cfg: Config, nofile: NoFile, max_connections: usize) -> io::Result<Server> {
         let poll = Poll::new()?;
+        let cfg_redis = cfg.redis.clone();
         let mut listener = net::listen(cfg.listen, cfg.backlog, cfg.reuse_port)?;
         let local_addr = listener.local_addr()?;
         poll.registry()
@@ -153,6 +188,13 @@ impl Server {
             dirty: Vec::new(),
             unread: Vec::new(),
             reap: Vec::new(),
+            redis: cfg_redis.map(|c| Redis::new(c, Instant::now())),
+            redis_events: Vec::new(),
+            awaiting: HashMap::new(),
+            next_tag: 1,
+            pending_acks: HashMap::new(),
+            next_serial: 1,
+            drain_redis_until: None,
         })
     }
 
@@ -171,8 +213,10 @@ impl Server {
                 return Ok(code);
             }
             self.fire_timers(now);
+            self.service_redis(now);
             self.accept_connections(now);
             self.flush_dirty(now);
+            self.flush_redis(now);
             self.reap_dead();
             if let Some(code) = self.advance_drain(now) {
                 return Ok(code);
@@ -191,6 +235,8 @@ impl Server {
                 self.timers.next_deadline(),
                 accept_resume,
                 self.drain.deadline(),
+                self.redis.as_ref().and_then(Redis::next_deadline),
+                self.drain_redis_until,
             ]
             .into_iter()
             .flatten()
@@ -225,6 +271,12 @@ impl Server {
             match token {
                 LISTENER => self.accepting.ready = true,
                 SIGNALS => exit = exit.or(self.on_signals(now)),
+                redis::COMMAND_TOKEN | redis::SUBSCRIPTION_TOKEN => {
+                    if let Some(r) = self.redis.as_mut() {
+                        r.on_ready(token, self.poll.registry(), now, &mut self.redis_events);
+                    }
+                    self.drain_redis_events(now);
+                }
                 Token(key) => {
                     let id = ConnId(key);
                     if writable {
@@ -314,7 +366,8 @@ impl Server {
             warn!("register {peer}: {e}");
             return;
         }
-        let conn = entry.insert(Conn::new(stream, peer));
+        let conn = entry.insert(Conn::new(stream, peer, self.next_serial));
+        self.next_serial += 1;
         self.counters.accepted += 1;
         let deadline = now + self.cfg.handshake_timeout;
         self.timers
@@ -375,6 +428,18 @@ impl Server {
         match self.conns[id.0].state {
             State::ReadingRequest => self.on_http_input(id, input, now),
             State::Open(_) | State::Closing(_) => self.on_ws_input(id, input, now),
+            State::AwaitingRedis => {
+                // Pipelined requests wait for the publish ahead of them, within limits.
+                let conn = &mut self.conns[id.0];
+                if conn.partial.len() + input.len()
+                    > http::MAX_HEAD_BYTES + self.cfg.max_message_size
+                {
+                    info!("{} pipelines too much behind a publish; closing", conn.peer);
+                    self.kill(id);
+                } else {
+                    conn.partial.extend_from_slice(input);
+                }
+            }
             // Nothing more is wanted from this peer; reading only watches for its FIN.
             State::Finishing | State::Lingering | State::Dead => {}
         }
@@ -386,7 +451,8 @@ impl Server {
         match conn.state {
             // The peer may have half-closed after its request; let the answer go out.
             State::ReadingRequest if !conn.out.is_empty() => self.finish(id, now),
-            State::Finishing => {}
+            // The answer still goes out when Redis replies; then the connection ends.
+            State::Finishing | State::AwaitingRedis => {}
             _ => self.kill(id),
         }
     }
@@ -424,6 +490,10 @@ impl Server {
                     match self.on_request(id, *req, &data[pos..], now) {
                         Next::KeepReading => continue,
                         Next::Stop => return,
+                        Next::Wait => {
+                            self.conns[id.0].partial = data[pos..].to_vec();
+                            return;
+                        }
                     }
                 }
                 Ok(partial @ (Parsed::Partial | Parsed::AwaitingBody { .. })) => {
@@ -481,12 +551,19 @@ impl Server {
         let mut response = match api::route(&req, &policy) {
             Err(reject) => reject.response(),
             Ok(Route::Health) if draining => Reject::Draining.response(),
-            Ok(Route::Health) => Response::text(200, "ok"),
+            Ok(Route::Health) => match &self.redis {
+                None => Response::text(200, "ok"),
+                Some(r) if r.is_up() => Response::text(200, "ok (redis up)"),
+                Some(_) => Response::text(200, "ok (redis down)"),
+            },
             Ok(Route::Metrics) => Response::new(
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.render_metrics(),
             ),
+            Ok(Route::Publish(p)) if self.redis.is_some() => {
+                return self.publish_through_redis(id, p, req.keep_alive, head_only, now);
+            }
             Ok(Route::Publish(p)) => {
                 let mut ids = Vec::with_capacity(p.topics.len());
                 let mut delivered = 0;
@@ -509,6 +586,88 @@ impl Server {
         // While draining, every response says the connection ends (PRODUCT.md).
         response.close |= !req.keep_alive || draining;
         self.respond(id, response, head_only, now)
+    }
+
+    /// Send each topic's message to Redis; the answer waits for its replies
+    /// (`on_publish_result`).
+    fn publish_through_redis(
+        &mut self,
+        id: ConnId,
+        p: api::Publish,
+        keep_alive: bool,
+        head_only: bool,
+        now: Instant,
+    ) -> Next {
+        let Some(r) = self.redis.as_mut().filter(|r| r.is_up()) else {
+            let mut response = Reject::RedisUnavailable.response();
+            response.close |= !keep_alive || self.drain.is_draining();
+            return self.respond(id, response, head_only, now);
+        };
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        for topic in &p.topics {
+            r.publish(topic, p.data.get(), Some(tag), now);
+        }
+        let conn = &mut self.conns[id.0];
+        conn.state = State::AwaitingRedis;
+        self.awaiting.insert(
+            tag,
+            PendingPublish {
+                conn: id,
+                serial: conn.serial,
+                waiting: p.topics.len(),
+                ids: p.topics.into_iter().map(|t| (t, None)).collect(),
+                receivers: 0,
+                failed: false,
+                keep_alive,
+                head_only,
+            },
+        );
+        Next::Wait
+    }
+
+    /// One Redis reply to a `/publish`; the last one answers the client, whose pipelined
+    /// requests then resume.
+    fn on_publish_result(&mut self, tag: u64, result: Result<(u64, u64), String>, now: Instant) {
+        let Some(mut p) = self.awaiting.remove(&tag) else {
+            return;
+        };
+        match result {
+            Ok((msg_id, receivers)) => {
+                self.counters.published += 1;
+                p.receivers += receivers;
+                if let Some(slot) = p.ids.iter_mut().find(|(_, id)| id.is_none()) {
+                    slot.1 = Some(msg_id);
+                }
+            }
+            Err(_) => p.failed = true,
+        }
+        p.waiting -= 1;
+        if p.waiting > 0 {
+            self.awaiting.insert(tag, p);
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(p.conn.0) else {
+            return;
+        };
+        if conn.serial != p.serial || !matches!(conn.state, State::AwaitingRedis) {
+            return;
+        }
+        conn.state = State::ReadingRequest;
+        let mut response = if p.failed {
+            Reject::RedisUnavailable.response()
+        } else {
+            let ids: Vec<(String, u64)> = p
+                .ids
+                .into_iter()
+                .map(|(t, id)| (t, id.unwrap_or(0)))
+                .collect();
+            api::publish_reply(&ids, p.receivers as usize)
+        };
+        response.close |= !p.keep_alive || self.drain.is_draining() || conn.peer_shut;
+        if let Next::KeepReading = self.respond(p.conn, response, p.head_only, now) {
+            self.on_http_input(p.conn, &[], now);
+        }
     }
 
     fn respond(&mut self, id: ConnId, response: Response, head_only: bool, now: Instant) -> Next {
@@ -544,16 +703,16 @@ impl Server {
         self.timers.disarm(&mut conn.timers, id.0, Timer::Request);
         self.timers.disarm(&mut conn.timers, id.0, Timer::Idle);
         let mut session = Session::new(Ws::new(self.cfg.max_message_size), kind, now);
-        for topic in topics {
-            // `?topics=` was capped at the per-connection limit when it was parsed.
-            if self
-                .hub
-                .subscribe(id, &mut session.memberships, topic)
-                .is_ok()
-            {
-                conn.out.push(session::subscribed(topic));
-            }
-        }
+        // `?topics=` was capped at the per-connection limit when it was parsed.
+        let joined: Vec<(&String, Joined)> = topics
+            .iter()
+            .filter_map(|t| {
+                self.hub
+                    .subscribe(id, &mut session.memberships, t)
+                    .ok()
+                    .map(|j| (t, j))
+            })
+            .collect();
         conn.state = State::Open(Box::new(session));
         self.timers.arm(
             &mut conn.timers,
@@ -561,9 +720,66 @@ impl Server {
             Timer::Ping,
             now + self.cfg.ping_interval,
         );
+        for (topic, joined) in joined {
+            self.joined(id, topic, joined);
+        }
         self.mark_dirty(id);
         if !rest.is_empty() {
             self.on_ws_input(id, rest, now);
+        }
+    }
+
+    /// After a subscribe: confirm it to the client, or, for a topic Redis has not yet
+    /// confirmed, hold the confirmation until it does.
+    fn joined(&mut self, id: ConnId, topic: &str, joined: Joined) {
+        let hold = match self.redis.as_mut() {
+            Some(r) => {
+                if joined == Joined::NewTopic {
+                    r.subscribe(topic);
+                }
+                // While Redis is down the subscription is recorded and will be made on
+                // reconnect; holding the reply until then would only stall the client.
+                r.is_up() && !r.is_confirmed(topic)
+            }
+            None => false,
+        };
+        if hold {
+            let serial = self.conns[id.0].serial;
+            self.pending_acks
+                .entry(topic.to_string())
+                .or_default()
+                .push((id, serial));
+        } else {
+            self.queue(id, session::subscribed(topic));
+        }
+    }
+
+    /// Send the held `subscribed` replies for `topic` to connections still subscribed.
+    fn release_acks(&mut self, topic: &str) {
+        let Some(waiting) = self.pending_acks.remove(topic) else {
+            return;
+        };
+        for (id, serial) in waiting {
+            let still = match self.conns.get(id.0) {
+                Some(c) if c.serial == serial => match &c.state {
+                    State::Open(s) => self.hub.is_subscribed(&s.memberships, topic),
+                    _ => false,
+                },
+                _ => false,
+            };
+            if still {
+                self.queue(id, session::subscribed(topic));
+            }
+        }
+    }
+
+    /// Topics that lost their last local subscriber: with Redis, stop receiving them.
+    fn forget_topics(&mut self, freed: Vec<String>) {
+        for topic in freed {
+            if let Some(r) = self.redis.as_mut() {
+                r.unsubscribe(&topic);
+            }
+            self.pending_acks.remove(&topic);
         }
     }
 
@@ -629,7 +845,10 @@ impl Server {
         let reply = match session::parse_op(text) {
             Ok(Op::Subscribe(topic)) => {
                 match self.hub.subscribe(id, &mut session.memberships, &topic) {
-                    Ok(_) => session::subscribed(&topic),
+                    Ok(joined) => {
+                        self.joined(id, &topic, joined);
+                        return;
+                    }
                     Err(SubscribeError::TooManyTopics) => self.op_error(OpError::new(
                         "too_many_topics",
                         format!(
@@ -640,18 +859,27 @@ impl Server {
                 }
             }
             Ok(Op::Unsubscribe(topic)) => {
-                self.hub.unsubscribe(&mut session.memberships, &topic);
+                if self.hub.unsubscribe(&mut session.memberships, &topic) == Left::TopicFreed {
+                    self.forget_topics(vec![topic.to_string()]);
+                }
                 session::unsubscribed(&topic)
             }
             Ok(Op::Ping) => session::pong(),
+            Ok(Op::Publish(topic, _)) if !self.cfg.client_publish.matches(&topic) => self.op_error(
+                OpError::new("forbidden", format!("clients may not publish to {topic:?}")),
+            ),
             Ok(Op::Publish(topic, data)) => {
-                if self.cfg.client_publish.matches(&topic) {
+                let Some(r) = self.redis.as_mut() else {
                     self.publish(&topic, data, now);
+                    return;
+                };
+                if r.publish(&topic, data.get(), None, now) {
+                    self.counters.published += 1;
                     return;
                 }
                 self.op_error(OpError::new(
-                    "forbidden",
-                    format!("clients may not publish to {topic:?}"),
+                    "unavailable",
+                    "redis unavailable: not published",
                 ))
             }
             Err(e) => self.op_error(e),
@@ -669,9 +897,16 @@ impl Server {
     fn publish(&mut self, topic: &str, data: &RawValue, now: Instant) -> (u64, usize) {
         let published = self.hub.publish(topic, data);
         self.counters.published += 1;
+        let reached = self.fan_out(&published, now);
+        (published.id, reached)
+    }
+
+    /// Queue one framed message to every local subscriber of its topic; close the ones it
+    /// makes slow consumers. Returns how many it reached.
+    fn fan_out(&mut self, published: &Published, now: Instant) -> usize {
         let mut reached = 0;
         let mut slow = Vec::new();
-        for sub in self.hub.subscribers(&published) {
+        for sub in self.hub.subscribers(published) {
             // The hub holds open sessions only; a miss would be our bug, not a reason to die.
             let Some(conn) = self.conns.get_mut(sub.0) else {
                 debug_assert!(false, "hub names a connection that is gone");
@@ -691,7 +926,61 @@ impl Server {
         for sub in slow {
             self.close_websocket(sub, CloseReason::SlowConsumer, now);
         }
-        (published.id, reached)
+        reached
+    }
+
+    // ---- Redis -----------------------------------------------------------------------
+
+    fn service_redis(&mut self, now: Instant) {
+        if let Some(r) = self.redis.as_mut() {
+            r.tick(now, self.poll.registry(), &mut self.redis_events);
+        }
+        self.drain_redis_events(now);
+        if self.drain_redis_until.is_some_and(|t| now >= t) {
+            warn!("redis did not answer the drain's PING in time; closing WebSockets now");
+            self.close_all_websockets(now);
+        }
+    }
+
+    fn flush_redis(&mut self, now: Instant) {
+        if let Some(r) = self.redis.as_mut() {
+            r.flush(self.poll.registry(), now, &mut self.redis_events);
+        }
+        self.drain_redis_events(now);
+    }
+
+    fn drain_redis_events(&mut self, now: Instant) {
+        let mut events = mem::take(&mut self.redis_events);
+        for event in events.drain(..) {
+            match event {
+                redis::Event::Published { tag, result } => self.on_publish_result(tag, result, now),
+                redis::Event::Message { topic, id, data } => {
+                    self.counters.redis_messages += 1;
+                    if let Some(published) = self.hub.deliver(&topic, id, &data) {
+                        self.fan_out(&published, now);
+                    }
+                }
+                redis::Event::Confirmed { topic } => self.release_acks(&topic),
+                redis::Event::SubscriptionReady => {
+                    if let Some(r) = self.redis.as_mut() {
+                        r.resubscribe(self.hub.topic_names());
+                    }
+                }
+                redis::Event::Up => {}
+                redis::Event::Down => {
+                    let topics: Vec<String> = self.pending_acks.keys().cloned().collect();
+                    for topic in topics {
+                        self.release_acks(&topic);
+                    }
+                }
+                redis::Event::Pong => {
+                    if self.drain_redis_until.is_some() {
+                        self.close_all_websockets(now);
+                    }
+                }
+            }
+        }
+        self.redis_events = events;
     }
 
     /// Close from our side: leave every topic and queue the close frame behind what is
@@ -702,7 +991,7 @@ impl Server {
         let State::Open(mut session) = mem::replace(&mut conn.state, State::Dead) else {
             return;
         };
-        self.hub.unsubscribe_all(&mut session.memberships);
+        let freed = self.hub.unsubscribe_all(&mut session.memberships);
         if reason == CloseReason::SlowConsumer {
             // Its queue is what got it here; the close frame must not wait behind it.
             let dropped = conn.out.drop_unstarted();
@@ -729,6 +1018,7 @@ impl Server {
         } else {
             self.finish(id, now);
         }
+        self.forget_topics(freed);
     }
 
     /// The exchange is over: write what is queued, then close our side. A peer that will
@@ -749,7 +1039,8 @@ impl Server {
     fn leave_session(&mut self, id: ConnId) {
         let conn = &mut self.conns[id.0];
         if let State::Open(mut session) = mem::replace(&mut conn.state, State::Dead) {
-            self.hub.unsubscribe_all(&mut session.memberships);
+            let freed = self.hub.unsubscribe_all(&mut session.memberships);
+            self.forget_topics(freed);
         }
     }
 
@@ -951,19 +1242,44 @@ impl Server {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
+        // With Redis, messages accepted before the drain may still be on their way back to
+        // us: PING the subscription link, and close WebSockets once Redis answers (it
+        // answers after everything published before the PING has been sent to us).
+        let waiting_for_redis = self
+            .redis
+            .as_mut()
+            .is_some_and(|r| r.is_up() && r.ping_subscription());
+        if waiting_for_redis {
+            self.drain_redis_until = Some(now + DRAIN_REDIS_WAIT);
+        } else {
+            self.close_all_websockets(now);
+        }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             let id = ConnId(key);
             let conn = &self.conns[key];
             let between_requests = conn.partial.is_empty();
             match conn.state {
-                State::Open(_) => self.close_websocket(id, CloseReason::GoingAway, now),
                 State::ReadingRequest if between_requests && conn.out.is_empty() => self.kill(id),
                 // Its last response is still going out; the connection ends after it.
                 State::ReadingRequest if between_requests => self.finish(id, now),
                 // A request in progress gets its answer with `Connection: close`.
                 _ => {}
             }
+        }
+    }
+
+    /// Drain step 4 for WebSockets: close 1001, behind every message already queued.
+    fn close_all_websockets(&mut self, now: Instant) {
+        self.drain_redis_until = None;
+        let open: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, State::Open(_)))
+            .map(|(k, _)| k)
+            .collect();
+        for key in open {
+            self.close_websocket(ConnId(key), CloseReason::GoingAway, now);
         }
     }
 
@@ -1001,6 +1317,15 @@ impl Server {
             draining: self.drain.is_draining(),
             cpu_seconds,
             resident_bytes,
+            redis: self.redis.as_ref().map(|r| {
+                (
+                    r.is_up(),
+                    r.confirmed_count(),
+                    r.in_flight(),
+                    r.counters.reconnects,
+                    r.counters.errors,
+                )
+            }),
         };
         metrics::render(&self.counters, &gauges)
     }

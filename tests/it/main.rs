@@ -9,5 +9,6 @@ mod http;
 mod limits;
 mod liveness;
 mod overload;
+mod redis;
 mod topics;
 mod util;

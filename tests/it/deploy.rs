@@ -121,6 +121,10 @@ impl HaProxy {
 
     /// The `status` column of the stats CSV for herald's server: "UP", "DOWN", ...
     fn herald_status(&self) -> String {
+        self.server_status("herald1")
+    }
+
+    fn server_status(&self, server: &str) -> String {
         // HTTP/1.0: the body ends with the connection (HAProxy would chunk a 1.1 answer).
         let Ok(mut stream) = TcpStream::connect(self.stats) else {
             return "unreachable".into();
@@ -158,7 +162,7 @@ impl HaProxy {
             .expect("status column");
         csv.lines()
             .map(|l| l.split(',').collect::<Vec<_>>())
-            .find(|f| f.len() > col && f[0] == "herald" && f[1] == "herald1")
+            .find(|f| f.len() > col && f[0] == "herald" && f[1] == server)
             .map(|f| f[col].to_string())
             .unwrap_or_default()
     }
@@ -233,7 +237,9 @@ struct Supervisord {
 }
 
 impl Supervisord {
-    fn start(dir: &Path, herald_listen: &str) -> Supervisord {
+    /// supervisord with the shipped `config` (relative to the repository) and extra
+    /// environment for the programs it starts.
+    fn start(dir: &Path, config: &str, env: &[(&str, String)]) -> Supervisord {
         require("supervisord");
         assert!(
             Path::new("/var/log/supervisor").is_dir(),
@@ -252,7 +258,7 @@ impl Supervisord {
         let child = Command::new("supervisord")
             .arg("--nodaemon")
             .arg("-c")
-            .arg(repo("supervisor/supervisord.conf"))
+            .arg(repo(config))
             .arg("--logfile")
             .arg(&log)
             .arg("--pidfile")
@@ -263,7 +269,7 @@ impl Supervisord {
             // supervisord refuses to start below its minfds.
             .args(["--minfds", "8192"])
             .env("PATH", path)
-            .env("HERALD_LISTEN", herald_listen)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -279,7 +285,11 @@ impl Supervisord {
     }
 
     fn herald_pid(&self) -> Option<u32> {
-        let o = self.ctl(&["pid", "herald"]);
+        self.pid_of("herald")
+    }
+
+    fn pid_of(&self, program: &str) -> Option<u32> {
+        let o = self.ctl(&["pid", program]);
         String::from_utf8_lossy(&o.stdout)
             .trim()
             .parse()
@@ -546,7 +556,11 @@ fn supervisord_and_haproxy_run_herald_through_a_crash_and_a_deploy() {
         ("HERALD_BACKEND", herald.to_string()),
         ("HERALD_APP_BACKEND", app.addr.to_string()),
     ]);
-    let sup = Supervisord::start(&dir, &herald.to_string());
+    let sup = Supervisord::start(
+        &dir,
+        "supervisor/supervisord.conf",
+        &[("HERALD_LISTEN", herald.to_string())],
+    );
     assert!(
         eventually(Duration::from_secs(20), || healthy(herald)),
         "herald did not start under supervisord:\n{}",
@@ -760,4 +774,115 @@ fn the_tls_variant_carries_wss_to_herald() {
         r.header("Location")
             .is_some_and(|l| l.starts_with("https://localhost"))
     );
+}
+
+/// Two consecutive free ports after `base`: (base + 1, base + 2).
+fn free_port_pair() -> u16 {
+    loop {
+        let base = free_port();
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if base < 65000 && free(base + 1) && free(base + 2) {
+            return base;
+        }
+    }
+}
+
+#[test]
+fn haproxy_balances_two_processes_that_share_topics_through_redis() {
+    let _one_at_a_time = SUPERVISORD.lock().unwrap_or_else(|e| e.into_inner());
+    let redis = crate::redis::RedisServer::start();
+    let dir = scratch_dir("e2e-redis");
+    let base = free_port_pair();
+    let (one, two): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{}", base + 1).parse().unwrap(),
+        format!("127.0.0.1:{}", base + 2).parse().unwrap(),
+    );
+    let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let app = App::start();
+    let haproxy = HaProxy::start(&[
+        ("HERALD_PUBLIC_BIND", public.to_string()),
+        ("HERALD_BACKEND", one.to_string()),
+        ("HERALD_BACKEND2", two.to_string()),
+        ("HERALD_APP_BACKEND", app.addr.to_string()),
+    ]);
+    // The multi-process form of the kit: supervisord-redis.conf runs herald-redis.conf.
+    let sup = Supervisord::start(
+        &dir,
+        "supervisor/supervisord-redis.conf",
+        &[
+            ("HERALD_PORT_BASE", base.to_string()),
+            ("HERALD_REDIS", redis.url()),
+        ],
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || healthy(one) && healthy(two)),
+        "{}",
+        sup.log()
+    );
+    let both_up = || {
+        haproxy.server_status("herald1").starts_with("UP")
+            && haproxy.server_status("herald2").starts_with("UP")
+    };
+    assert!(
+        eventually(Duration::from_secs(10), both_up),
+        "HAProxy does not see both processes"
+    );
+
+    // leastconn spreads the clients over both processes.
+    let mut clients: Vec<Client> = (0..6).map(|_| subscribe_through(public, "multi")).collect();
+    let websockets = |addr: SocketAddr| {
+        let mut conn = HttpConn::connect(addr);
+        crate::util::parse_metrics(&conn.exchange(b"GET /metrics HTTP/1.1\r\n\r\n").text())["herald_websockets"]
+    };
+    assert!(
+        websockets(one) > 0.0 && websockets(two) > 0.0,
+        "{} / {}",
+        websockets(one),
+        websockets(two)
+    );
+    for (n, (addr, data)) in [(one, "\"to one\""), (two, "\"to two\"")]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            publish_to(addr, "multi", data)["delivered"],
+            2,
+            "both processes receive it"
+        );
+        for ws in clients.iter_mut() {
+            let m = next_json(ws);
+            assert_eq!(
+                (m["id"].as_u64(), m["data"].as_str()),
+                (Some(n as u64 + 1), Some(data.trim_matches('"')))
+            );
+        }
+    }
+
+    // Kill one process: its clients lose their connection and come back through HAProxy.
+    let victim = sup
+        .pid_of("herald-redis:herald-1")
+        .expect("pid of process 1");
+    // SAFETY: kill(2) on a process our supervisord started for this test.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    assert_eq!(publish_to(two, "multi", "\"after\"")["delivered"], 1);
+    let mut lost = 0;
+    for ws in clients.iter_mut() {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => assert!(t.as_str().contains("after"), "{t}"),
+            _ => {
+                lost += 1;
+                *ws = subscribe_through(public, "multi");
+            }
+        }
+    }
+    assert!(lost > 0, "no client was on the killed process");
+    let reply = publish_to(two, "multi", "\"flowing\"");
+    assert!(
+        reply["delivered"].as_u64().is_some_and(|d| d >= 1),
+        "{reply}"
+    );
+    for ws in clients.iter_mut() {
+        assert_eq!(next_json(ws)["data"], "flowing");
+    }
+    drop(app);
 }

@@ -7,6 +7,10 @@
 #   bench/compare.sh sweep capacity  # latency against load, largest N within 500 ms
 #   bench/compare.sh broadcast       # one scenario
 #   SERVERS="herald" bench/compare.sh idle
+#   SERVERS="herald herald-redis" bench/compare.sh fixed publishes   # the cost of Redis
+#
+# herald-redis is herald with --redis, with a redis-server (no persistence) that this
+# script starts on port 6390, pinned to core 1 beside herald-bench.
 #
 # Needs: a release build (done here), node + npm (bench/peers), taskset (util-linux).
 set -euo pipefail
@@ -21,12 +25,18 @@ OUT="bench/results/$(date +%Y-%m-%d)"
 mkdir -p "$OUT"
 BENCH="taskset -c 1 target/release/herald-bench"
 
-port_of() { case "$1" in herald) echo 9000 ;; uws) echo 9001 ;; ws) echo 9002 ;; esac; }
+port_of() { case "$1" in herald|herald-redis) echo 9000 ;; uws) echo 9001 ;; ws) echo 9002 ;; esac; }
+REDIS_PID=""
 
 start() { # start SERVER: pinned to core 0; its PID in $PID
   local port; port=$(port_of "$1")
   case "$1" in
     herald) sh -c 'echo $$ > /tmp/bench-server.pid; exec taskset -c 0 target/release/herald --listen 127.0.0.1:'"$port" 2>/dev/null & ;;
+    herald-redis)
+      sh -c 'echo $$ > /tmp/bench-redis.pid; exec taskset -c 1 redis-server --port 6390 --bind 127.0.0.1 --save "" --appendonly no' >/dev/null 2>&1 &
+      for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/6390) 2>/dev/null && break; sleep 0.1; done
+      REDIS_PID=$(cat /tmp/bench-redis.pid)
+      sh -c 'echo $$ > /tmp/bench-server.pid; exec taskset -c 0 target/release/herald --listen 127.0.0.1:'"$port"' --redis redis://127.0.0.1:6390' 2>/dev/null & ;;
     uws) sh -c 'echo $$ > /tmp/bench-server.pid; exec taskset -c 0 node bench/peers/uws-server.js' 2>/dev/null & ;;
     ws) sh -c 'echo $$ > /tmp/bench-server.pid; exec taskset -c 0 node bench/peers/ws-server.js' 2>/dev/null & ;;
   esac
@@ -37,10 +47,13 @@ start() { # start SERVER: pinned to core 0; its PID in $PID
   PID=$(cat /tmp/bench-server.pid)
 }
 
-stop() { # stop the server we started, by PID, and wait for it
-  kill "$PID" 2>/dev/null || true
-  for _ in $(seq 100); do kill -0 "$PID" 2>/dev/null || return 0; sleep 0.1; done
-  kill -9 "$PID" 2>/dev/null || true
+stop() { # stop the server (and Redis) we started, by PID, and wait for them
+  for pid in $PID $REDIS_PID; do
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  REDIS_PID=""
 }
 
 run() { # run SERVER SCENARIO ARGS...
@@ -62,6 +75,7 @@ for scenario in $SCENARIOS; do
       fixed) run "$server" fixed broadcast -n 5000 --rate 100 --duration 10 --payload 64 ;;
       echo) run "$server" echo echo -c 50 --size 64 --duration 10 ;;
       capacity) run "$server" capacity capacity --step 4000 --max 19000 --rate 20 --messages 40 ;;
+      publishes) run "$server" publishes broadcast -n 100 --rate 2000 --duration 10 --payload 64 ;;
       sweep) for rate in 25 50 75; do
                run "$server" "sweep-$rate" broadcast -n 10000 --rate "$rate" --duration 10 --payload 64
              done ;;

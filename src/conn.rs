@@ -25,9 +25,10 @@ impl ConnId {
 pub enum State {
     /// Awaiting an HTTP request; `Conn::partial` holds any part that has arrived.
     ReadingRequest,
-    /// A publish is at Redis; the answer goes out when Redis replies. Pipelined requests
-    /// behind it wait in `Conn::partial`, so responses keep their order.
-    AwaitingRedis,
+    /// A publish is at Redis. Pipelined requests behind it are still read and executed,
+    /// but their responses wait in the group `tag` names and go out in request order when
+    /// the last Redis reply arrives.
+    AwaitingRedis { tag: u64 },
     /// A WebSocket in use.
     Open(Box<Session>),
     /// Our close frame is queued or sent; awaiting the peer's (or the grace timer).

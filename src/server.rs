@@ -91,22 +91,36 @@ enum Next {
     KeepReading,
     /// The connection left `ReadingRequest` (closing, or now a WebSocket).
     Stop,
-    /// The answer waits for Redis: keep the rest of the input for later.
-    Wait,
+    /// The request cannot be served before the publishes ahead of it are answered (an
+    /// upgrade, or too many held responses): keep it, and the rest, for later.
+    Hold,
 }
 
-/// A `/publish` whose answer waits for Redis, one reply per topic.
-struct PendingPublish {
-    conn: ConnId,
-    serial: u64,
-    /// Topics in the order their replies come back, with the id Redis gave each.
-    ids: Vec<(String, Option<u64>)>,
-    waiting: usize,
+/// Most requests one connection may have answered-but-not-sent behind a publish at
+/// Redis; past it, parsing pauses until Redis replies.
+const MAX_HELD_RESPONSES: usize = 1024;
+
+/// One request's response, held behind a publish at Redis.
+struct Slot {
+    /// Ready now (any request but a publish), or built when Redis has replied.
+    response: Option<Response>,
+    head_only: bool,
+    keep_alive: bool,
+    /// A publish: each topic's id once Redis replies (`Err` if that publish failed).
+    topics: Vec<(String, Option<Result<u64, ()>>)>,
     /// herald processes that received the messages (PUBLISH's count).
     receivers: u64,
-    failed: bool,
-    keep_alive: bool,
-    head_only: bool,
+}
+
+/// A connection's responses held until its publishes come back from Redis.
+struct Group {
+    conn: ConnId,
+    serial: u64,
+    slots: Vec<Slot>,
+    /// Redis replies still due.
+    waiting: usize,
+    /// A held response ends the connection: nothing after it is served.
+    closing: bool,
 }
 
 /// How long a drain waits for Redis to hand over messages accepted before it began.
@@ -142,7 +156,7 @@ pub struct Server {
     redis: Option<Redis>,
     redis_events: Vec<redis::Event>,
     /// Publishes waiting for Redis, by tag.
-    awaiting: HashMap<u64, PendingPublish>,
+    awaiting: HashMap<u64, Group>,
     next_tag: u64,
     /// `subscribed` replies held until Redis confirms the topic's channel, so a client
     /// never misses a message published right after it was told it is subscribed.
@@ -426,20 +440,10 @@ impl Server {
 
     fn on_input(&mut self, id: ConnId, input: &[u8], now: Instant) {
         match self.conns[id.0].state {
-            State::ReadingRequest => self.on_http_input(id, input, now),
-            State::Open(_) | State::Closing(_) => self.on_ws_input(id, input, now),
-            State::AwaitingRedis => {
-                // Pipelined requests wait for the publish ahead of them, within limits.
-                let conn = &mut self.conns[id.0];
-                if conn.partial.len() + input.len()
-                    > http::MAX_HEAD_BYTES + self.cfg.max_message_size
-                {
-                    info!("{} pipelines too much behind a publish; closing", conn.peer);
-                    self.kill(id);
-                } else {
-                    conn.partial.extend_from_slice(input);
-                }
+            State::ReadingRequest | State::AwaitingRedis { .. } => {
+                self.on_http_input(id, input, now)
             }
+            State::Open(_) | State::Closing(_) => self.on_ws_input(id, input, now),
             // Nothing more is wanted from this peer; reading only watches for its FIN.
             State::Finishing | State::Lingering | State::Dead => {}
         }
@@ -452,7 +456,7 @@ impl Server {
             // The peer may have half-closed after its request; let the answer go out.
             State::ReadingRequest if !conn.out.is_empty() => self.finish(id, now),
             // The answer still goes out when Redis replies; then the connection ends.
-            State::Finishing | State::AwaitingRedis => {}
+            State::Finishing | State::AwaitingRedis { .. } => {}
             _ => self.kill(id),
         }
     }
@@ -482,6 +486,7 @@ impl Server {
             let rest = &data[pos..];
             match http::parse(rest, self.cfg.max_message_size) {
                 Ok(Parsed::Complete(req, used)) => {
+                    let start = pos;
                     pos += used;
                     let conn = &mut self.conns[id.0];
                     conn.sent_continue = false;
@@ -490,8 +495,9 @@ impl Server {
                     match self.on_request(id, *req, &data[pos..], now) {
                         Next::KeepReading => continue,
                         Next::Stop => return,
-                        Next::Wait => {
-                            self.conns[id.0].partial = data[pos..].to_vec();
+                        // Not now: this request and what follows wait for Redis's replies.
+                        Next::Hold => {
+                            self.conns[id.0].partial = data[start..].to_vec();
                             return;
                         }
                     }
@@ -548,6 +554,15 @@ impl Server {
             draining,
         };
         let head_only = req.method == Method::Head;
+        if let State::AwaitingRedis { tag } = self.conns[id.0].state {
+            let full = self
+                .awaiting
+                .get(&tag)
+                .is_none_or(|g| g.closing || g.slots.len() >= MAX_HELD_RESPONSES);
+            if full || req.upgrade.is_some() {
+                return Next::Hold;
+            }
+        }
         let mut response = match api::route(&req, &policy) {
             Err(reject) => reject.response(),
             Ok(Route::Health) if draining => Reject::Draining.response(),
@@ -588,8 +603,8 @@ impl Server {
         self.respond(id, response, head_only, now)
     }
 
-    /// Send each topic's message to Redis; the answer waits for its replies
-    /// (`on_publish_result`).
+    /// Send each topic's message to Redis. The response waits for the replies, in a group
+    /// with the responses of any requests pipelined behind it (`on_publish_result`).
     fn publish_through_redis(
         &mut self,
         id: ConnId,
@@ -603,74 +618,121 @@ impl Server {
             response.close |= !keep_alive || self.drain.is_draining();
             return self.respond(id, response, head_only, now);
         };
-        let tag = self.next_tag;
-        self.next_tag += 1;
+        let conn = &mut self.conns[id.0];
+        let tag = match conn.state {
+            State::AwaitingRedis { tag } => tag,
+            _ => {
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                conn.state = State::AwaitingRedis { tag };
+                let group = Group {
+                    conn: id,
+                    serial: conn.serial,
+                    slots: Vec::new(),
+                    waiting: 0,
+                    closing: false,
+                };
+                self.awaiting.insert(tag, group);
+                tag
+            }
+        };
         for topic in &p.topics {
             r.publish(topic, p.data.get(), Some(tag), now);
         }
-        let conn = &mut self.conns[id.0];
-        conn.state = State::AwaitingRedis;
-        self.awaiting.insert(
-            tag,
-            PendingPublish {
-                conn: id,
-                serial: conn.serial,
-                waiting: p.topics.len(),
-                ids: p.topics.into_iter().map(|t| (t, None)).collect(),
-                receivers: 0,
-                failed: false,
-                keep_alive,
+        if let Some(group) = self.awaiting.get_mut(&tag) {
+            group.waiting += p.topics.len();
+            group.slots.push(Slot {
+                response: None,
                 head_only,
-            },
-        );
-        Next::Wait
+                keep_alive,
+                topics: p.topics.into_iter().map(|t| (t, None)).collect(),
+                receivers: 0,
+            });
+        }
+        Next::KeepReading
     }
 
-    /// One Redis reply to a `/publish`; the last one answers the client, whose pipelined
-    /// requests then resume.
+    /// One Redis reply to a publish. Replies come in the order the publishes were sent,
+    /// so each fills the first topic still waiting. The last one sends the group's
+    /// responses in request order and lets the connection read on.
     fn on_publish_result(&mut self, tag: u64, result: Result<(u64, u64), String>, now: Instant) {
-        let Some(mut p) = self.awaiting.remove(&tag) else {
+        let Some(group) = self.awaiting.get_mut(&tag) else {
             return;
         };
-        match result {
+        let outcome = match result {
             Ok((msg_id, receivers)) => {
                 self.counters.published += 1;
-                p.receivers += receivers;
-                if let Some(slot) = p.ids.iter_mut().find(|(_, id)| id.is_none()) {
-                    slot.1 = Some(msg_id);
+                Ok((msg_id, receivers))
+            }
+            Err(_) => Err(()),
+        };
+        'fill: for slot in &mut group.slots {
+            for (_, result) in &mut slot.topics {
+                if result.is_none() {
+                    *result = Some(outcome.map(|(msg_id, _)| msg_id));
+                    slot.receivers += outcome.map_or(0, |(_, n)| n);
+                    break 'fill;
                 }
             }
-            Err(_) => p.failed = true,
         }
-        p.waiting -= 1;
-        if p.waiting > 0 {
-            self.awaiting.insert(tag, p);
+        group.waiting = group.waiting.saturating_sub(1);
+        if group.waiting > 0 {
             return;
         }
-        let Some(conn) = self.conns.get_mut(p.conn.0) else {
+        let Some(group) = self.awaiting.remove(&tag) else {
             return;
         };
-        if conn.serial != p.serial || !matches!(conn.state, State::AwaitingRedis) {
+        let Some(conn) = self.conns.get_mut(group.conn.0) else {
+            return;
+        };
+        let ours = matches!(conn.state, State::AwaitingRedis { tag: t } if t == tag);
+        if conn.serial != group.serial || !ours {
             return;
         }
         conn.state = State::ReadingRequest;
-        let mut response = if p.failed {
-            Reject::RedisUnavailable.response()
+        let draining = self.drain.is_draining();
+        for slot in group.slots {
+            let mut response = match slot.response {
+                Some(ready) => ready,
+                None if slot.topics.iter().all(|(_, r)| matches!(r, Some(Ok(_)))) => {
+                    let ids: Vec<(String, u64)> = slot
+                        .topics
+                        .into_iter()
+                        .map(|(t, r)| (t, r.and_then(Result::ok).unwrap_or(0)))
+                        .collect();
+                    api::publish_reply(&ids, slot.receivers as usize)
+                }
+                None => Reject::RedisUnavailable.response(),
+            };
+            response.close |= !slot.keep_alive || draining;
+            if let Next::Stop = self.respond(group.conn, response, slot.head_only, now) {
+                return;
+            }
+        }
+        if self.conns[group.conn.0].peer_shut {
+            self.finish(group.conn, now);
         } else {
-            let ids: Vec<(String, u64)> = p
-                .ids
-                .into_iter()
-                .map(|(t, id)| (t, id.unwrap_or(0)))
-                .collect();
-            api::publish_reply(&ids, p.receivers as usize)
-        };
-        response.close |= !p.keep_alive || self.drain.is_draining() || conn.peer_shut;
-        if let Next::KeepReading = self.respond(p.conn, response, p.head_only, now) {
-            self.on_http_input(p.conn, &[], now);
+            // Requests held behind the group (an upgrade, or more than the cap).
+            self.on_http_input(group.conn, &[], now);
         }
     }
 
     fn respond(&mut self, id: ConnId, response: Response, head_only: bool, now: Instant) -> Next {
+        if let State::AwaitingRedis { tag } = self.conns[id.0].state
+            && let Some(group) = self.awaiting.get_mut(&tag)
+        {
+            // Behind a publish at Redis: this response waits its turn.
+            let close = response.close;
+            group.closing |= close;
+            group.slots.push(Slot {
+                response: Some(response),
+                head_only,
+                keep_alive: !close,
+                topics: Vec::new(),
+                receivers: 0,
+            });
+            return if close { Next::Stop } else { Next::KeepReading };
+        }
         *self.counters.responses.entry(response.status).or_default() += 1;
         self.conns[id.0]
             .out

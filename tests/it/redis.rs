@@ -324,7 +324,10 @@ fn reuse_port_lets_two_processes_share_one_port() {
             .filter(|l| l.to_string_lossy().starts_with("socket:"))
             .count()
     };
-    // Listener, Redis links, the signal pipe: counted before any client connects.
+    // Listener, Redis links, the signal pipe: counted before any client connects, once
+    // both processes have their Redis links.
+    let linked = || a.log().contains("redis: up") && b.log().contains("redis: up");
+    assert!(eventually(Duration::from_secs(10), linked));
     let (base_a, base_b) = (sockets(a.pid()), sockets(b.pid()));
     let clients: Vec<Client> = (0..60).map(|_| a.subscriber("shared-port")).collect();
     let (sa, sb) = (sockets(a.pid()) - base_a, sockets(b.pid()) - base_b);

@@ -27,6 +27,8 @@ pub enum Route {
         kind: Kind,
         accept: String,
         topics: Vec<String>,
+        /// `?token=`: a JWT to verify (base64url and dots: nothing to decode).
+        token: Option<String>,
     },
 }
 
@@ -77,10 +79,15 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
                 (Kind::Topics, Some(list)) => parse_topic_list(list)?,
                 _ => Vec::new(),
             };
+            let token = req
+                .query_param("token")
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
             Ok(Route::Upgrade {
                 kind,
                 accept,
                 topics,
+                token,
             })
         }
         _ => Err(Reject::NotFound),

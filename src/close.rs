@@ -15,6 +15,8 @@ pub enum Reject {
     BadRequest(Cow<'static, str>),
     /// `/publish` without the right `Authorization: Bearer` key.
     Unauthorized,
+    /// `--require-token`: a WebSocket handshake without a valid token (why, in one line).
+    TokenRequired(String),
     /// Not allowed for this peer: a foreign `Origin`, or keyless publish from afar.
     Forbidden(&'static str),
     NotFound,
@@ -47,6 +49,7 @@ impl Reject {
         let (status, line, close): (u16, &str, bool) = match self {
             Reject::BadRequest(why) => (400, why, true),
             Reject::Unauthorized => (401, "missing or wrong API key", false),
+            Reject::TokenRequired(why) => (401, why, false),
             Reject::Forbidden(why) => (403, why, false),
             Reject::NotFound => (404, "no such endpoint", false),
             Reject::MethodNotAllowed(_) => (405, "method not allowed here", false),
@@ -159,6 +162,7 @@ mod tests {
         for reject in [
             Reject::bad_request("bad"),
             Reject::Unauthorized,
+            Reject::TokenRequired("token required".into()),
             Reject::Forbidden("origin not allowed"),
             Reject::NotFound,
             Reject::MethodNotAllowed("GET"),

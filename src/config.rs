@@ -115,6 +115,27 @@ pub struct Args {
     #[arg(long, env = "HERALD_CLIENT_PUBLISH", value_name = "PATTERNS")]
     pub client_publish: Option<String>,
 
+    /// Comma-separated topics (exact names or `prefix*`) that need a token granting them
+    #[arg(long, env = "HERALD_PRIVATE_TOPICS", value_name = "PATTERNS")]
+    pub private_topics: Option<String>,
+
+    /// HS256 secret that signs client tokens (at least 16 bytes)
+    #[arg(
+        long,
+        env = "HERALD_TOKEN_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub token_secret: Option<String>,
+
+    /// PEM public key (RSA for RS256, EC P-256 for ES256) that verifies client tokens
+    #[arg(long, env = "HERALD_TOKEN_PUBLIC_KEY", value_name = "FILE")]
+    pub token_public_key: Option<std::path::PathBuf>,
+
+    /// Refuse WebSocket handshakes without a valid token (401)
+    #[arg(long, env = "HERALD_REQUIRE_TOKEN")]
+    pub require_token: bool,
+
     /// Share topics with other herald processes through Redis:
     /// redis://[[user]:password@]host[:port][/db]
     #[arg(long, env = "HERALD_REDIS", value_name = "URL", hide_env_values = true)]
@@ -169,6 +190,10 @@ pub struct Config {
     pub backlog: i32,
     pub redis: Option<crate::redis::RedisConfig>,
     pub reuse_port: bool,
+    pub private_topics: Patterns,
+    /// Set when a token key is configured.
+    pub tokens: Option<std::sync::Arc<crate::auth::Verifier>>,
+    pub require_token: bool,
 }
 
 impl Args {
@@ -219,7 +244,30 @@ impl Args {
             ),
             None => None,
         };
+        let public_key = match &self.token_public_key {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| format!("--token-public-key {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        let tokens =
+            crate::auth::Verifier::new(self.token_secret.as_deref(), public_key.as_deref())?
+                .map(std::sync::Arc::new);
+        let private_topics = match &self.private_topics {
+            Some(list) => Patterns::parse(list).map_err(|e| format!("--private-topics: {e}"))?,
+            None => Patterns::default(),
+        };
+        if tokens.is_none() && (self.private_topics.is_some() || self.require_token) {
+            return Err(
+                "--private-topics and --require-token need --token-secret or --token-public-key"
+                    .into(),
+            );
+        }
         Ok(Config {
+            private_topics,
+            tokens,
+            require_token: self.require_token,
             redis,
             reuse_port: self.reuse_port,
             listen,

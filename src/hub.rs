@@ -193,6 +193,14 @@ impl Hub {
         self.topics.iter().map(|(_, t)| &*t.name)
     }
 
+    /// The names of the topics these memberships are in.
+    pub fn names(&self, memberships: &[Membership]) -> Vec<String> {
+        memberships
+            .iter()
+            .map(|m| self.topics[m.topic].name.to_string())
+            .collect()
+    }
+
     /// Whether these memberships include `name`.
     pub fn is_subscribed(&self, memberships: &[Membership], name: &str) -> bool {
         self.by_name

@@ -5,6 +5,7 @@
 //! stops the start is printed once.
 
 mod api;
+mod auth;
 mod check;
 mod close;
 mod config;

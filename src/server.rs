@@ -25,6 +25,7 @@ use slab::Slab;
 use tungstenite::Message;
 
 use crate::api::{self, Policy, Route};
+use crate::auth::{self, Grant, TokenError};
 use crate::close::{CloseReason, Reject};
 use crate::config::Config;
 use crate::conn::{Conn, ConnId, State};
@@ -121,6 +122,16 @@ struct Group {
     waiting: usize,
     /// A held response ends the connection: nothing after it is served.
     closing: bool,
+}
+
+/// A WebSocket handshake that was accepted: what it asked for.
+struct Opening {
+    kind: Kind,
+    accept: String,
+    /// `?topics=`, validated.
+    topics: Vec<String>,
+    /// The outcome of `?token=`, if one was given.
+    grant: Option<Result<Grant, TokenError>>,
 }
 
 /// How long a drain waits for Redis to hand over messages accepted before it began.
@@ -593,9 +604,23 @@ impl Server {
                 kind,
                 accept,
                 topics,
+                token,
             }) => {
-                self.open_websocket(id, kind, accept, &topics, rest, now);
-                return Next::Stop;
+                let grant = token.map(|t| self.verify_token(&t));
+                match (&grant, self.cfg.require_token) {
+                    (Some(Ok(_)), _) | (_, false) => {
+                        let opening = Opening {
+                            kind,
+                            accept,
+                            topics,
+                            grant,
+                        };
+                        self.open_websocket(id, opening, rest, now);
+                        return Next::Stop;
+                    }
+                    (None, true) => Reject::TokenRequired("token required".into()).response(),
+                    (Some(Err(e)), true) => Reject::TokenRequired(e.message()).response(),
+                }
             }
         };
         // While draining, every response says the connection ends (PRODUCT.md).
@@ -748,15 +773,13 @@ impl Server {
 
     // ---- WebSocket -------------------------------------------------------------------
 
-    fn open_websocket(
-        &mut self,
-        id: ConnId,
-        kind: Kind,
-        accept: String,
-        topics: &[String],
-        rest: &[u8],
-        now: Instant,
-    ) {
+    fn open_websocket(&mut self, id: ConnId, opening: Opening, rest: &[u8], now: Instant) {
+        let Opening {
+            kind,
+            accept,
+            topics,
+            grant,
+        } = opening;
         *self.counters.responses.entry(101).or_default() += 1;
         let conn = &mut self.conns[id.0];
         conn.out.push(Bytes::from(
@@ -765,9 +788,31 @@ impl Server {
         self.timers.disarm(&mut conn.timers, id.0, Timer::Request);
         self.timers.disarm(&mut conn.timers, id.0, Timer::Idle);
         let mut session = Session::new(Ws::new(self.cfg.max_message_size), kind, now);
+        let mut notes = Vec::new();
+        match grant {
+            Some(Ok(g)) => {
+                self.timers.arm(
+                    &mut conn.timers,
+                    id.0,
+                    Timer::Grant,
+                    grant_deadline(&g, now),
+                );
+                debug!("{}: token for sub {:?}", conn.peer, g.sub);
+                session.grant = Some(Box::new(g));
+            }
+            Some(Err(e)) => notes.push(session::error(&OpError::new(e.code(), e.message()))),
+            None => {}
+        }
+        // Private topics need the grant; the others subscribe as usual.
+        let (topics, refused): (Vec<&String>, Vec<&String>) = topics
+            .iter()
+            .partition(|t| may_subscribe(&self.cfg.private_topics, &session, t));
+        for topic in refused {
+            notes.push(session::error(&forbidden(topic)));
+        }
         // `?topics=` was capped at the per-connection limit when it was parsed.
         let joined: Vec<(&String, Joined)> = topics
-            .iter()
+            .into_iter()
             .filter_map(|t| {
                 self.hub
                     .subscribe(id, &mut session.memberships, t)
@@ -782,6 +827,9 @@ impl Server {
             Timer::Ping,
             now + self.cfg.ping_interval,
         );
+        for note in notes {
+            self.queue(id, note);
+        }
         for (topic, joined) in joined {
             self.joined(id, topic, joined);
         }
@@ -812,7 +860,93 @@ impl Server {
                 .or_default()
                 .push((id, serial));
         } else {
-            self.queue(id, session::subscribed(topic));
+            let reply = self.subscribed_reply(id, topic);
+            self.queue(id, reply);
+        }
+    }
+
+    /// `subscribed`, with the user the connection's token names.
+    fn subscribed_reply(&self, id: ConnId, topic: &str) -> Bytes {
+        let sub = match &self.conns[id.0].state {
+            State::Open(s) => s.grant.as_ref().and_then(|g| g.sub.as_deref()),
+            _ => None,
+        };
+        session::subscribed(topic, sub)
+    }
+
+    fn verify_token(&self, token: &str) -> Result<Grant, TokenError> {
+        match &self.cfg.tokens {
+            Some(v) => v.verify(token),
+            None => Err(TokenError::Invalid("this server accepts no tokens".into())),
+        }
+    }
+
+    /// A token presented with the `auth` op replaces the grant; private subscriptions
+    /// the new grant does not cover end. A refused token leaves the old grant in place.
+    fn on_auth(&mut self, id: ConnId, token: &str, now: Instant) {
+        let grant = match self.verify_token(token) {
+            Ok(g) => g,
+            Err(e) => {
+                let reply = self.op_error(OpError::new(e.code(), e.message()));
+                return self.queue(id, reply);
+            }
+        };
+        let conn = &mut self.conns[id.0];
+        let State::Open(session) = &mut conn.state else {
+            return;
+        };
+        self.timers.arm(
+            &mut conn.timers,
+            id.0,
+            Timer::Grant,
+            grant_deadline(&grant, now),
+        );
+        debug!("{}: token for sub {:?}", conn.peer, grant.sub);
+        let reply = session::authenticated(&grant);
+        let keep = grant.topics.clone();
+        session.grant = Some(Box::new(grant));
+        self.queue(id, reply);
+        self.end_private_subscriptions(id, |t| keep.matches(t), "not_granted");
+    }
+
+    /// The grant ran out: private subscriptions end, public ones go on.
+    fn on_grant_timer(&mut self, id: ConnId, now: Instant) {
+        let conn = &mut self.conns[id.0];
+        let State::Open(session) = &mut conn.state else {
+            return;
+        };
+        let Some(grant) = &session.grant else { return };
+        if grant.exp > auth::unix_now() {
+            // The wall clock moved: wait for the real expiry.
+            let at = grant_deadline(grant, now);
+            self.timers.arm(&mut conn.timers, id.0, Timer::Grant, at);
+            return;
+        }
+        debug!("{}: token for sub {:?} expired", conn.peer, grant.sub);
+        session.grant = None;
+        self.end_private_subscriptions(id, |_| false, "token_expired");
+    }
+
+    /// Unsubscribe from every private topic `keep` refuses, telling the client why.
+    fn end_private_subscriptions(&mut self, id: ConnId, keep: impl Fn(&str) -> bool, reason: &str) {
+        let State::Open(session) = &mut self.conns[id.0].state else {
+            return;
+        };
+        let ended: Vec<String> = self
+            .hub
+            .names(&session.memberships)
+            .into_iter()
+            .filter(|t| self.cfg.private_topics.matches(t) && !keep(t))
+            .collect();
+        let mut freed = Vec::new();
+        for topic in &ended {
+            if self.hub.unsubscribe(&mut session.memberships, topic) == Left::TopicFreed {
+                freed.push(topic.clone());
+            }
+        }
+        self.forget_topics(freed);
+        for topic in ended {
+            self.queue(id, session::unsubscribed(&topic, Some(reason)));
         }
     }
 
@@ -830,7 +964,8 @@ impl Server {
                 _ => false,
             };
             if still {
-                self.queue(id, session::subscribed(topic));
+                let reply = self.subscribed_reply(id, topic);
+                self.queue(id, reply);
             }
         }
     }
@@ -905,6 +1040,11 @@ impl Server {
             return;
         }
         let reply = match session::parse_op(text) {
+            Ok(Op::Subscribe(topic))
+                if !may_subscribe(&self.cfg.private_topics, session, &topic) =>
+            {
+                self.op_error(forbidden(&topic))
+            }
             Ok(Op::Subscribe(topic)) => {
                 match self.hub.subscribe(id, &mut session.memberships, &topic) {
                     Ok(joined) => {
@@ -924,12 +1064,26 @@ impl Server {
                 if self.hub.unsubscribe(&mut session.memberships, &topic) == Left::TopicFreed {
                     self.forget_topics(vec![topic.to_string()]);
                 }
-                session::unsubscribed(&topic)
+                session::unsubscribed(&topic, None)
             }
             Ok(Op::Ping) => session::pong(),
-            Ok(Op::Publish(topic, _)) if !self.cfg.client_publish.matches(&topic) => self.op_error(
-                OpError::new("forbidden", format!("clients may not publish to {topic:?}")),
-            ),
+            Ok(Op::Auth(token)) => {
+                let token = token.into_owned();
+                self.on_auth(id, &token, now);
+                return;
+            }
+            Ok(Op::Publish(topic, _))
+                if !self.cfg.client_publish.matches(&topic)
+                    && !session
+                        .grant
+                        .as_ref()
+                        .is_some_and(|g| g.publish.matches(&topic)) =>
+            {
+                self.op_error(OpError::new(
+                    "forbidden",
+                    format!("clients may not publish to {topic:?}"),
+                ))
+            }
             Ok(Op::Publish(topic, data)) => {
                 let Some(r) = self.redis.as_mut() else {
                     self.publish(&topic, data, now);
@@ -1136,6 +1290,7 @@ impl Server {
                     self.kill(id);
                 }
                 Timer::CloseGrace => self.kill(id),
+                Timer::Grant => self.on_grant_timer(id, now),
             }
         }
     }
@@ -1401,4 +1556,26 @@ fn is_loopback(ip: IpAddr) -> bool {
             .to_ipv4_mapped()
             .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
     }
+}
+
+/// The error for a private topic the connection has no grant for.
+fn forbidden(topic: &str) -> OpError {
+    OpError::new(
+        "forbidden",
+        format!("no grant for the private topic {topic:?}"),
+    )
+}
+
+/// The monotonic instant at which `grant` expires (it is stated in Unix seconds).
+fn grant_deadline(grant: &Grant, now: Instant) -> Instant {
+    now + Duration::from_secs(grant.exp.saturating_sub(auth::unix_now()))
+}
+
+/// Public topics are open to all; a private one needs the session's grant.
+fn may_subscribe(private: &crate::topic::Patterns, session: &Session, topic: &str) -> bool {
+    !private.matches(topic)
+        || session
+            .grant
+            .as_ref()
+            .is_some_and(|g| g.topics.matches(topic))
 }

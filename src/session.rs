@@ -10,6 +10,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::auth::Grant;
 use crate::hub::Membership;
 use crate::topic;
 use crate::ws::{self, Ws};
@@ -29,6 +30,8 @@ pub struct Session {
     pub memberships: Vec<Membership>,
     /// Last time any byte arrived; the ping timer measures silence from here.
     pub last_seen: Instant,
+    /// What the client's token allows, once it presented a valid one.
+    pub grant: Option<Box<Grant>>,
 }
 
 impl Session {
@@ -38,6 +41,7 @@ impl Session {
             kind,
             memberships: Vec::new(),
             last_seen: now,
+            grant: None,
         }
     }
 }
@@ -49,6 +53,8 @@ pub enum Op<'a> {
     Unsubscribe(Cow<'a, str>),
     Publish(Cow<'a, str>, &'a RawValue),
     Ping,
+    /// A (new) token: replaces the connection's grant.
+    Auth(Cow<'a, str>),
 }
 
 /// A bad op: answered with an `error` message; the connection stays open.
@@ -75,6 +81,8 @@ struct RawOp<'a> {
     topic: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
 }
 
 pub fn parse_op(text: &str) -> Result<Op<'_>, OpError> {
@@ -101,15 +109,25 @@ pub fn parse_op(text: &str) -> Result<Op<'_>, OpError> {
             Ok(Op::Publish(topic()?, data))
         }
         "ping" => Ok(Op::Ping),
+        "auth" => match raw.token {
+            Some(token) => Ok(Op::Auth(token)),
+            None => Err(OpError::new("bad_request", "missing \"token\"")),
+        },
         other => Err(OpError::new("unknown_op", format!("unknown op {other:?}"))),
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct Reply<'a> {
     op: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     topic: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sub: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exp: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -121,21 +139,32 @@ fn reply(r: &Reply) -> Bytes {
     ws::text_frame(&json)
 }
 
-pub fn subscribed(topic: &str) -> Bytes {
+/// `sub`: the user named by the connection's token, if it has one.
+pub fn subscribed(topic: &str, sub: Option<&str>) -> Bytes {
     reply(&Reply {
         op: "subscribed",
         topic: Some(topic),
-        error: None,
-        message: None,
+        sub,
+        ..Reply::default()
     })
 }
 
-pub fn unsubscribed(topic: &str) -> Bytes {
+/// `reason`: why herald ended a subscription the client did not end (`token_expired`).
+pub fn unsubscribed(topic: &str, reason: Option<&str>) -> Bytes {
     reply(&Reply {
         op: "unsubscribed",
         topic: Some(topic),
-        error: None,
-        message: None,
+        reason,
+        ..Reply::default()
+    })
+}
+
+pub fn authenticated(grant: &Grant) -> Bytes {
+    reply(&Reply {
+        op: "authenticated",
+        sub: grant.sub.as_deref(),
+        exp: Some(grant.exp),
+        ..Reply::default()
     })
 }
 
@@ -146,9 +175,9 @@ pub fn pong() -> Bytes {
 pub fn error(e: &OpError) -> Bytes {
     reply(&Reply {
         op: "error",
-        topic: None,
         error: Some(e.code),
         message: Some(&e.message),
+        ..Reply::default()
     })
 }
 

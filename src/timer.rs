@@ -20,9 +20,11 @@ pub enum Timer {
     Pong,
     /// Our close frame went out; the peer has until then to finish the handshake.
     CloseGrace,
+    /// The WebSocket's token grant expires: its private subscriptions end.
+    Grant,
 }
 
-const KINDS: usize = 5;
+const KINDS: usize = 6;
 
 impl Timer {
     const ALL: [Timer; KINDS] = [
@@ -31,6 +33,7 @@ impl Timer {
         Timer::Ping,
         Timer::Pong,
         Timer::CloseGrace,
+        Timer::Grant,
     ];
 
     fn slot(self) -> usize {
@@ -40,6 +43,7 @@ impl Timer {
             Timer::Ping => 2,
             Timer::Pong => 3,
             Timer::CloseGrace => 4,
+            Timer::Grant => 5,
         }
     }
 }

@@ -797,7 +797,7 @@ impl Server {
                     Timer::Grant,
                     grant_deadline(&g, now),
                 );
-                debug!("{}: token for sub {:?}", conn.peer, g.sub);
+                info!("{}: token accepted for sub {:?}", conn.peer, g.sub);
                 session.grant = Some(Box::new(g));
             }
             Some(Err(e)) => notes.push(session::error(&OpError::new(e.code(), e.message()))),
@@ -901,7 +901,7 @@ impl Server {
             Timer::Grant,
             grant_deadline(&grant, now),
         );
-        debug!("{}: token for sub {:?}", conn.peer, grant.sub);
+        info!("{}: token accepted for sub {:?}", conn.peer, grant.sub);
         let reply = session::authenticated(&grant);
         let keep = grant.topics.clone();
         session.grant = Some(Box::new(grant));

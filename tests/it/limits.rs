@@ -97,6 +97,10 @@ fn help_lists_every_flag_with_its_variable() {
         "redis",
         "redis-prefix",
         "reuse-port",
+        "private-topics",
+        "token-secret",
+        "token-public-key",
+        "require-token",
     ] {
         assert!(
             help.contains(&format!("--{flag}")),

@@ -12,7 +12,7 @@ use clap::Args as ClapArgs;
 use crate::config::Config;
 use crate::rlimit::FD_RESERVE;
 
-/// Memory to budget per connection: herald's own 0.8 KiB (README, measured) plus the
+/// Memory to budget per connection: herald's own ~0.9 KiB (README, measured) plus the
 /// kernel's ~5 KiB per socket, with headroom for buffers of active connections.
 const BYTES_PER_CONNECTION: u64 = 8 * 1024;
 /// systemd's default hard RLIMIT_NOFILE for services (since v240) when a unit sets none.

@@ -162,28 +162,18 @@ impl Hub {
             // Nobody listens: the message still gets an id, from the process-wide count.
             None => self.published,
         };
-        // Topic names need no JSON escaping (their alphabet has no quote or backslash).
-        let payload = format!(
-            r#"{{"op":"message","topic":"{name}","id":{id},"data":{}}}"#,
-            data.get()
-        );
-        Published {
-            id,
-            frame: ws::text_frame(payload.as_bytes()),
-            topic,
-        }
+        // Nobody here listens: no frame to build.
+        let frame = topic.map_or_else(Bytes::new, |_| message_frame(name, id, data.get()));
+        Published { id, frame, topic }
     }
 
     /// Frame a message whose id was assigned elsewhere (by Redis, for every process at
     /// once). `None` when no local connection listens to `name`.
-    pub fn deliver(&mut self, name: &str, id: u64, data: &str) -> Option<Published> {
+    pub fn deliver(&self, name: &str, id: u64, data: &str) -> Option<Published> {
         let key = *self.by_name.get(name)?;
-        let topic = &mut self.topics[key];
-        topic.last_id = topic.last_id.max(id);
-        let payload = format!(r#"{{"op":"message","topic":"{name}","id":{id},"data":{data}}}"#);
         Some(Published {
             id,
-            frame: ws::text_frame(payload.as_bytes()),
+            frame: message_frame(name, id, data),
             topic: Some(key),
         })
     }
@@ -228,6 +218,13 @@ impl Hub {
     }
 }
 
+/// The one place a message's envelope is written; `data` is JSON, passed through as is.
+fn message_frame(topic: &str, id: u64, data: &str) -> Bytes {
+    // Topic names need no JSON escaping (their alphabet has no quote or backslash).
+    let payload = format!(r#"{{"op":"message","topic":"{topic}","id":{id},"data":{data}}}"#);
+    ws::text_frame(payload.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,8 +267,12 @@ mod tests {
     #[test]
     fn the_frame_is_one_text_frame_with_the_envelope() {
         let mut hub = Hub::default();
+        // Nobody listens: an id, but no frame built for nobody.
+        let unheard = hub.publish("t", &raw("0"));
+        assert_eq!((unheard.id, unheard.frame.len()), (1, 0));
+        hub.subscribe(ConnId(1), &mut Vec::new(), "t").unwrap();
         let p = hub.publish("t", &raw(r#"{"x":[1,2]}"#));
-        let body = br#"{"op":"message","topic":"t","id":1,"data":{"x":[1,2]}}"#;
+        let body = br#"{"op":"message","topic":"t","id":2,"data":{"x":[1,2]}}"#;
         assert_eq!(p.frame[0], 0x81);
         assert_eq!(p.frame[1] as usize, body.len());
         assert_eq!(&p.frame[2..], body);

@@ -34,6 +34,16 @@ pub struct Counters {
     pub pong_timeouts: u64,
 }
 
+/// The Redis links' state, read at scrape time.
+#[derive(Debug, Default)]
+pub struct RedisGauges {
+    pub up: bool,
+    pub channels: usize,
+    pub in_flight: usize,
+    pub reconnects: u64,
+    pub errors: u64,
+}
+
 /// Values read at scrape time.
 #[derive(Debug, Default)]
 pub struct Gauges {
@@ -44,8 +54,8 @@ pub struct Gauges {
     pub fd_limit: u64,
     pub max_connections: usize,
     pub draining: bool,
-    /// With --redis: (up, confirmed channels, publishes in flight, reconnects, errors).
-    pub redis: Option<(bool, usize, usize, u64, u64)>,
+    /// With --redis.
+    pub redis: Option<RedisGauges>,
     /// This process's user + system CPU time and resident memory, when readable.
     pub cpu_seconds: Option<f64>,
     pub resident_bytes: Option<u64>,
@@ -141,36 +151,36 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "1 once a graceful shutdown has begun.",
         u8::from(g.draining),
     );
-    if let Some((up, channels, in_flight, reconnects, errors)) = g.redis {
+    if let Some(r) = &g.redis {
         o.metric(
             "herald_redis_up",
             "gauge",
             "1 while both Redis links are ready.",
-            u8::from(up),
+            u8::from(r.up),
         );
         o.metric(
             "herald_redis_channels",
             "gauge",
             "Topic channels Redis has confirmed.",
-            channels,
+            r.channels,
         );
         o.metric(
             "herald_redis_publishes_in_flight",
             "gauge",
             "Publishes awaiting Redis's reply.",
-            in_flight,
+            r.in_flight,
         );
         o.metric(
             "herald_redis_reconnects_total",
             "counter",
             "Redis links lost and reconnected.",
-            reconnects,
+            r.reconnects,
         );
         o.metric(
             "herald_redis_errors_total",
             "counter",
             "Redis links reset for a malformed or unexpected reply, or a stuck command.",
-            errors,
+            r.errors,
         );
         o.metric(
             "herald_redis_messages_total",

@@ -575,8 +575,9 @@ impl Redis {
                 Err(e) => return self.reset(role, &e.to_string(), registry, now, events),
             }
         }
-        // Take every whole frame; a partial one waits for more bytes.
-        let input = std::mem::take(&mut self.link_mut(role).input);
+        // Take every whole frame; a partial one waits for more bytes. The buffer is taken
+        // out only so `on_frame` may borrow `self`; it goes back with its capacity.
+        let mut input = std::mem::take(&mut self.link_mut(role).input);
         let mut at = 0;
         let outcome = loop {
             match decode(&input[at..]) {
@@ -595,7 +596,10 @@ impl Redis {
                 self.counters.errors += 1;
                 self.reset(role, "reply too large", registry, now, events);
             }
-            Ok(()) => self.link_mut(role).input = input[at..].to_vec(),
+            Ok(()) => {
+                input.drain(..at);
+                self.link_mut(role).input = input;
+            }
             Err(why) => {
                 self.counters.errors += 1;
                 warn!(

@@ -1534,14 +1534,12 @@ impl Server {
             draining: self.drain.is_draining(),
             cpu_seconds,
             resident_bytes,
-            redis: self.redis.as_ref().map(|r| {
-                (
-                    r.is_up(),
-                    r.confirmed_count(),
-                    r.in_flight(),
-                    r.counters.reconnects,
-                    r.counters.errors,
-                )
+            redis: self.redis.as_ref().map(|r| metrics::RedisGauges {
+                up: r.is_up(),
+                channels: r.confirmed_count(),
+                in_flight: r.in_flight(),
+                reconnects: r.counters.reconnects,
+                errors: r.counters.errors,
             }),
         };
         metrics::render(&self.counters, &gauges)

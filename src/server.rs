@@ -1017,7 +1017,11 @@ impl Server {
                 }
             }
         }
-        self.mark_dirty(id);
+        // Pongs and close replies that tungstenite wrote into the queue; everything else
+        // that queues output marks the connection itself.
+        if self.conns.get(id.0).is_some_and(|c| !c.out.is_empty()) {
+            self.mark_dirty(id);
+        }
     }
 
     fn on_binary(&mut self, id: ConnId, data: &[u8], now: Instant) {

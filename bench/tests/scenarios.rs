@@ -23,6 +23,28 @@ fn herald_binary() -> PathBuf {
     path
 }
 
+/// A loopback port nothing listens on, below the kernel's ephemeral range, so no outgoing
+/// connection can take it before the server this test starts binds it.
+fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 10_000;
+    let high: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    let span = high.saturating_sub(LOW).max(2);
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(span)) as u16 + 1;
+    let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..span {
+        let port = LOW + NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOW} and {high}");
+}
+
 struct Server {
     child: Child,
     url: String,
@@ -189,11 +211,7 @@ fn connect_echo_and_idle_count_what_they_did() {
 #[test]
 fn connection_failures_are_counted_by_kind() {
     // Nothing listens on this port: every attempt is refused, and the report says so.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let r = run(
         &format!("ws://127.0.0.1:{port}"),
         &["connect", "-n", "50", "--hold", "0"],
@@ -207,11 +225,7 @@ fn storm_measures_the_way_back_after_a_restart() {
     let dir = std::env::temp_dir().join(format!("herald-bench-storm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let pidfile = dir.join("herald.pid");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let launch = format!(
         "sh -c 'echo $$ > {pid}; exec {bin} --listen 127.0.0.1:{port}' >/dev/null 2>&1 &",
         pid = pidfile.display(),

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::util::{Client, Herald, HttpConn, close_code, eventually, next_json, wait_exit};
+use crate::util::{
+    Client, Herald, HttpConn, close_code, eventually, free_port, next_json, wait_exit,
+};
 
 /// The shipped supervisord.conf has one control socket path; one supervisord at a time.
 static SUPERVISORD: Mutex<()> = Mutex::new(());
@@ -31,14 +33,6 @@ fn require(program: &str) {
         found,
         "{program} is not installed; .ci/run installs it (apt-get)"
     );
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn scratch_dir(name: &str) -> PathBuf {
@@ -776,23 +770,13 @@ fn the_tls_variant_carries_wss_to_herald() {
     );
 }
 
-/// Two consecutive free ports after `base`: (base + 1, base + 2).
-fn free_port_pair() -> u16 {
-    loop {
-        let base = free_port();
-        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if base < 65000 && free(base + 1) && free(base + 2) {
-            return base;
-        }
-    }
-}
-
 #[test]
 fn haproxy_balances_two_processes_that_share_topics_through_redis() {
     let _one_at_a_time = SUPERVISORD.lock().unwrap_or_else(|e| e.into_inner());
     let redis = crate::redis::RedisServer::start();
     let dir = scratch_dir("e2e-redis");
-    let base = free_port_pair();
+    // Process N listens on base + N.
+    let base = crate::util::free_ports(3);
     let (one, two): (SocketAddr, SocketAddr) = (
         format!("127.0.0.1:{}", base + 1).parse().unwrap(),
         format!("127.0.0.1:{}", base + 2).parse().unwrap(),

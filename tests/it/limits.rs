@@ -116,11 +116,7 @@ fn help_lists_every_flag_with_its_variable() {
 
 #[test]
 fn port_and_host_variables_choose_the_address_and_lose_to_listen() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free = crate::util::free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
     cmd.env("PORT", free.to_string()).env("HOST", "127.0.0.1");
     let herald = Herald::spawn(cmd);

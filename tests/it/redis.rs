@@ -17,11 +17,7 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::util::free_port();
         RedisServer::on(port)
     }
 
@@ -237,11 +233,7 @@ fn redis_going_away_means_503_and_connected_clients_stay_then_it_all_comes_back(
 
 #[test]
 fn herald_starts_without_redis_and_connects_when_it_appears() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::util::free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let herald = Herald::start(&["--redis", &url]);
     assert_eq!(
@@ -315,11 +307,7 @@ fn pipelined_requests_behind_a_publish_are_answered_in_order() {
 #[test]
 fn reuse_port_lets_two_processes_share_one_port() {
     let redis = RedisServer::start();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::util::free_port();
     let listen = format!("127.0.0.1:{port}");
     let spawn = || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));

@@ -430,3 +430,38 @@ pub fn eventually(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
     }
     ok()
 }
+
+/// `n` consecutive loopback ports nothing listens on, for servers a test starts later;
+/// returns the first. They are chosen below the kernel's ephemeral range: a port from
+/// inside it could be taken, between this check and the server's bind, as the source
+/// port of some outgoing connection (the tests make thousands). Each call hands out new
+/// ports, so concurrent tests never get the same ones.
+pub fn free_ports(n: u16) -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 10_000;
+    let high: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    let span = high.saturating_sub(LOW).max(n + 1);
+    // Start somewhere different in each test process.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        (std::process::id() % u32::from(span)) as u16 + 1,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(n, Ordering::SeqCst) % (span - n);
+        let base = LOW + offset;
+        if (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no {n} free loopback ports between {LOW} and {high}");
+}
+
+pub fn free_port() -> u16 {
+    free_ports(1)
+}

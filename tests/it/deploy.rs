@@ -298,8 +298,7 @@ impl Supervisord {
 
 impl Drop for Supervisord {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        crate::util::signal(self.child.id(), libc::SIGTERM);
         if wait_exit(&mut self.child, Duration::from_secs(40)).is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -428,8 +427,7 @@ fn sd_notify_says_ready_once_listening_and_stopping_on_sigterm() {
         ready.contains(&format!("STATUS=listening on {}", herald.addr)),
         "{ready:?}"
     );
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(herald.pid() as i32, libc::SIGTERM) };
+    herald.signal(libc::SIGTERM);
     let n = socket.recv(&mut buf).expect("STOPPING=1");
     assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "STOPPING=1");
     let mut herald = herald;
@@ -591,8 +589,7 @@ fn supervisord_and_haproxy_run_herald_through_a_crash_and_a_deploy() {
 
     // Crash: kill -9, supervisord restarts it, clients reconnect and receive again.
     let first = sup.herald_pid().expect("herald pid");
-    // SAFETY: kill(2) on a process our supervisord started for this test.
-    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    assert!(crate::util::signal(first, libc::SIGKILL));
     assert!(
         ws.read().is_err() || ws.read().is_err(),
         "the WebSocket outlived its server"
@@ -846,8 +843,7 @@ fn haproxy_balances_two_processes_that_share_topics_through_redis() {
     let victim = sup
         .pid_of("herald-redis:herald-1")
         .expect("pid of process 1");
-    // SAFETY: kill(2) on a process our supervisord started for this test.
-    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    assert!(crate::util::signal(victim, libc::SIGKILL));
     // Redis may not have noticed the dead process's subscription yet: it can count 1 or 2.
     let after = publish_to(two, "multi", "\"after\"");
     assert!(

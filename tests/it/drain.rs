@@ -11,11 +11,6 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::util::{Client, Herald, HttpConn};
 
-fn signal(herald: &Herald, sig: i32) {
-    // SAFETY: kill(2) on the PID of a child this test started.
-    assert_eq!(unsafe { libc::kill(herald.pid() as i32, sig) }, 0);
-}
-
 /// Publish over one keep-alive connection until the server stops accepting; return the
 /// ids it acknowledged, in order.
 fn publish_until_refused(addr: std::net::SocketAddr, accepted: Arc<AtomicU64>) -> Vec<u64> {
@@ -78,7 +73,7 @@ fn sigterm_drain_delivers_every_accepted_message_then_1001_and_exits_0() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let signalled = Instant::now();
-    signal(&herald, libc::SIGTERM);
+    herald.signal(libc::SIGTERM);
 
     // 2. New connections are refused (which also shows the drain has begun).
     let refused = (0..200).any(|_| {
@@ -154,7 +149,7 @@ fn with_stuck_subscriber(drain_timeout: &str) -> (Herald, Client) {
 fn drain_deadline_abandons_what_is_left_and_says_so() {
     let (herald, stuck) = with_stuck_subscriber("1");
     let start = Instant::now();
-    signal(&herald, libc::SIGTERM);
+    herald.signal(libc::SIGTERM);
     let mut herald = herald;
     let status = herald.wait(Duration::from_secs(5)).expect("no exit");
     assert!(status.success());
@@ -174,10 +169,10 @@ fn drain_deadline_abandons_what_is_left_and_says_so() {
 #[test]
 fn second_signal_exits_at_once() {
     let (herald, _stuck) = with_stuck_subscriber("30");
-    signal(&herald, libc::SIGINT);
+    herald.signal(libc::SIGINT);
     std::thread::sleep(Duration::from_millis(200));
     let start = Instant::now();
-    signal(&herald, libc::SIGTERM);
+    herald.signal(libc::SIGTERM);
     let mut herald = herald;
     let status = herald.wait(Duration::from_secs(5)).expect("no exit");
     assert!(start.elapsed() < Duration::from_secs(2));

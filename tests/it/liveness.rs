@@ -141,8 +141,7 @@ fn an_unanswered_close_frame_is_cut_after_a_grace_period() {
     let herald = Herald::start(&["--drain-timeout", "30"]);
     let mut ws = raw_ws(herald.addr, "/ws?topics=t");
     read_raw_frame(&mut ws).unwrap(); // subscribed
-    // SAFETY: kill(2) on the PID of our own child.
-    unsafe { libc::kill(herald.pid() as i32, libc::SIGTERM) };
+    herald.signal(libc::SIGTERM);
     let start = Instant::now();
     assert_eq!(raw_close_code(&mut ws), Some(1001));
     assert_between(

@@ -127,10 +127,18 @@ impl Herald {
             .unwrap_or_else(|| panic!("no metric {name}"))
     }
 
+    /// Send `sig` to this herald.
+    pub fn signal(&self, sig: i32) {
+        assert!(
+            signal(self.child.id(), sig),
+            "herald {} is gone",
+            self.child.id()
+        );
+    }
+
     /// Send SIGTERM and wait for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) on the PID of a child we started and have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         self.wait(TIMEOUT + TIMEOUT).expect("herald did not exit")
     }
 
@@ -145,6 +153,13 @@ impl Drop for Herald {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// kill(2) `pid` with `sig`; false if there is no such process. Tests only signal
+/// processes they (or a supervisor they started) spawned.
+pub fn signal(pid: u32, sig: i32) -> bool {
+    // SAFETY: kill(2) takes plain integers and has no memory effects.
+    unsafe { libc::kill(pid as i32, sig) == 0 }
 }
 
 pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
@@ -261,19 +276,9 @@ impl HttpConn {
         r.json()
     }
 
-    /// Read one response (Content-Length framed).
-    pub fn response(&mut self) -> HttpResponse {
-        match self.try_response() {
-            Ok(r) => r,
-            Err(e) => panic!(
-                "reading a response: {e}; have {:?}",
-                String::from_utf8_lossy(&self.buf)
-            ),
-        }
-    }
-
-    /// Read one response, or the error that ended the connection first.
-    pub fn try_response(&mut self) -> std::io::Result<HttpResponse> {
+    /// The response head at the front of the buffer (body still empty) and its length in
+    /// bytes. The head stays in the buffer.
+    fn read_head(&mut self) -> std::io::Result<(HttpResponse, usize)> {
         let head_end = loop {
             if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
@@ -287,10 +292,39 @@ impl HttpConn {
             .and_then(|l| l.split(' ').nth(1))
             .and_then(|s| s.parse().ok())
             .expect("status");
-        let headers: Vec<(String, String)> = lines
+        let headers = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
             .collect();
+        Ok((
+            HttpResponse {
+                status,
+                headers,
+                body: Vec::new(),
+            },
+            head_end,
+        ))
+    }
+
+    /// Read one response (Content-Length framed).
+    pub fn response(&mut self) -> HttpResponse {
+        match self.try_response() {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "reading a response: {e}; have {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+        }
+    }
+
+    /// Read one response, or the error that ended the connection first.
+    pub fn try_response(&mut self) -> std::io::Result<HttpResponse> {
+        let (
+            HttpResponse {
+                status, headers, ..
+            },
+            head_end,
+        ) = self.read_head()?;
         let len: usize = headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
@@ -327,18 +361,9 @@ impl HttpConn {
 impl HttpConn {
     /// Read the head of a response to HEAD (no body follows, whatever its length says).
     pub fn response_head_only(&mut self) -> u16 {
-        let head_end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            self.fill().expect("read response head");
-        };
-        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        let (head, head_end) = self.read_head().expect("read response head");
         self.buf.drain(..head_end);
-        head.split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status")
+        head.status
     }
 }
 

@@ -332,6 +332,7 @@ fn run(cli: &Cli) -> Result<Report, String> {
         }
         Scenario::Idle { connections, hold } => {
             let before = observer.sample();
+            let slab_before = slab_kib();
             let workers = Workers::spawn(planner.plans(
                 Mode::Subscribe,
                 &subscribe_path,
@@ -344,6 +345,7 @@ fn run(cli: &Cli) -> Result<Report, String> {
             // Let allocations settle (queued confirmations written, buffers released).
             std::thread::sleep(Duration::from_secs(1));
             let after = observer.sample();
+            let slab_after = slab_kib();
             std::thread::sleep(Duration::from_secs_f64(*hold));
             let fin = workers.stop();
             let mut r = Report::new("idle");
@@ -373,6 +375,20 @@ fn run(cli: &Cli) -> Result<Report, String> {
                     r.add("server KiB per connection", format!("{per:.2}"), json!(per));
                 }
                 _ => r.add("server KiB per connection", "not observed", json!(null)),
+            }
+            // The kernel's socket memory is outside any RSS. Over loopback both ends of
+            // every connection live on this host, so half the Slab growth is the server's.
+            if let (Some(a), Some(b), true) =
+                (slab_before, slab_after, target.addr.ip().is_loopback())
+            {
+                if p.usable > 0 {
+                    let per = (b as f64 - a as f64) / (2.0 * p.usable as f64);
+                    r.add(
+                        "kernel KiB per socket",
+                        format!("{per:.2} (estimate: Slab growth / 2N)"),
+                        json!(per),
+                    );
+                }
             }
             add_tool(&mut r, &fin, tool_start);
             r
@@ -484,6 +500,18 @@ fn run(cli: &Cli) -> Result<Report, String> {
     };
     report.add("target", cli.url.clone(), json!(cli.url));
     Ok(report)
+}
+
+/// The kernel's slab memory (`Slab:` in /proc/meminfo), in KiB.
+fn slab_kib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo
+        .lines()
+        .find(|l| l.starts_with("Slab:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn add_tool(r: &mut Report, fin: &worker::Finished, tool_start: f64) {

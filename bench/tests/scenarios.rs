@@ -206,6 +206,7 @@ fn connect_echo_and_idle_count_what_they_did() {
     let r = run(&server.url, &["idle", "-n", "200", "--hold", "0.2"]);
     assert_eq!(r["subscribed connections"], 200);
     assert!(r["server KiB per connection"].as_f64().is_some(), "{r}");
+    assert!(r["kernel KiB per socket"].as_f64().is_some(), "{r}");
 }
 
 #[test]

@@ -827,6 +827,8 @@ impl Server {
             Timer::Ping,
             now + self.cfg.ping_interval,
         );
+        // Errors about the token and refused topics count like the same errors later.
+        self.counters.op_errors += notes.len() as u64;
         for note in notes {
             self.queue(id, note);
         }

@@ -228,6 +228,8 @@ fn bad_tokens_are_refused_with_the_right_code() {
         next_json(&mut ws),
         json!({"op":"subscribed","topic":"news"})
     );
+    // Six refused auths and their six forbidden subscribes, then these two at connect.
+    assert_eq!(herald.metric("herald_op_errors_total"), 14.0);
 }
 
 #[test]

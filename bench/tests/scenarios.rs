@@ -264,8 +264,13 @@ fn storm_measures_the_way_back_after_a_restart() {
             "20",
         ],
     );
-    let pid = std::fs::read_to_string(&pidfile).unwrap();
-    let _ = Command::new("kill").arg(pid.trim()).status();
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) takes plain integers; `pid` is the herald this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
     assert_eq!(r["clients"], 300, "{r}");
     assert_eq!(r["disconnects"], 300, "{r}");
     assert!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
-use crate::util::{Client, Herald, next_json, send_json};
+use crate::util::{Client, Herald, next_json, require, send_json};
 
 const SECRET: &str = "a-test-secret-of-enough-length";
 
@@ -115,6 +115,7 @@ fn pattern_grants_cover_prefixes() {
 
 #[test]
 fn an_rs256_grant_verified_with_a_generated_public_key() {
+    require("openssl", "openssl");
     let dir = std::env::temp_dir().join(format!("herald-rs256-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (key, public) = (dir.join("key.pem"), dir.join("public.pem"));

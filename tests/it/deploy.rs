@@ -1,7 +1,7 @@
 //! The deployment kit, tested as shipped: the real HAProxy, supervisord and
 //! systemd-analyze read the files in `haproxy/`, `supervisor/` and `systemd/` unedited.
 //! Ports and paths are chosen through the environment variables the files themselves
-//! read. `.ci/run` installs the programs from Debian's packages.
+//! read. `scripts/test` installs the programs from Debian's packages.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::util::{
-    Client, Herald, HttpConn, close_code, eventually, free_port, next_json, wait_exit,
+    Client, Herald, HttpConn, close_code, eventually, free_port, next_json, require, wait_exit,
 };
 
 /// The shipped supervisord.conf has one control socket path; one supervisord at a time.
@@ -22,17 +22,6 @@ static SUPERVISORD: Mutex<()> = Mutex::new(());
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-fn require(program: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "{program} is not installed; .ci/run installs it (apt-get)"
-    );
 }
 
 fn scratch_dir(name: &str) -> PathBuf {
@@ -56,7 +45,7 @@ fn text(o: &Output) -> String {
 
 /// A self-signed certificate for `localhost`: (certificate, certificate + key for HAProxy).
 fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
-    require("openssl");
+    require("openssl", "openssl");
     let (cert, key, pem) = (
         dir.join("cert.pem"),
         dir.join("key.pem"),
@@ -91,7 +80,7 @@ struct HaProxy {
 
 impl HaProxy {
     fn start(env: &[(&str, String)]) -> HaProxy {
-        require("haproxy");
+        require("haproxy", "haproxy");
         let stats: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new("haproxy")
             .args(["-db", "-f"])
@@ -234,7 +223,8 @@ impl Supervisord {
     /// supervisord with the shipped `config` (relative to the repository) and extra
     /// environment for the programs it starts.
     fn start(dir: &Path, config: &str, env: &[(&str, String)]) -> Supervisord {
-        require("supervisord");
+        require("supervisord", "supervisor");
+        require("supervisorctl", "supervisor");
         assert!(
             Path::new("/var/log/supervisor").is_dir(),
             "herald.conf logs to /var/log/supervisor (Debian's supervisor package creates it)"
@@ -353,7 +343,7 @@ fn publish_to(herald: SocketAddr, topic: &str, data: &str) -> serde_json::Value 
 
 #[test]
 fn haproxy_accepts_the_shipped_config_plain_and_with_tls() {
-    require("haproxy");
+    require("haproxy", "haproxy");
     let o = run(Command::new("haproxy")
         .arg("-c")
         .arg("-f")
@@ -378,8 +368,9 @@ fn haproxy_accepts_the_shipped_config_plain_and_with_tls() {
 
 #[test]
 fn systemd_analyze_verifies_the_shipped_units() {
-    require("systemd-analyze");
-    require("unshare");
+    require("systemd-analyze", "systemd");
+    require("unshare", "util-linux");
+    require("mount", "mount");
     // `verify` insists that ExecStart's /usr/local/bin/herald exists. Rather than install
     // into the host, bind-mount a directory holding this build over /usr/local/bin in a
     // private mount namespace. The template is verified through an instance name.
@@ -444,6 +435,7 @@ fn check(args: &[&str]) -> Output {
 
 #[test]
 fn check_reports_a_low_fd_limit_with_its_fixes() {
+    require("prlimit", "util-linux");
     let o = run(Command::new("prlimit").args([
         "--nofile=512:512",
         "--",
@@ -683,6 +675,7 @@ struct TlsPipe {
 
 impl TlsPipe {
     fn connect(addr: SocketAddr, ca: &Path) -> TlsPipe {
+        require("openssl", "openssl");
         let mut child = Command::new("openssl")
             .args([
                 "s_client",

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::util::{Herald, HttpConn};
+use crate::util::{Herald, HttpConn, require};
 
 #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux only
 fn hard_nofile() -> u64 {
@@ -27,6 +27,7 @@ fn hard_nofile() -> u64 {
 fn the_fd_soft_limit_is_raised_to_the_hard_limit() {
     let hard = hard_nofile();
     assert!(hard > 256, "this test needs a hard limit above 256");
+    require("prlimit", "util-linux");
     let mut cmd = Command::new("prlimit");
     cmd.args([
         "--nofile=256:",

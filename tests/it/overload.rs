@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::util::{Herald, HttpConn, eventually, parse_metrics, raw_ws, read_raw_frame};
+use crate::util::{Herald, HttpConn, eventually, parse_metrics, raw_ws, read_raw_frame, require};
 
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -147,6 +147,7 @@ fn a_subscriber_that_never_reads_is_cut_off_and_the_others_lose_nothing() {
 
 #[test]
 fn at_the_fd_limit_herald_idles_keeps_serving_and_recovers() {
+    require("prlimit", "util-linux");
     let mut cmd = std::process::Command::new("prlimit");
     cmd.args(["--nofile=128:128", "--", env!("CARGO_BIN_EXE_herald")]);
     cmd.args([

@@ -1,5 +1,5 @@
 //! Several herald processes sharing topics through a real redis-server, which each test
-//! starts on its own loopback port (`.ci/run` installs it).
+//! starts on its own loopback port (`scripts/test` installs it).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::util::{Client, Herald, HttpConn, eventually, next_json, send_json};
+use crate::util::{Client, Herald, HttpConn, eventually, next_json, require, send_json};
 
 pub struct RedisServer {
     child: Child,
@@ -22,14 +22,7 @@ impl RedisServer {
     }
 
     fn on(port: u16) -> RedisServer {
-        let found = Command::new("sh")
-            .args(["-c", "command -v redis-server"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(
-            found,
-            "redis-server is not installed; .ci/run installs it (apt-get)"
-        );
+        require("redis-server", "redis-server");
         let child = Command::new("redis-server")
             .args([
                 "--port",

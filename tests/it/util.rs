@@ -490,3 +490,21 @@ pub fn free_ports(n: u16) -> u16 {
 pub fn free_port() -> u16 {
     free_ports(1)
 }
+
+/// Fail at once, in one line naming the Debian package, if `program` is not on PATH
+/// (`scripts/test` installs the packages before it builds; this covers a bare
+/// `cargo test`). Call it before spawning `program`.
+pub fn require(program: &str, package: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    });
+    assert!(
+        found,
+        "{program} is not installed (not on PATH): install the Debian package {package} \
+         (scripts/test installs it)"
+    );
+}

@@ -7,9 +7,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args as ClapArgs;
-
-use crate::config::Config;
+use crate::config::{CheckArgs, Config};
 use crate::rlimit::FD_RESERVE;
 
 /// Memory to budget per connection: herald's own ~0.9 KiB (README, measured) plus the
@@ -22,22 +20,6 @@ const SUPERVISOR_DEFAULT_MINFDS: u64 = 1024;
 const SUPERVISOR_DEFAULT_STOPWAIT: u64 = 10;
 /// systemd's default TimeoutStopSec.
 const SYSTEMD_DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(90);
-
-#[derive(ClapArgs, Debug)]
-pub struct CheckArgs {
-    /// Connections the host should hold
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
-    pub connections: u64,
-    /// A supervisord program file (or supervisord.conf) to check against herald's settings
-    #[arg(long, value_name = "FILE")]
-    pub supervisor: Option<PathBuf>,
-    /// A systemd unit to check against herald's settings
-    #[arg(long, value_name = "FILE")]
-    pub systemd: Option<PathBuf>,
-    /// An HAProxy configuration to check against herald's settings
-    #[arg(long, value_name = "FILE")]
-    pub haproxy: Option<PathBuf>,
-}
 
 /// The host's limits, as read at this moment.
 #[derive(Debug, Clone, Default)]

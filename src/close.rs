@@ -6,8 +6,6 @@ use std::borrow::Cow;
 
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::http::Response;
-
 /// Why an HTTP request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reject {
@@ -43,9 +41,10 @@ impl Reject {
         Reject::BadRequest(why.into())
     }
 
-    /// The response for this refusal: status, a one-line reason, and whether the
-    /// connection must close because the byte stream can no longer be trusted.
-    pub fn response(&self) -> Response {
+    /// What this refusal puts on the wire: status, a one-line reason, whether the
+    /// connection must close because the byte stream can no longer be trusted, and any
+    /// headers the status calls for. `http::Response::refuse` writes it out.
+    pub fn refusal(&self) -> Refusal<'_> {
         let (status, line, close): (u16, &str, bool) = match self {
             Reject::BadRequest(why) => (400, why, true),
             Reject::Unauthorized => (401, "missing or wrong API key", false),
@@ -61,17 +60,31 @@ impl Reject {
             Reject::AtCapacity => (503, "server at connection capacity", true),
             Reject::RedisUnavailable => (503, "redis unavailable", false),
         };
-        let mut response = Response::text(status, line);
-        response.close = close;
-        match self {
-            Reject::Unauthorized => response.header("WWW-Authenticate", "Bearer"),
-            Reject::MethodNotAllowed(allow) => response.header("Allow", *allow),
-            Reject::UpgradeRequired => response
-                .header("Upgrade", "websocket")
-                .header("Sec-WebSocket-Version", "13"),
-            _ => response,
+        let headers = match self {
+            Reject::Unauthorized => vec![("WWW-Authenticate", "Bearer")],
+            Reject::MethodNotAllowed(allow) => vec![("Allow", *allow)],
+            Reject::UpgradeRequired => {
+                vec![("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
+            }
+            _ => Vec::new(),
+        };
+        Refusal {
+            status,
+            line,
+            close,
+            headers,
         }
     }
+}
+
+/// A refusal's wire form, independent of how HTTP responses are encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal<'a> {
+    pub status: u16,
+    pub line: &'a str,
+    /// The connection closes after this response.
+    pub close: bool,
+    pub headers: Vec<(&'static str, &'static str)>,
 }
 
 /// Why herald ends a WebSocket.
@@ -174,12 +187,8 @@ mod tests {
             Reject::AtCapacity,
             Reject::RedisUnavailable,
         ] {
-            let r = reject.response();
-            let body = String::from_utf8(r.body.clone()).unwrap();
-            assert!(
-                body.ends_with('\n') && body.lines().count() == 1,
-                "{reject:?}"
-            );
+            let r = reject.refusal();
+            assert!(!r.line.is_empty() && !r.line.contains('\n'), "{reject:?}");
             assert!(r.status >= 400, "{reject:?}");
         }
     }

@@ -3,6 +3,7 @@
 //! here touches a socket; `max_connections` stays `None` until the fd limit is known.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -130,7 +131,7 @@ pub struct Args {
 
     /// PEM public key (RSA for RS256, EC P-256 for ES256) that verifies client tokens
     #[arg(long, env = "HERALD_TOKEN_PUBLIC_KEY", value_name = "FILE")]
-    pub token_public_key: Option<std::path::PathBuf>,
+    pub token_public_key: Option<PathBuf>,
 
     /// Refuse WebSocket handshakes without a valid token (401)
     #[arg(long, env = "HERALD_REQUIRE_TOKEN")]
@@ -167,7 +168,24 @@ pub struct Args {
 pub enum Command {
     /// Check whether this host, and optionally deployment files, can hold N connections;
     /// print the fix for each gap. Exit 0 only when everything fits
-    Check(crate::check::CheckArgs),
+    Check(CheckArgs),
+}
+
+/// `herald check`'s own flags (the check itself lives in `check.rs`).
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Connections the host should hold
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub connections: u64,
+    /// A supervisord program file (or supervisord.conf) to check against herald's settings
+    #[arg(long, value_name = "FILE")]
+    pub supervisor: Option<PathBuf>,
+    /// A systemd unit to check against herald's settings
+    #[arg(long, value_name = "FILE")]
+    pub systemd: Option<PathBuf>,
+    /// An HAProxy configuration to check against herald's settings
+    #[arg(long, value_name = "FILE")]
+    pub haproxy: Option<PathBuf>,
 }
 
 /// Validated settings. Durations are `Duration`, lists are parsed, the address resolved.
@@ -188,7 +206,7 @@ pub struct Config {
     pub allowed_origins: Option<Vec<String>>,
     pub client_publish: Patterns,
     pub backlog: i32,
-    pub redis: Option<crate::redis::RedisConfig>,
+    pub redis: Option<crate::pubsub::redis::RedisConfig>,
     pub reuse_port: bool,
     pub private_topics: Patterns,
     /// Set when a token key is configured.
@@ -239,7 +257,7 @@ impl Args {
         };
         let redis = match &self.redis {
             Some(url) => Some(
-                crate::redis::parse_url(url, &self.redis_prefix)
+                crate::pubsub::redis::parse_url(url, &self.redis_prefix)
                     .map_err(|e| format!("--redis: {e}"))?,
             ),
             None => None,

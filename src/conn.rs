@@ -1,18 +1,34 @@
-//! One client connection: its socket, what it is waiting for, its partial input (only
-//! while a request is incomplete), its output queue and its timers. The state enum is
-//! named by what the connection awaits; the readiness interest is derived from it.
+//! The connection table: every client connection's record (its socket, what it awaits,
+//! its partial input, its output queue, its timers) in one slab whose keys are the mio
+//! tokens, plus the two lists the loop works through after each pass: connections with
+//! output to write (`dirty`) and connections to remove (`reap`).
+//!
+//! Handlers change connections only through this table: they queue bytes, move a state
+//! along, arm timers, or end a connection. Nothing here makes a system call: the socket is
+//! stored here but only the reactor reads, writes, registers or closes it. Ending a
+//! connection only marks it `Dead` and lists it; the reactor removes it after the pass, so
+//! a slab key is never reused within one.
 
 use std::net::SocketAddr;
+use std::ops::{Index, IndexMut};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use mio::net::TcpStream;
 use mio::{Interest, Token};
+use slab::Slab;
 
+use crate::auth::Grant;
 use crate::outq::OutQueue;
-use crate::session::Session;
-use crate::timer::TimerTable;
+use crate::timer::{Timer, TimerTable, Timers};
+use crate::ws::codec::Ws;
+use crate::ws::protocol::Kind;
+
+/// After our close frame or FIN, how long the peer has to finish before we cut it.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
 /// A connection's handle: its slab key, which is also its mio `Token`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub usize);
 
 impl ConnId {
@@ -42,6 +58,29 @@ pub enum State {
     Dead,
 }
 
+/// One open WebSocket: its protocol state, what it is for (`/ws` topics or `/echo`),
+/// when it last showed life, and its token grant. Its topics are the hub's to know.
+#[derive(Debug)]
+pub struct Session {
+    pub ws: Ws,
+    pub kind: Kind,
+    /// Last time any byte arrived; the ping timer measures silence from here.
+    pub last_seen: Instant,
+    /// What the client's token allows, once it presented a valid one.
+    pub grant: Option<Box<Grant>>,
+}
+
+impl Session {
+    pub fn new(ws: Ws, kind: Kind, now: Instant) -> Session {
+        Session {
+            ws,
+            kind,
+            last_seen: now,
+            grant: None,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Conn {
     pub stream: TcpStream,
@@ -53,7 +92,7 @@ pub struct Conn {
     pub timers: TimerTable,
     /// What mio has registered for this socket.
     pub registered: Interest,
-    /// Queued in the server's flush list this pass.
+    /// Listed in the table's flush list this pass.
     pub dirty: bool,
     /// The peer sent FIN: nothing more will arrive, and no FIN needs awaiting.
     pub peer_shut: bool,
@@ -65,7 +104,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, peer: SocketAddr, serial: u64) -> Conn {
+    fn new(stream: TcpStream, peer: SocketAddr, serial: u64) -> Conn {
         Conn {
             stream,
             peer,
@@ -91,10 +130,208 @@ impl Conn {
         }
     }
 
+    pub fn session(&self) -> Option<&Session> {
+        match &self.state {
+            State::Open(s) | State::Closing(s) => Some(s),
+            _ => None,
+        }
+    }
+
     pub fn session_mut(&mut self) -> Option<&mut Session> {
         match &mut self.state {
             State::Open(s) | State::Closing(s) => Some(s),
             _ => None,
         }
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, State::Open(_))
+    }
+}
+
+/// A connection that just ended while subscribed to topics (it was `Open`). The hub must
+/// be told, so the caller hands this to `PubSub::leave`; dropping it would leave the
+/// connection's memberships behind.
+#[must_use = "pass an ended connection to PubSub::leave so it leaves its topics"]
+#[derive(Debug)]
+pub struct Ended(pub Option<ConnId>);
+
+#[derive(Debug, Default)]
+pub struct Conns {
+    slab: Slab<Conn>,
+    /// Every armed deadline of every connection.
+    timers: Timers,
+    /// Connections with output to write this pass.
+    dirty: Vec<ConnId>,
+    /// Connections to remove after this pass.
+    reap: Vec<ConnId>,
+    next_serial: u64,
+}
+
+impl Conns {
+    /// The id the next `insert` will use, so the socket can be registered under it first.
+    pub fn next_id(&self) -> ConnId {
+        ConnId(self.slab.vacant_key())
+    }
+
+    pub fn insert(&mut self, stream: TcpStream, peer: SocketAddr) -> ConnId {
+        self.next_serial += 1;
+        ConnId(self.slab.insert(Conn::new(stream, peer, self.next_serial)))
+    }
+
+    pub fn get(&self, id: ConnId) -> Option<&Conn> {
+        self.slab.get(id.0)
+    }
+
+    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.slab.get_mut(id.0)
+    }
+
+    /// The connection `id` names if it is still the one with `serial`.
+    pub fn same(&self, id: ConnId, serial: u64) -> Option<&Conn> {
+        self.get(id).filter(|c| c.serial == serial)
+    }
+
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    pub fn ids(&self) -> Vec<ConnId> {
+        self.slab.iter().map(|(k, _)| ConnId(k)).collect()
+    }
+
+    pub fn websockets(&self) -> usize {
+        self.slab.iter().filter(|(_, c)| c.is_open()).count()
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.slab.iter().map(|(_, c)| c.out.len()).sum()
+    }
+
+    // ---- output ----------------------------------------------------------------------
+
+    /// List the connection for this pass's flush (once).
+    pub fn mark_dirty(&mut self, id: ConnId) {
+        if let Some(conn) = self.slab.get_mut(id.0)
+            && !conn.dirty
+        {
+            conn.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    /// Queue bytes behind whatever the connection already has queued.
+    pub fn queue(&mut self, id: ConnId, bytes: Bytes) {
+        if let Some(conn) = self.slab.get_mut(id.0) {
+            conn.out.push(bytes);
+        }
+        self.mark_dirty(id);
+    }
+
+    /// Queue a shared frame (a published message) and list the connection for the flush,
+    /// with one slab lookup: this is the fan-out's inner loop. Returns the queue's length
+    /// after, or `None` when there is no such connection.
+    pub fn queue_shared(&mut self, id: ConnId, frame: &Bytes) -> Option<usize> {
+        let conn = self.slab.get_mut(id.0)?;
+        conn.out.push(frame.clone());
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(id);
+        }
+        Some(conn.out.len())
+    }
+
+    /// This pass's flush list; the reactor clears each connection's `dirty` as it goes.
+    pub fn take_dirty(&mut self) -> Vec<ConnId> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    // ---- timers ----------------------------------------------------------------------
+
+    pub fn arm(&mut self, id: ConnId, kind: Timer, at: Instant) {
+        if let Some(conn) = self.slab.get_mut(id.0) {
+            self.timers.arm(&mut conn.timers, id.0, kind, at);
+        }
+    }
+
+    pub fn disarm(&mut self, id: ConnId, kind: Timer) {
+        if let Some(conn) = self.slab.get_mut(id.0) {
+            self.timers.disarm(&mut conn.timers, id.0, kind);
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    /// One timer that has expired at `now`, if any.
+    pub fn pop_expired(&mut self, now: Instant) -> Option<(ConnId, Timer)> {
+        let slab = &mut self.slab;
+        self.timers
+            .pop_expired(now, |k| slab.get_mut(k).map(|c| &mut c.timers))
+            .map(|(k, kind)| (ConnId(k), kind))
+    }
+
+    // ---- ending ----------------------------------------------------------------------
+
+    /// End a connection now: mark it `Dead` and list it for reaping after this pass.
+    pub fn kill(&mut self, id: ConnId) -> Ended {
+        let Some(conn) = self.slab.get_mut(id.0) else {
+            return Ended(None);
+        };
+        if matches!(conn.state, State::Dead) {
+            return Ended(None);
+        }
+        let was_open = conn.is_open();
+        conn.state = State::Dead;
+        self.reap.push(id);
+        Ended(was_open.then_some(id))
+    }
+
+    /// The exchange is over: write what is queued, then close our side. A peer that will
+    /// not take even that much is cut after `CLOSE_GRACE`.
+    pub fn finish(&mut self, id: ConnId, now: Instant) -> Ended {
+        let Some(conn) = self.slab.get_mut(id.0) else {
+            return Ended(None);
+        };
+        let was_open = conn.is_open();
+        conn.state = State::Finishing;
+        for kind in [Timer::Request, Timer::Idle, Timer::Ping, Timer::Pong] {
+            self.timers.disarm(&mut conn.timers, id.0, kind);
+        }
+        self.timers
+            .arm(&mut conn.timers, id.0, Timer::CloseGrace, now + CLOSE_GRACE);
+        self.mark_dirty(id);
+        Ended(was_open.then_some(id))
+    }
+
+    /// The connections ended this pass, for the reactor to remove.
+    pub fn take_reap(&mut self) -> Vec<ConnId> {
+        std::mem::take(&mut self.reap)
+    }
+
+    /// Take the record out of the table, with its timers disarmed.
+    pub fn remove(&mut self, id: ConnId) -> Option<Conn> {
+        let mut conn = self.slab.try_remove(id.0)?;
+        self.timers.disarm_all(&mut conn.timers, id.0);
+        Some(conn)
+    }
+}
+
+impl Index<ConnId> for Conns {
+    type Output = Conn;
+
+    fn index(&self, id: ConnId) -> &Conn {
+        &self.slab[id.0]
+    }
+}
+
+impl IndexMut<ConnId> for Conns {
+    fn index_mut(&mut self, id: ConnId) -> &mut Conn {
+        &mut self.slab[id.0]
     }
 }

@@ -1,5 +1,5 @@
 //! Graceful shutdown as a small state machine, decided without I/O. The first SIGTERM or
-//! SIGINT starts a drain with a deadline; a second one means "now". The server does the
+//! SIGINT starts a drain with a deadline; a second one means "now". The reactor does the
 //! steps (PRODUCT.md order: health 503, listener closed, queued messages delivered ahead
 //! of each close frame, close 1001, exit) and asks here when it may stop.
 
@@ -8,7 +8,12 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drain {
     Serving,
-    Draining { deadline: Instant },
+    Draining {
+        deadline: Instant,
+        /// With Redis, WebSockets close once Redis answers our PING (everything
+        /// published before the drain has come back to us), or at this deadline.
+        redis_until: Option<Instant>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +38,7 @@ impl Drain {
             Drain::Serving => {
                 *self = Drain::Draining {
                     deadline: now + timeout,
+                    redis_until: None,
                 };
                 OnSignal::StartDrain
             }
@@ -47,7 +53,29 @@ impl Drain {
     pub fn deadline(&self) -> Option<Instant> {
         match self {
             Drain::Serving => None,
-            Drain::Draining { deadline } => Some(*deadline),
+            Drain::Draining { deadline, .. } => Some(*deadline),
+        }
+    }
+
+    /// Hold the WebSockets' close frames until Redis answers, or until `until`.
+    pub fn await_redis(&mut self, until: Instant) {
+        if let Drain::Draining { redis_until, .. } = self {
+            *redis_until = Some(until);
+        }
+    }
+
+    /// Until when the close frames wait for Redis, if they do.
+    pub fn redis_wait(&self) -> Option<Instant> {
+        match self {
+            Drain::Serving => None,
+            Drain::Draining { redis_until, .. } => *redis_until,
+        }
+    }
+
+    /// Redis answered (or the wait is over): the WebSockets close now.
+    pub fn redis_done(&mut self) {
+        if let Drain::Draining { redis_until, .. } = self {
+            *redis_until = None;
         }
     }
 

@@ -4,7 +4,6 @@
 //! `main` parses flags, raises the fd limit, binds, and runs the loop; any error that
 //! stops the start is printed once.
 
-mod api;
 mod auth;
 mod check;
 mod close;
@@ -12,17 +11,14 @@ mod config;
 mod conn;
 mod drain;
 mod http;
-mod hub;
 mod metrics;
-mod net;
 mod outq;
-mod redis;
+mod pubsub;
+mod reactor;
 mod rlimit;
-mod server;
 mod session;
 mod timer;
 mod topic;
-mod upgrade;
 mod ws;
 
 use clap::Parser;
@@ -59,7 +55,7 @@ fn run() -> Result<i32, String> {
     );
 
     let listen = cfg.listen;
-    let server = server::Server::bind(cfg, nofile, max_connections)
+    let server = reactor::Server::bind(cfg, nofile, max_connections)
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     info!("listening on {}", server.local_addr());
     // Under systemd (Type=notify) this is what ends "activating": the port is bound.

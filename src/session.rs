@@ -1,232 +1,481 @@
-//! One open WebSocket: its protocol state (`ws::Ws`), what it is for (`/ws` topics or
-//! `/echo`), its topic memberships and when it last showed life. Also herald's JSON
-//! protocol on `/ws`: client ops parsed from text, replies encoded as frames. What an op
-//! does to topics is decided in `server.rs`, which owns the hub and the connections.
+//! The WebSocket session handler: what a WebSocket's bytes and timers mean once the
+//! upgrade is done. It opens sessions (token, `?topics=`), decodes frames through the
+//! codec, executes the client's ops (subscribe, unsubscribe, publish, ping, auth), keeps
+//! each session's token grant and ends the private subscriptions a grant no longer
+//! covers, pings silent peers, and closes WebSockets from our side (drain, slow
+//! consumers, protocol errors) behind what is already queued to them.
+//!
+//! It owns the rules sessions live by (limits, private topics, who may publish, the token
+//! verifier); the sessions themselves live in the connection table, their topics in the
+//! hub. It never touches a socket: replies are queued through the table, and closing only
+//! moves a connection's state along for the loop to finish.
 
-use std::borrow::Cow;
-use std::time::Instant;
+use std::mem;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use log::{debug, info};
+use tungstenite::Message;
 
-use crate::auth::Grant;
-use crate::hub::Membership;
-use crate::topic;
-use crate::ws::{self, Ws};
+use crate::auth::{self, Grant, TokenError, Verifier};
+use crate::close::CloseReason;
+use crate::config::Config;
+use crate::conn::{CLOSE_GRACE, ConnId, Conns, Session, State};
+use crate::metrics::Counters;
+use crate::pubsub::Fanout;
+use crate::pubsub::hub::{MAX_TOPICS_PER_CONNECTION, SubscribeError};
+use crate::pubsub::pipeline::PubSub;
+use crate::timer::Timer;
+use crate::topic::Patterns;
+use crate::ws::codec::{self as ws, Ws, WsEvent};
+use crate::ws::protocol::{self, Kind, Op, OpError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// `/ws`: JSON ops, topics.
-    Topics,
-    /// `/echo`: every text and binary message comes back.
-    Echo,
-}
-
-#[derive(Debug)]
-pub struct Session {
-    pub ws: Ws,
+/// A WebSocket handshake that was accepted: what it asked for.
+pub struct Opening {
     pub kind: Kind,
-    pub memberships: Vec<Membership>,
-    /// Last time any byte arrived; the ping timer measures silence from here.
-    pub last_seen: Instant,
-    /// What the client's token allows, once it presented a valid one.
-    pub grant: Option<Box<Grant>>,
+    pub accept: String,
+    /// `?topics=`, validated.
+    pub topics: Vec<String>,
+    /// The outcome of `?token=`, if one was given.
+    pub grant: Option<Result<Grant, TokenError>>,
 }
 
-impl Session {
-    pub fn new(ws: Ws, kind: Kind, now: Instant) -> Session {
-        Session {
-            ws,
+/// The rules every session lives by, taken from the configuration once.
+pub struct Sessions {
+    max_message_size: usize,
+    ping_interval: Duration,
+    pong_timeout: Duration,
+    private_topics: Patterns,
+    client_publish: Patterns,
+    tokens: Option<Arc<Verifier>>,
+}
+
+impl Sessions {
+    pub fn new(cfg: &Config) -> Sessions {
+        Sessions {
+            max_message_size: cfg.max_message_size,
+            ping_interval: cfg.ping_interval,
+            pong_timeout: cfg.pong_timeout,
+            private_topics: cfg.private_topics.clone(),
+            client_publish: cfg.client_publish.clone(),
+            tokens: cfg.tokens.clone(),
+        }
+    }
+
+    pub fn verify_token(&self, token: &str) -> Result<Grant, TokenError> {
+        match &self.tokens {
+            Some(v) => v.verify(token),
+            None => Err(TokenError::Invalid("this server accepts no tokens".into())),
+        }
+    }
+
+    // ---- opening ---------------------------------------------------------------------
+
+    /// The upgrade was accepted: queue the 101, start the session, subscribe `?topics=`
+    /// (private ones only with a grant), and read any frames that came with the request.
+    #[allow(clippy::too_many_arguments)] // the session's whole world, each part distinct
+    pub fn open(
+        &self,
+        conns: &mut Conns,
+        pubsub: &mut PubSub,
+        counters: &mut Counters,
+        id: ConnId,
+        opening: Opening,
+        rest: &[u8],
+        now: Instant,
+    ) {
+        let Opening {
             kind,
-            memberships: Vec::new(),
-            last_seen: now,
-            grant: None,
-        }
-    }
-}
-
-/// A client op on `/ws`, borrowing from the message text.
-#[derive(Debug)]
-pub enum Op<'a> {
-    Subscribe(Cow<'a, str>),
-    Unsubscribe(Cow<'a, str>),
-    Publish(Cow<'a, str>, &'a RawValue),
-    Ping,
-    /// A (new) token: replaces the connection's grant.
-    Auth(Cow<'a, str>),
-}
-
-/// A bad op: answered with an `error` message; the connection stays open.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpError {
-    pub code: &'static str,
-    pub message: Cow<'static, str>,
-}
-
-impl OpError {
-    pub fn new(code: &'static str, message: impl Into<Cow<'static, str>>) -> OpError {
-        OpError {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct RawOp<'a> {
-    #[serde(borrow)]
-    op: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    topic: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    token: Option<Cow<'a, str>>,
-}
-
-pub fn parse_op(text: &str) -> Result<Op<'_>, OpError> {
-    let raw: RawOp = serde_json::from_str(text)
-        .map_err(|e| OpError::new("bad_json", format!("not a JSON op object: {e}")))?;
-    let op = raw
-        .op
-        .ok_or_else(|| OpError::new("bad_request", "missing \"op\""))?;
-    let topic = || {
-        let name = raw
-            .topic
-            .clone()
-            .ok_or_else(|| OpError::new("bad_topic", "missing \"topic\""))?;
-        topic::check_name(&name).map_err(|e| OpError::new("bad_topic", e))?;
-        Ok::<_, OpError>(name)
-    };
-    match op.as_ref() {
-        "subscribe" => Ok(Op::Subscribe(topic()?)),
-        "unsubscribe" => Ok(Op::Unsubscribe(topic()?)),
-        "publish" => {
-            let data = raw
-                .data
-                .ok_or_else(|| OpError::new("bad_request", "missing \"data\""))?;
-            Ok(Op::Publish(topic()?, data))
-        }
-        "ping" => Ok(Op::Ping),
-        "auth" => match raw.token {
-            Some(token) => Ok(Op::Auth(token)),
-            None => Err(OpError::new("bad_request", "missing \"token\"")),
-        },
-        other => Err(OpError::new("unknown_op", format!("unknown op {other:?}"))),
-    }
-}
-
-#[derive(Serialize, Default)]
-struct Reply<'a> {
-    op: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    topic: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sub: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    exp: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    message: Option<&'a str>,
-}
-
-fn reply(r: &Reply) -> Bytes {
-    let json = serde_json::to_vec(r).expect("serializing strings cannot fail");
-    ws::text_frame(&json)
-}
-
-/// `sub`: the user named by the connection's token, if it has one.
-pub fn subscribed(topic: &str, sub: Option<&str>) -> Bytes {
-    reply(&Reply {
-        op: "subscribed",
-        topic: Some(topic),
-        sub,
-        ..Reply::default()
-    })
-}
-
-/// `reason`: why herald ended a subscription the client did not end (`token_expired`).
-pub fn unsubscribed(topic: &str, reason: Option<&str>) -> Bytes {
-    reply(&Reply {
-        op: "unsubscribed",
-        topic: Some(topic),
-        reason,
-        ..Reply::default()
-    })
-}
-
-pub fn authenticated(grant: &Grant) -> Bytes {
-    reply(&Reply {
-        op: "authenticated",
-        sub: grant.sub.as_deref(),
-        exp: Some(grant.exp),
-        ..Reply::default()
-    })
-}
-
-pub fn pong() -> Bytes {
-    Bytes::from_static(b"\x81\x0d{\"op\":\"pong\"}")
-}
-
-pub fn error(e: &OpError) -> Bytes {
-    reply(&Reply {
-        op: "error",
-        error: Some(e.code),
-        message: Some(&e.message),
-        ..Reply::default()
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_each_op() {
-        assert!(
-            matches!(parse_op(r#"{"op":"subscribe","topic":"a"}"#), Ok(Op::Subscribe(t)) if t == "a")
+            accept,
+            topics,
+            grant,
+        } = opening;
+        *counters.responses.entry(101).or_default() += 1;
+        conns.queue(
+            id,
+            Bytes::from(crate::http::upgrade::switching_protocols(accept).encode(false)),
         );
-        assert!(
-            matches!(parse_op(r#"{"topic":"a","op":"unsubscribe"}"#), Ok(Op::Unsubscribe(t)) if t == "a")
-        );
-        assert!(matches!(
-            parse_op(r#"{"op":"ping","extra":1}"#),
-            Ok(Op::Ping)
-        ));
-        match parse_op(r#"{"op":"publish","topic":"a","data":{"k":[1,"x"]}}"#).unwrap() {
-            Op::Publish(t, d) => assert_eq!((t.as_ref(), d.get()), ("a", r#"{"k":[1,"x"]}"#)),
-            other => panic!("{other:?}"),
+        conns.disarm(id, Timer::Request);
+        conns.disarm(id, Timer::Idle);
+        let mut session = Session::new(Ws::new(self.max_message_size), kind, now);
+        let mut notes = Vec::new();
+        match grant {
+            Some(Ok(g)) => {
+                conns.arm(id, Timer::Grant, grant_deadline(&g, now));
+                info!("{}: token accepted for sub {:?}", conns[id].peer, g.sub);
+                session.grant = Some(Box::new(g));
+            }
+            Some(Err(e)) => notes.push(protocol::error(&OpError::new(e.code(), e.message()))),
+            None => {}
         }
-        // Escapes in the topic are decoded before checking.
-        assert!(
-            matches!(parse_op(r#"{"op":"subscribe","topic":"\u0061"}"#), Ok(Op::Subscribe(t)) if t == "a")
-        );
+        // Private topics need the grant; the others subscribe as usual.
+        let (topics, refused): (Vec<&String>, Vec<&String>) =
+            topics.iter().partition(|t| self.may_subscribe(&session, t));
+        for topic in refused {
+            notes.push(protocol::error(&forbidden(topic)));
+        }
+        conns[id].state = State::Open(Box::new(session));
+        conns.arm(id, Timer::Ping, now + self.ping_interval);
+        // Errors about the token and refused topics count like the same errors later.
+        counters.op_errors += notes.len() as u64;
+        for note in notes {
+            conns.queue(id, note);
+        }
+        // `?topics=` was capped at the per-connection limit when it was parsed.
+        for topic in topics {
+            let _ = pubsub.subscribe(conns, id, topic);
+        }
+        conns.mark_dirty(id);
+        if !rest.is_empty() {
+            self.on_input(conns, pubsub, counters, id, rest, now);
+        }
     }
 
-    #[test]
-    fn bad_ops_get_error_codes() {
-        let code = |t: &str| parse_op(t).unwrap_err().code;
-        assert_eq!(code("not json"), "bad_json");
-        assert_eq!(code("[1,2]"), "bad_json");
-        assert_eq!(code(r#"{"op":"dance"}"#), "unknown_op");
-        assert_eq!(code(r#"{"op":"subscribe"}"#), "bad_topic");
-        assert_eq!(code(r#"{"op":"subscribe","topic":"a b"}"#), "bad_topic");
-        assert_eq!(code(r#"{"op":"publish","topic":"a"}"#), "bad_request");
-        assert_eq!(code(r#"{"topic":"a"}"#), "bad_request");
+    // ---- input -----------------------------------------------------------------------
+
+    /// Bytes from a WebSocket peer (`Open` or `Closing`).
+    pub fn on_input(
+        &self,
+        conns: &mut Conns,
+        pubsub: &mut PubSub,
+        counters: &mut Counters,
+        id: ConnId,
+        mut input: &[u8],
+        now: Instant,
+    ) {
+        // Any byte from the peer is a sign of life.
+        conns.disarm(id, Timer::Pong);
+        loop {
+            let conn = &mut conns[id];
+            let (event, open) = match &mut conn.state {
+                State::Open(s) => {
+                    s.last_seen = now;
+                    (s.ws.read(&mut input, &mut conn.out), true)
+                }
+                State::Closing(s) => (s.ws.read(&mut input, &mut conn.out), false),
+                _ => return,
+            };
+            match event {
+                WsEvent::NeedMore => break,
+                // Messages that cross our close frame are dropped, as RFC 6455 §1.4 allows.
+                WsEvent::Message(_) if !open => continue,
+                WsEvent::Message(Message::Text(text)) => {
+                    self.on_text(conns, pubsub, counters, id, text.as_str(), now)
+                }
+                WsEvent::Message(Message::Binary(data)) => {
+                    self.on_binary(conns, pubsub, counters, id, &data, now)
+                }
+                WsEvent::Message(_) => continue,
+                WsEvent::Closed => {
+                    pubsub.leave(conns.finish(id, now));
+                    break;
+                }
+                WsEvent::Fail(reason) if open => {
+                    debug!("closing {} with {:?}", conns[id].peer, reason);
+                    self.close(conns, pubsub, counters, id, reason, now);
+                    break;
+                }
+                // Garbage after our close frame: nothing more to say to this peer.
+                WsEvent::Fail(_) => {
+                    pubsub.leave(conns.finish(id, now));
+                    break;
+                }
+            }
+        }
+        // Pongs and close replies that tungstenite wrote into the queue; everything else
+        // that queues output marks the connection itself.
+        if conns.get(id).is_some_and(|c| !c.out.is_empty()) {
+            conns.mark_dirty(id);
+        }
     }
 
-    #[test]
-    fn replies_are_text_frames_of_json() {
-        assert_eq!(&pong()[2..], br#"{"op":"pong"}"#);
-        assert_eq!(pong()[1] as usize, pong().len() - 2);
-        let e = error(&OpError::new("bad_json", "say \"hi\""));
-        let v: serde_json::Value = serde_json::from_slice(&e[2..]).unwrap();
-        assert_eq!(v["op"], "error");
-        assert_eq!(v["error"], "bad_json");
-        assert_eq!(v["message"], "say \"hi\"");
+    fn on_binary(
+        &self,
+        conns: &mut Conns,
+        pubsub: &mut PubSub,
+        counters: &mut Counters,
+        id: ConnId,
+        data: &[u8],
+        now: Instant,
+    ) {
+        let Some(session) = conns[id].session() else {
+            return;
+        };
+        match session.kind {
+            Kind::Echo => conns.queue(id, ws::binary_frame(data)),
+            Kind::Topics => self.close(conns, pubsub, counters, id, CloseReason::Unsupported, now),
+        }
     }
+
+    fn on_text(
+        &self,
+        conns: &mut Conns,
+        pubsub: &mut PubSub,
+        counters: &mut Counters,
+        id: ConnId,
+        text: &str,
+        now: Instant,
+    ) {
+        let State::Open(session) = &conns[id].state else {
+            return;
+        };
+        if session.kind == Kind::Echo {
+            conns.queue(id, ws::text_frame(text.as_bytes()));
+            return;
+        }
+        let reply = match protocol::parse_op(text) {
+            Ok(Op::Subscribe(topic)) if !self.may_subscribe(session, &topic) => {
+                op_error(counters, forbidden(&topic))
+            }
+            Ok(Op::Subscribe(topic)) => match pubsub.subscribe(conns, id, &topic) {
+                Ok(()) => return,
+                Err(SubscribeError::TooManyTopics) => op_error(
+                    counters,
+                    OpError::new(
+                        "too_many_topics",
+                        format!("at most {MAX_TOPICS_PER_CONNECTION} topics per connection"),
+                    ),
+                ),
+            },
+            Ok(Op::Unsubscribe(topic)) => {
+                pubsub.unsubscribe(id, &topic);
+                protocol::unsubscribed(&topic, None)
+            }
+            Ok(Op::Ping) => protocol::pong(),
+            Ok(Op::Auth(token)) => {
+                let token = token.into_owned();
+                self.on_auth(conns, pubsub, counters, id, &token, now);
+                return;
+            }
+            Ok(Op::Publish(topic, _))
+                if !self.client_publish.matches(&topic)
+                    && !session
+                        .grant
+                        .as_ref()
+                        .is_some_and(|g| g.publish.matches(&topic)) =>
+            {
+                op_error(
+                    counters,
+                    OpError::new("forbidden", format!("clients may not publish to {topic:?}")),
+                )
+            }
+            Ok(Op::Publish(topic, data)) => {
+                if !pubsub.through_redis() {
+                    let (_, fanout) = pubsub.publish_local(conns, counters, &topic, data);
+                    self.close_slow(conns, pubsub, counters, fanout, now);
+                    return;
+                }
+                if pubsub.publish_to_redis(&topic, data.get(), None, now) {
+                    counters.published += 1;
+                    return;
+                }
+                op_error(
+                    counters,
+                    OpError::new("unavailable", "redis unavailable: not published"),
+                )
+            }
+            Err(e) => op_error(counters, e),
+        };
+        conns.queue(id, reply);
+    }
+
+    // ---- grants ----------------------------------------------------------------------
+
+    /// Public topics are open to all; a private one needs the session's grant.
+    fn may_subscribe(&self, session: &Session, topic: &str) -> bool {
+        !self.private_topics.matches(topic)
+            || session
+                .grant
+                .as_ref()
+                .is_some_and(|g| g.topics.matches(topic))
+    }
+
+    /// A token presented with the `auth` op replaces the grant; private subscriptions
+    /// the new grant does not cover end. A refused token leaves the old grant in place.
+    fn on_auth(
+        &self,
+        conns: &mut Conns,
+        pubsub: &mut PubSub,
+        counters: &mut Counters,
+        id: ConnId,
+        token: &str,
+        now: Instant,
+    ) {
+        let grant = match self.verify_token(token) {
+            Ok(g) => g,
+            Err(e) => {
+                let reply = op_error(counters, OpError::new(e.code(), e.message()));
+                return conns.queue(id, reply);
+            }
+        };
+        if !conns[id].is_open() {
+            return;
+        }
+        conns.arm(id, Timer::Grant, grant_deadline(&grant, now));
+        info!("{}: token accepted for sub {:?}", conns[id].peer, grant.sub);
+        let reply = protocol::authenticated(&grant);
+        let keep = grant.topics.clone();
+        if let Some(session) = conns[id].session_mut() {
+            session.grant = Some(Box::new(grant));
+        }
+        conns.queue(id, reply);
+        self.end_private_subscriptions(conns, pubsub, id, |t| keep.matches(t), "not_granted");
+    }
+
+    /// The grant ran out: private subscriptions end, public ones go on.
+    pub fn on_grant_timer(&self, conns: &mut Conns, pubsub: &mut PubSub, id: ConnId, now: Instant) {
+        let conn = &mut conns[id];
+        let State::Open(session) = &mut conn.state else {
+            return;
+        };
+        let Some(grant) = &session.grant else { return };
+        if grant.exp > auth::unix_now() {
+            // The wall clock moved: wait for the real expiry.
+            let at = grant_deadline(grant, now);
+            conns.arm(id, Timer::Grant, at);
+            return;
+        }
+        debug!("{}: token for sub {:?} expired", conn.peer, grant.sub);
+        session.grant = None;
+        self.end_private_subscriptions(conns, pubsub, id, |_| false, "token_expired");
+    }
+
+    /// Unsubscribe from every private topic `keep` refuses, telling the client why.
+    fn end_private_subscriptions(
+        &self,
+        conns: &mut Conns,
+        pubsub: &mut PubSub,
+        id: ConnId,
+        keep: impl Fn(&str) -> bool,
+        reason: &str,
+    ) {
+        if !conns[id].is_open() {
+            return;
+        }
+        let ended: Vec<String> = pubsub
+            .topics_of(id)
+            .into_iter()
+            .filter(|t| self.private_topics.matches(t) && !keep(t))
+            .collect();
+        for topic in &ended {
+            pubsub.unsubscribe(id, topic);
+        }
+        for topic in ended {
+            conns.queue(id, protocol::unsubscribed(&topic, Some(reason)));
+        }
+    }
+
+    // ---- liveness --------------------------------------------------------------------
+
+    /// Ping only a WebSocket that has been silent for a whole interval: a chatty one is
+    /// evidently alive, and its proxy's idle timer is being reset anyway.
+    pub fn on_ping_timer(&self, conns: &mut Conns, id: ConnId, now: Instant) {
+        let interval = self.ping_interval;
+        let conn = &mut conns[id];
+        let State::Open(session) = &conn.state else {
+            return;
+        };
+        let silent_since = session.last_seen;
+        if now.duration_since(silent_since) < interval {
+            conns.arm(id, Timer::Ping, silent_since + interval);
+            return;
+        }
+        ws::queue_ping(&mut conn.out);
+        if conn.timers.get(Timer::Pong).is_none() {
+            conns.arm(id, Timer::Pong, now + self.pong_timeout);
+        }
+        conns.arm(id, Timer::Ping, now + interval);
+        conns.mark_dirty(id);
+    }
+
+    // ---- closing ---------------------------------------------------------------------
+
+    /// Close from our side: leave every topic and queue the close frame behind what is
+    /// already queued (so accepted messages arrive first). Then either give the peer
+    /// `CLOSE_GRACE` to answer, or, if it broke the protocol, just flush and hang up.
+    pub fn close(
+        &self,
+        conns: &mut Conns,
+        pubsub: &mut PubSub,
+        counters: &mut Counters,
+        id: ConnId,
+        reason: CloseReason,
+        now: Instant,
+    ) {
+        let conn = &mut conns[id];
+        let State::Open(mut session) = mem::replace(&mut conn.state, State::Dead) else {
+            return;
+        };
+        pubsub.leave_all(id);
+        if reason == CloseReason::SlowConsumer {
+            // Its queue is what got it here; the close frame must not wait behind it.
+            let dropped = conn.out.drop_unstarted();
+            counters.slow_consumers += 1;
+            counters.undelivered_bytes += dropped as u64;
+            info!(
+                "slow consumer {}: {dropped} queued bytes dropped, closing with 1008",
+                conn.peer
+            );
+        }
+        session.ws.close(reason, &mut conn.out);
+        *counters.ws_closed.entry(reason.code().into()).or_default() += 1;
+        conns.disarm(id, Timer::Ping);
+        conns.disarm(id, Timer::Pong);
+        if reason.awaits_reply() {
+            conns[id].state = State::Closing(session);
+            conns.arm(id, Timer::CloseGrace, now + CLOSE_GRACE);
+            conns.mark_dirty(id);
+        } else {
+            // Not `Open` any more: it has already left its topics.
+            let _ = conns.finish(id, now);
+        }
+    }
+
+    /// Close the subscribers a fan-out pushed past `--send-queue-limit` (1008).
+    pub fn close_slow(
+        &self,
+        conns: &mut Conns,
+        pubsub: &mut PubSub,
+        counters: &mut Counters,
+        fanout: Fanout,
+        now: Instant,
+    ) {
+        for sub in fanout.slow {
+            self.close(conns, pubsub, counters, sub, CloseReason::SlowConsumer, now);
+        }
+    }
+
+    /// Drain: every open WebSocket gets 1001, behind every message already queued to it.
+    pub fn close_all(
+        &self,
+        conns: &mut Conns,
+        pubsub: &mut PubSub,
+        counters: &mut Counters,
+        now: Instant,
+    ) {
+        for id in conns.ids() {
+            if conns[id].is_open() {
+                self.close(conns, pubsub, counters, id, CloseReason::GoingAway, now);
+            }
+        }
+    }
+}
+
+fn op_error(counters: &mut Counters, e: OpError) -> Bytes {
+    counters.op_errors += 1;
+    protocol::error(&e)
+}
+
+/// The error for a private topic the connection has no grant for.
+fn forbidden(topic: &str) -> OpError {
+    OpError::new(
+        "forbidden",
+        format!("no grant for the private topic {topic:?}"),
+    )
+}
+
+/// The monotonic instant at which `grant` expires (it is stated in Unix seconds).
+fn grant_deadline(grant: &Grant, now: Instant) -> Instant {
+    now + Duration::from_secs(grant.exp.saturating_sub(auth::unix_now()))
 }

@@ -1,6 +1,6 @@
 //! Topics and their subscribers, indexed both ways as Redis's pubsub.c does: each topic
-//! holds a slab of subscribing connections, and each connection holds, per topic, the
-//! slot it occupies there. Joining and leaving are O(1) in the size of the topic; a topic
+//! holds a slab of subscribing connections, and the hub keeps, per connection, the slot
+//! it occupies in each of its topics. Joining and leaving are O(1) in the size of the topic; a topic
 //! with no subscribers is freed. Publishing encodes the message and frames it once; the
 //! caller hands the same `Bytes` to every subscriber. No sockets here.
 
@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use slab::Slab;
 
 use crate::conn::ConnId;
-use crate::ws;
+use crate::ws::codec as ws;
 
 /// Most topics one connection may hold; each costs a little memory on both sides.
 pub const MAX_TOPICS_PER_CONNECTION: usize = 256;
@@ -26,7 +26,7 @@ struct Topic {
 
 /// A connection's membership in one topic: the topic's key and its slot there.
 #[derive(Debug, Clone, Copy)]
-pub struct Membership {
+struct Membership {
     topic: usize,
     slot: usize,
 }
@@ -67,6 +67,8 @@ pub enum Left {
 pub struct Hub {
     by_name: HashMap<Rc<str>, usize>,
     topics: Slab<Topic>,
+    /// Each connection's memberships, indexed by its slab key (empty when it has none).
+    memberships: Vec<Vec<Membership>>,
     /// Messages published in this process, on any topic. A topic created later starts
     /// its ids here, so a topic's ids never go backwards even after it was freed.
     published: u64,
@@ -74,12 +76,11 @@ pub struct Hub {
 
 impl Hub {
     /// Add `conn` to `name`. Subscribing twice is not an error (`Joined::Already`).
-    pub fn subscribe(
-        &mut self,
-        conn: ConnId,
-        memberships: &mut Vec<Membership>,
-        name: &str,
-    ) -> Result<Joined, SubscribeError> {
+    pub fn subscribe(&mut self, conn: ConnId, name: &str) -> Result<Joined, SubscribeError> {
+        if self.memberships.len() <= conn.0 {
+            self.memberships.resize_with(conn.0 + 1, Vec::new);
+        }
+        let memberships = &mut self.memberships[conn.0];
         if let Some(&topic) = self.by_name.get(name)
             && memberships.iter().any(|m| m.topic == topic)
         {
@@ -104,13 +105,16 @@ impl Hub {
             }
         };
         let slot = self.topics[topic].subscribers.insert(conn);
-        memberships.push(Membership { topic, slot });
+        self.memberships[conn.0].push(Membership { topic, slot });
         Ok(joined)
     }
 
     /// Remove the connection from `name`.
-    pub fn unsubscribe(&mut self, memberships: &mut Vec<Membership>, name: &str) -> Left {
+    pub fn unsubscribe(&mut self, conn: ConnId, name: &str) -> Left {
         let Some(&topic) = self.by_name.get(name) else {
+            return Left::NotSubscribed;
+        };
+        let Some(memberships) = self.memberships.get_mut(conn.0) else {
             return Left::NotSubscribed;
         };
         let Some(i) = memberships.iter().position(|m| m.topic == topic) else {
@@ -125,14 +129,17 @@ impl Hub {
 
     /// Remove the connection from every topic (it is closing). Returns the topics that
     /// lost their last subscriber (no allocation when there are none).
-    pub fn unsubscribe_all(&mut self, memberships: &mut Vec<Membership>) -> Vec<String> {
+    pub fn unsubscribe_all(&mut self, conn: ConnId) -> Vec<String> {
         let mut freed = Vec::new();
-        for membership in memberships.drain(..) {
+        let Some(memberships) = self.memberships.get_mut(conn.0) else {
+            return freed;
+        };
+        // Release the allocation too: the slab key will be reused by another connection.
+        for membership in std::mem::take(memberships) {
             if let Some(name) = self.leave(membership) {
                 freed.push(name.to_string());
             }
         }
-        *memberships = Vec::new();
         freed
     }
 
@@ -183,19 +190,23 @@ impl Hub {
         self.topics.iter().map(|(_, t)| &*t.name)
     }
 
-    /// The names of the topics these memberships are in.
-    pub fn names(&self, memberships: &[Membership]) -> Vec<String> {
-        memberships
+    fn memberships_of(&self, conn: ConnId) -> &[Membership] {
+        self.memberships.get(conn.0).map_or(&[], Vec::as_slice)
+    }
+
+    /// The names of the topics `conn` is in.
+    pub fn names(&self, conn: ConnId) -> Vec<String> {
+        self.memberships_of(conn)
             .iter()
             .map(|m| self.topics[m.topic].name.to_string())
             .collect()
     }
 
-    /// Whether these memberships include `name`.
-    pub fn is_subscribed(&self, memberships: &[Membership], name: &str) -> bool {
+    /// Whether `conn` is subscribed to `name`.
+    pub fn is_subscribed(&self, conn: ConnId, name: &str) -> bool {
         self.by_name
             .get(name)
-            .is_some_and(|&t| memberships.iter().any(|m| m.topic == t))
+            .is_some_and(|&t| self.memberships_of(conn).iter().any(|m| m.topic == t))
     }
 
     /// The connections subscribed to the topic of `published`.
@@ -237,15 +248,14 @@ mod tests {
     #[test]
     fn ids_count_up_per_topic_and_never_go_back() {
         let mut hub = Hub::default();
-        let mut a = Vec::new();
-        hub.subscribe(ConnId(1), &mut a, "news").unwrap();
+        hub.subscribe(ConnId(1), "news").unwrap();
         assert_eq!(hub.publish("news", &raw("1")).id, 1);
         assert_eq!(hub.publish("news", &raw("2")).id, 2);
         assert_eq!(hub.publish("other", &raw("3")).id, 3);
         assert_eq!(hub.publish("news", &raw("4")).id, 3);
-        hub.unsubscribe_all(&mut a);
+        hub.unsubscribe_all(ConnId(1));
         assert_eq!(hub.topic_count(), 0);
-        hub.subscribe(ConnId(1), &mut a, "news").unwrap();
+        hub.subscribe(ConnId(1), "news").unwrap();
         assert!(hub.publish("news", &raw("5")).id > 3);
     }
 
@@ -253,8 +263,7 @@ mod tests {
     fn redis_ids_are_framed_as_given_and_only_where_someone_listens() {
         let mut hub = Hub::default();
         assert!(hub.deliver("t", 41, "1").is_none());
-        let mut m = Vec::new();
-        hub.subscribe(ConnId(3), &mut m, "t").unwrap();
+        hub.subscribe(ConnId(3), "t").unwrap();
         let p = hub.deliver("t", 41, r#"{"a":1}"#).unwrap();
         assert_eq!(
             &p.frame[2..],
@@ -270,7 +279,7 @@ mod tests {
         // Nobody listens: an id, but no frame built for nobody.
         let unheard = hub.publish("t", &raw("0"));
         assert_eq!((unheard.id, unheard.frame.len()), (1, 0));
-        hub.subscribe(ConnId(1), &mut Vec::new(), "t").unwrap();
+        hub.subscribe(ConnId(1), "t").unwrap();
         let p = hub.publish("t", &raw(r#"{"x":[1,2]}"#));
         let body = br#"{"op":"message","topic":"t","id":2,"data":{"x":[1,2]}}"#;
         assert_eq!(p.frame[0], 0x81);
@@ -281,29 +290,24 @@ mod tests {
     #[test]
     fn subscribe_is_idempotent_and_capped() {
         let mut hub = Hub::default();
-        let mut m = Vec::new();
-        assert_eq!(hub.subscribe(ConnId(0), &mut m, "a"), Ok(Joined::NewTopic));
-        assert_eq!(hub.subscribe(ConnId(0), &mut m, "a"), Ok(Joined::Already));
-        assert_eq!(
-            hub.subscribe(ConnId(1), &mut Vec::new(), "a"),
-            Ok(Joined::Existing)
-        );
+        assert_eq!(hub.subscribe(ConnId(0), "a"), Ok(Joined::NewTopic));
+        assert_eq!(hub.subscribe(ConnId(0), "a"), Ok(Joined::Already));
+        assert_eq!(hub.subscribe(ConnId(1), "a"), Ok(Joined::Existing));
         assert_eq!(hub.subscriber_count("a"), 2);
         for i in 1..MAX_TOPICS_PER_CONNECTION {
-            hub.subscribe(ConnId(0), &mut m, &format!("t{i}")).unwrap();
+            hub.subscribe(ConnId(0), &format!("t{i}")).unwrap();
         }
         assert_eq!(
-            hub.subscribe(ConnId(0), &mut m, "one-more"),
+            hub.subscribe(ConnId(0), "one-more"),
             Err(SubscribeError::TooManyTopics)
         );
-        assert_eq!(hub.unsubscribe(&mut m, "never"), Left::NotSubscribed);
+        assert_eq!(hub.unsubscribe(ConnId(0), "never"), Left::NotSubscribed);
     }
 
     /// Random joins and leaves against a naive map of sets.
     #[test]
     fn matches_a_naive_reference_under_churn() {
         let mut hub = Hub::default();
-        let mut memberships: Vec<Vec<Membership>> = (0..20).map(|_| Vec::new()).collect();
         let mut reference: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
         for _ in 0..20_000 {
@@ -313,13 +317,13 @@ mod tests {
             let conn = (seed % 20) as usize;
             let topic = format!("t{}", (seed >> 8) % 7);
             if (seed >> 16) % 3 == 0 {
-                let left = hub.unsubscribe(&mut memberships[conn], &topic);
+                let left = hub.unsubscribe(ConnId(conn), &topic);
                 let ref_removed = reference.get_mut(&topic).is_some_and(|s| s.remove(&conn));
                 assert_eq!(left != Left::NotSubscribed, ref_removed);
                 let ref_freed = ref_removed && reference[&topic].is_empty();
                 assert_eq!(left == Left::TopicFreed, ref_freed);
             } else if (seed >> 16) % 97 == 1 {
-                let mut freed = hub.unsubscribe_all(&mut memberships[conn]);
+                let mut freed = hub.unsubscribe_all(ConnId(conn));
                 let mut ref_freed = Vec::new();
                 for (name, s) in reference.iter_mut() {
                     if s.remove(&conn) && s.is_empty() {
@@ -329,9 +333,7 @@ mod tests {
                 freed.sort();
                 assert_eq!(freed, ref_freed);
             } else {
-                let joined = hub
-                    .subscribe(ConnId(conn), &mut memberships[conn], &topic)
-                    .unwrap();
+                let joined = hub.subscribe(ConnId(conn), &topic).unwrap();
                 let was_new_topic = !reference.contains_key(&topic);
                 let added = reference.entry(topic.clone()).or_default().insert(conn);
                 assert_eq!(joined != Joined::Already, added);

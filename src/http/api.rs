@@ -1,5 +1,5 @@
 //! Routing: which endpoint a parsed request asks for, and whether this peer may have it.
-//! Pure: the server executes the resulting `Route` (it owns topics and counters), and
+//! Pure: the front door executes the resulting `Route`, and
 //! every refusal is a `Reject` whose wire form `close.rs` decides.
 
 use std::borrow::Cow;
@@ -9,11 +9,11 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::close::Reject;
+use crate::http::upgrade;
 use crate::http::{Method, Request, Response};
-use crate::hub::MAX_TOPICS_PER_CONNECTION;
-use crate::session::Kind;
+use crate::pubsub::hub::MAX_TOPICS_PER_CONNECTION;
 use crate::topic;
-use crate::upgrade;
+use crate::ws::protocol::Kind;
 
 /// Most topics one `/publish` may name.
 pub const MAX_PUBLISH_TOPICS: usize = 100;

@@ -1,6 +1,7 @@
 //! HTTP/1.1 requests in, responses out, as pure functions over bytes. `parse` takes what
 //! has arrived and says "need more", "here is one request and how many bytes it used", or
-//! why the bytes can never be a request. Routing lives in `api.rs`, sockets in `server.rs`.
+//! why the bytes can never be a request. Routing lives in `api.rs`, the
+//! connection-level handling in `front.rs`, sockets in the reactor.
 
 use std::fmt::Write as _;
 
@@ -193,6 +194,17 @@ impl Response {
         Response::new(status, "text/plain; charset=utf-8", body)
     }
 
+    /// The response for a refusal, in the form `close.rs` decided.
+    pub fn refuse(reject: &Reject) -> Response {
+        let refusal = reject.refusal();
+        let mut response = Response::text(refusal.status, refusal.line);
+        response.close = refusal.close;
+        for (name, value) in refusal.headers {
+            response = response.header(name, value);
+        }
+        response
+    }
+
     pub fn json(status: u16, body: Vec<u8>) -> Response {
         Response::new(status, "application/json", body)
     }
@@ -252,6 +264,33 @@ fn status_text(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_refusal_is_one_line_of_text() {
+        for reject in [
+            Reject::bad_request("bad"),
+            Reject::Unauthorized,
+            Reject::TokenRequired("token required".into()),
+            Reject::Forbidden("origin not allowed"),
+            Reject::NotFound,
+            Reject::MethodNotAllowed("GET"),
+            Reject::LengthRequired,
+            Reject::PayloadTooLarge,
+            Reject::UpgradeRequired,
+            Reject::HeadersTooLarge,
+            Reject::Draining,
+            Reject::AtCapacity,
+            Reject::RedisUnavailable,
+        ] {
+            let r = Response::refuse(&reject);
+            let body = String::from_utf8(r.body.clone()).unwrap();
+            assert!(
+                body.ends_with('\n') && body.lines().count() == 1,
+                "{reject:?}"
+            );
+            assert!(r.status >= 400, "{reject:?}");
+        }
+    }
 
     fn complete(buf: &[u8]) -> (Request, usize) {
         match parse(buf, 1024).unwrap() {

@@ -1,0 +1,469 @@
+//! The front door: what an HTTP connection's bytes mean. It parses requests (pipelined
+//! ones too) with `parse`, times their arrival (slowloris), routes them with `api`,
+//! answers health and metrics, sends publishes into the pipeline, and hands accepted
+//! upgrades to the session handler.
+//!
+//! It owns the responses held behind publishes at Redis: a connection's responses must
+//! leave in request order, so while a publish waits for Redis, the requests pipelined
+//! behind it are still executed but their answers wait in a `Group` until the last Redis
+//! reply arrives. It never touches a socket: responses are queued through the connection
+//! table, and a connection that must end is finished or killed there for the loop.
+
+use std::collections::HashMap;
+use std::mem;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use log::info;
+
+use crate::close::Reject;
+use crate::conn::{ConnId, Conns, State};
+use crate::http::api::{self, Policy, Route};
+use crate::http::{Method, Parsed, Request, Response, parse};
+use crate::metrics::{self, Counters, Gauges};
+use crate::pubsub::PubSub;
+use crate::session::{Opening, Sessions};
+use crate::timer::Timer;
+
+/// Most requests one connection may have answered-but-not-sent behind a publish at
+/// Redis; past it, parsing pauses until Redis replies.
+const MAX_HELD_RESPONSES: usize = 1024;
+
+/// What to do after a request has been answered.
+enum Next {
+    /// Keep parsing: HTTP keep-alive, maybe a pipelined request.
+    KeepReading,
+    /// The connection left `ReadingRequest` (closing, or now a WebSocket).
+    Stop,
+    /// The request cannot be served before the publishes ahead of it are answered (an
+    /// upgrade, or too many held responses): keep it, and the rest, for later.
+    Hold,
+}
+
+/// One request's response, held behind a publish at Redis.
+struct Slot {
+    /// Ready now (any request but a publish), or built when Redis has replied.
+    response: Option<Response>,
+    head_only: bool,
+    keep_alive: bool,
+    /// A publish: each topic's id once Redis replies (`Err` if that publish failed).
+    topics: Vec<(String, Option<Result<u64, ()>>)>,
+    /// herald processes that received the messages (PUBLISH's count).
+    receivers: u64,
+}
+
+/// A connection's responses held until its publishes come back from Redis.
+struct Group {
+    conn: ConnId,
+    serial: u64,
+    slots: Vec<Slot>,
+    /// Redis replies still due.
+    waiting: usize,
+    /// A held response ends the connection: nothing after it is served.
+    closing: bool,
+}
+
+/// The settings the front door applies, taken from the configuration once.
+pub struct Rules {
+    pub api_key: Option<String>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub max_message_size: usize,
+    pub send_queue_limit: usize,
+    pub handshake_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub require_token: bool,
+    /// For `/metrics`.
+    pub fd_limit: u64,
+    pub max_connections: usize,
+}
+
+/// What a request may touch besides the front door's own state: the connections, the
+/// publish pipeline, the counters, the session handler (upgrades), and whether a drain
+/// has begun.
+pub struct Env<'a> {
+    pub conns: &'a mut Conns,
+    pub pubsub: &'a mut PubSub,
+    pub counters: &'a mut Counters,
+    pub sessions: &'a Sessions,
+    pub draining: bool,
+}
+
+pub struct Front {
+    rules: Rules,
+    /// Publishes waiting for Redis, by tag.
+    awaiting: HashMap<u64, Group>,
+    next_tag: u64,
+}
+
+impl Front {
+    pub fn new(rules: Rules) -> Front {
+        Front {
+            rules,
+            awaiting: HashMap::new(),
+            next_tag: 1,
+        }
+    }
+
+    /// Bytes from a connection in `ReadingRequest` or `AwaitingRedis`.
+    pub fn on_input(&mut self, env: &mut Env, id: ConnId, input: &[u8], now: Instant) {
+        let conn = &mut env.conns[id];
+        // Parse straight from the scratch slice unless part of a request is already held.
+        let mut held = mem::take(&mut conn.partial);
+        if !held.is_empty() {
+            held.extend_from_slice(input);
+        }
+        let data: &[u8] = if held.is_empty() { input } else { &held };
+        let mut pos = 0;
+        loop {
+            if env.conns[id].out.len() > self.rules.send_queue_limit {
+                // Pipelining requests without reading the answers: a slow consumer too.
+                env.counters.slow_consumers += 1;
+                info!(
+                    "{} sends requests but does not read the responses; closing",
+                    env.conns[id].peer
+                );
+                env.pubsub.leave(env.conns.kill(id));
+                return;
+            }
+            let rest = &data[pos..];
+            match parse(rest, self.rules.max_message_size) {
+                Ok(Parsed::Complete(req, used)) => {
+                    let start = pos;
+                    pos += used;
+                    env.conns[id].sent_continue = false;
+                    // The next request's clock starts at its own first byte.
+                    env.conns.disarm(id, Timer::Request);
+                    match self.on_request(env, id, *req, &data[pos..], now) {
+                        Next::KeepReading => continue,
+                        Next::Stop => return,
+                        // Not now: this request and what follows wait for Redis's replies.
+                        Next::Hold => {
+                            env.conns[id].partial = data[start..].to_vec();
+                            return;
+                        }
+                    }
+                }
+                Ok(partial @ (Parsed::Partial | Parsed::AwaitingBody { .. })) => {
+                    let conn = &mut env.conns[id];
+                    if let Parsed::AwaitingBody {
+                        expect_continue: true,
+                    } = partial
+                        && !conn.sent_continue
+                    {
+                        conn.sent_continue = true;
+                        env.conns
+                            .queue(id, Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
+                    }
+                    self.keep_partial(env.conns, id, rest, now);
+                    return;
+                }
+                Err(reject) => {
+                    self.respond(env, id, Response::refuse(&reject), false, now);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The peer sent FIN on an HTTP connection.
+    pub fn on_eof(&mut self, env: &mut Env, id: ConnId, now: Instant) {
+        let conn = &mut env.conns[id];
+        conn.peer_shut = true;
+        let ended = match conn.state {
+            // The peer may have half-closed after its request; let the answer go out.
+            State::ReadingRequest if !conn.out.is_empty() => env.conns.finish(id, now),
+            // The answer still goes out when Redis replies; then the connection ends.
+            State::Finishing | State::AwaitingRedis { .. } => return,
+            _ => env.conns.kill(id),
+        };
+        env.pubsub.leave(ended);
+    }
+
+    /// Hold the start of an incomplete request, and time its arrival: the head must be
+    /// complete within `--handshake-timeout` of its first byte (slowloris).
+    fn keep_partial(&self, conns: &mut Conns, id: ConnId, rest: &[u8], now: Instant) {
+        if rest.is_empty() {
+            conns.disarm(id, Timer::Request);
+            conns.arm(id, Timer::Idle, now + self.rules.keepalive_timeout);
+            return;
+        }
+        conns[id].partial = rest.to_vec();
+        conns.disarm(id, Timer::Idle);
+        if conns[id].timers.get(Timer::Request).is_none() {
+            conns.arm(id, Timer::Request, now + self.rules.handshake_timeout);
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        env: &mut Env,
+        id: ConnId,
+        req: Request,
+        rest: &[u8],
+        now: Instant,
+    ) -> Next {
+        let draining = env.draining;
+        let policy = Policy {
+            api_key: self.rules.api_key.as_deref(),
+            allowed_origins: self.rules.allowed_origins.as_deref(),
+            peer_is_loopback: is_loopback(env.conns[id].peer.ip()),
+            draining,
+        };
+        let head_only = req.method == Method::Head;
+        if let State::AwaitingRedis { tag } = env.conns[id].state {
+            let full = self
+                .awaiting
+                .get(&tag)
+                .is_none_or(|g| g.closing || g.slots.len() >= MAX_HELD_RESPONSES);
+            if full || req.upgrade.is_some() {
+                return Next::Hold;
+            }
+        }
+        let mut response = match api::route(&req, &policy) {
+            Err(reject) => Response::refuse(&reject),
+            Ok(Route::Health) if draining => Response::refuse(&Reject::Draining),
+            Ok(Route::Health) => match env.pubsub.redis() {
+                None => Response::text(200, "ok"),
+                Some(r) if r.is_up() => Response::text(200, "ok (redis up)"),
+                Some(_) => Response::text(200, "ok (redis down)"),
+            },
+            Ok(Route::Metrics) => Response::new(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.render_metrics(env),
+            ),
+            Ok(Route::Publish(p)) if env.pubsub.through_redis() => {
+                return self.publish_through_redis(env, id, p, (req.keep_alive, head_only), now);
+            }
+            Ok(Route::Publish(p)) => {
+                let mut ids = Vec::with_capacity(p.topics.len());
+                let mut delivered = 0;
+                for topic in p.topics {
+                    let (msg_id, fanout) =
+                        env.pubsub
+                            .publish_local(env.conns, env.counters, &topic, &p.data);
+                    delivered += fanout.reached;
+                    env.sessions
+                        .close_slow(env.conns, env.pubsub, env.counters, fanout, now);
+                    ids.push((topic, msg_id));
+                }
+                api::publish_reply(&ids, delivered)
+            }
+            Ok(Route::Upgrade {
+                kind,
+                accept,
+                topics,
+                token,
+            }) => {
+                let grant = token.map(|t| env.sessions.verify_token(&t));
+                match (&grant, self.rules.require_token) {
+                    (Some(Ok(_)), _) | (_, false) => {
+                        let opening = Opening {
+                            kind,
+                            accept,
+                            topics,
+                            grant,
+                        };
+                        env.sessions.open(
+                            env.conns,
+                            env.pubsub,
+                            env.counters,
+                            id,
+                            opening,
+                            rest,
+                            now,
+                        );
+                        return Next::Stop;
+                    }
+                    (None, true) => {
+                        Response::refuse(&Reject::TokenRequired("token required".into()))
+                    }
+                    (Some(Err(e)), true) => Response::refuse(&Reject::TokenRequired(e.message())),
+                }
+            }
+        };
+        // While draining, every response says the connection ends (PRODUCT.md).
+        response.close |= !req.keep_alive || draining;
+        self.respond(env, id, response, head_only, now)
+    }
+
+    /// Send each topic's message to Redis. The response waits for the replies, in a group
+    /// with the responses of any requests pipelined behind it (`on_publish_result`).
+    fn publish_through_redis(
+        &mut self,
+        env: &mut Env,
+        id: ConnId,
+        p: api::Publish,
+        (keep_alive, head_only): (bool, bool),
+        now: Instant,
+    ) -> Next {
+        if !env.pubsub.redis_up() {
+            let mut response = Response::refuse(&Reject::RedisUnavailable);
+            response.close |= !keep_alive || env.draining;
+            return self.respond(env, id, response, head_only, now);
+        }
+        let conn = &mut env.conns[id];
+        let tag = match conn.state {
+            State::AwaitingRedis { tag } => tag,
+            _ => {
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                conn.state = State::AwaitingRedis { tag };
+                let group = Group {
+                    conn: id,
+                    serial: conn.serial,
+                    slots: Vec::new(),
+                    waiting: 0,
+                    closing: false,
+                };
+                self.awaiting.insert(tag, group);
+                tag
+            }
+        };
+        for topic in &p.topics {
+            env.pubsub
+                .publish_to_redis(topic, p.data.get(), Some(tag), now);
+        }
+        if let Some(group) = self.awaiting.get_mut(&tag) {
+            group.waiting += p.topics.len();
+            group.slots.push(Slot {
+                response: None,
+                head_only,
+                keep_alive,
+                topics: p.topics.into_iter().map(|t| (t, None)).collect(),
+                receivers: 0,
+            });
+        }
+        Next::KeepReading
+    }
+
+    /// One Redis reply to a publish. Replies come in the order the publishes were sent,
+    /// so each fills the first topic still waiting. The last one sends the group's
+    /// responses in request order and lets the connection read on.
+    pub fn on_publish_result(
+        &mut self,
+        env: &mut Env,
+        tag: u64,
+        result: Result<(u64, u64), String>,
+        now: Instant,
+    ) {
+        let Some(group) = self.awaiting.get_mut(&tag) else {
+            return;
+        };
+        let outcome = match result {
+            Ok((msg_id, receivers)) => {
+                env.counters.published += 1;
+                Ok((msg_id, receivers))
+            }
+            Err(_) => Err(()),
+        };
+        'fill: for slot in &mut group.slots {
+            for (_, result) in &mut slot.topics {
+                if result.is_none() {
+                    *result = Some(outcome.map(|(msg_id, _)| msg_id));
+                    slot.receivers += outcome.map_or(0, |(_, n)| n);
+                    break 'fill;
+                }
+            }
+        }
+        group.waiting = group.waiting.saturating_sub(1);
+        if group.waiting > 0 {
+            return;
+        }
+        let Some(group) = self.awaiting.remove(&tag) else {
+            return;
+        };
+        let Some(conn) = env.conns.same(group.conn, group.serial) else {
+            return;
+        };
+        if !matches!(conn.state, State::AwaitingRedis { tag: t } if t == tag) {
+            return;
+        }
+        env.conns[group.conn].state = State::ReadingRequest;
+        for slot in group.slots {
+            let mut response = match slot.response {
+                Some(ready) => ready,
+                None if slot.topics.iter().all(|(_, r)| matches!(r, Some(Ok(_)))) => {
+                    let ids: Vec<(String, u64)> = slot
+                        .topics
+                        .into_iter()
+                        .map(|(t, r)| (t, r.and_then(Result::ok).unwrap_or(0)))
+                        .collect();
+                    api::publish_reply(&ids, slot.receivers as usize)
+                }
+                None => Response::refuse(&Reject::RedisUnavailable),
+            };
+            response.close |= !slot.keep_alive || env.draining;
+            if let Next::Stop = self.respond(env, group.conn, response, slot.head_only, now) {
+                return;
+            }
+        }
+        if env.conns[group.conn].peer_shut {
+            env.pubsub.leave(env.conns.finish(group.conn, now));
+        } else {
+            // Requests held behind the group (an upgrade, or more than the cap).
+            self.on_input(env, group.conn, &[], now);
+        }
+    }
+
+    fn respond(
+        &mut self,
+        env: &mut Env,
+        id: ConnId,
+        response: Response,
+        head_only: bool,
+        now: Instant,
+    ) -> Next {
+        if let State::AwaitingRedis { tag } = env.conns[id].state
+            && let Some(group) = self.awaiting.get_mut(&tag)
+        {
+            // Behind a publish at Redis: this response waits its turn.
+            let close = response.close;
+            group.closing |= close;
+            group.slots.push(Slot {
+                response: Some(response),
+                head_only,
+                keep_alive: !close,
+                topics: Vec::new(),
+                receivers: 0,
+            });
+            return if close { Next::Stop } else { Next::KeepReading };
+        }
+        *env.counters.responses.entry(response.status).or_default() += 1;
+        env.conns.queue(id, Bytes::from(response.encode(head_only)));
+        if response.close {
+            env.pubsub.leave(env.conns.finish(id, now));
+            Next::Stop
+        } else {
+            Next::KeepReading
+        }
+    }
+
+    fn render_metrics(&self, env: &Env) -> String {
+        let (cpu_seconds, resident_bytes) = metrics::process_usage();
+        let gauges = Gauges {
+            connections: env.conns.len(),
+            websockets: env.conns.websockets(),
+            topics: env.pubsub.topic_count(),
+            queued_bytes: env.conns.queued_bytes(),
+            fd_limit: self.rules.fd_limit,
+            max_connections: self.rules.max_connections,
+            draining: env.draining,
+            cpu_seconds,
+            resident_bytes,
+            redis: env.pubsub.redis_gauges(),
+        };
+        metrics::render(env.counters, &gauges)
+    }
+}
+
+/// Loopback, including IPv4-mapped IPv6 (`::ffff:127.0.0.1`) from a dual-stack listener.
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+    }
+}

@@ -1,0 +1,10 @@
+//! HTTP on the one port. Pure parts: request parsing and response encoding (`parse`),
+//! routing and access rules (`api`), and upgrade validation (`upgrade`). The front door
+//! (`front`) is the handler that applies them to a connection's bytes.
+
+pub mod api;
+pub mod front;
+pub mod parse;
+pub mod upgrade;
+
+pub use parse::{Method, Parsed, Request, Response, parse};

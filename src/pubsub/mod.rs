@@ -1,0 +1,9 @@
+//! Publish and subscribe: the topic registry (`hub`, pure), the Redis link that shares
+//! topics and ids between processes (`redis`), and the pipeline that joins them to the
+//! connection table (`pipeline`).
+
+pub mod hub;
+pub mod pipeline;
+pub mod redis;
+
+pub use pipeline::{Fanout, PubSub};

@@ -1,0 +1,719 @@
+//! The event loop: one thread, one `mio::Poll`, every socket nonblocking, and every
+//! system call herald makes while serving. `run` reads like a table of contents: poll,
+//! handle signals, dispatch readiness, fire timers, accept, flush queued output, reap
+//! closed connections, advance the drain.
+//!
+//! The loop owns the sockets and the order of work; what bytes and timers *mean* is
+//! decided by the handlers it calls: the front door (`http::front`) for HTTP, the session
+//! handler (`session`) for WebSockets, the publish pipeline (`pubsub`) for messages and
+//! Redis events. Handlers only queue bytes and move states along in the connection table;
+//! the loop then gives each dirty connection one `writev` per pass (as Redis defers
+//! writes to `beforeSleep`), registers WRITABLE only for one the kernel could not take,
+//! and removes connections that ended only after the pass, so a reused slab key never
+//! receives a stale event.
+
+mod net;
+
+use std::io::{self, Read};
+use std::mem;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::close::Reject;
+use crate::config::Config;
+use crate::conn::{CLOSE_GRACE, ConnId, Conns, State};
+use crate::drain::{Drain, Finished, OnSignal};
+use crate::http::Response;
+use crate::http::front::{Env, Front, Rules};
+use crate::metrics::Counters;
+use crate::outq::Flushed;
+use crate::pubsub::PubSub;
+use crate::pubsub::redis::{self, Event};
+use crate::rlimit::NoFile;
+use crate::session::Sessions;
+use crate::timer::{self, Timer};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
+
+/// Readiness events taken per poll.
+const EVENTS_CAPACITY: usize = 1024;
+/// The one read buffer every connection reads into. 64 KiB holds any request head and
+/// a typical burst of frames; a longer burst is read in several turns.
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// Connections accepted per wakeup, so that a connection storm cannot starve clients
+/// already connected; the rest wait in the backlog for the next pass.
+const ACCEPTS_PER_PASS: usize = 256;
+/// Bytes read from one connection per pass before others get a turn.
+const READ_BUDGET: usize = 256 * 1024;
+/// Bytes written to one connection per pass (Redis uses 64 KiB per event; our frames are
+/// shared and writev'd, so a larger slice costs no copies).
+const WRITE_BUDGET: usize = 256 * 1024;
+/// After accept() fails for lack of descriptors, accepting pauses this long: a timer,
+/// not a retry loop, so the process stays idle while it sits at its fd limit.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
+/// At most one log line per this interval for accept failures.
+const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a drain waits for Redis to hand over messages accepted before it began.
+const DRAIN_REDIS_WAIT: Duration = Duration::from_secs(1);
+
+/// Whether and when to accept.
+#[derive(Debug, Default)]
+struct Accepting {
+    /// The listener may have connections waiting (edge-triggered: no new event will say so).
+    ready: bool,
+    /// Out of descriptors: do not try before this.
+    paused_until: Option<Instant>,
+    last_warning: Option<Instant>,
+}
+
+/// One readiness event, copied out of mio's `Events`.
+#[derive(Debug, Clone, Copy)]
+struct Ready {
+    token: Token,
+    readable: bool,
+    writable: bool,
+    /// The peer hung up (FIN or error) as well: read to the end, not just until a short read.
+    hup: bool,
+}
+
+pub struct Server {
+    poll: Poll,
+    events: Events,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    /// The self-pipe that wakes `poll` when a signal lands.
+    signals: Signals,
+    /// Set by the signal handler itself, so the loop can see a signal without a system
+    /// call before it answers anything (the pipe's event may only come next pass).
+    signalled: Arc<AtomicBool>,
+    /// A second signal asked to exit now: the exit code.
+    exit: Option<i32>,
+    accepting: Accepting,
+    nofile: NoFile,
+    max_connections: usize,
+    handshake_timeout: Duration,
+    drain_timeout: Duration,
+    /// Encoded once: the answer to connections beyond `max_connections`.
+    at_capacity: Bytes,
+    /// The one buffer every socket is read into.
+    scratch: Vec<u8>,
+    /// Readiness of this pass, copied out of `events` so handlers may borrow `self`.
+    ready: Vec<Ready>,
+    /// Connections whose read budget ran out with input possibly left.
+    unread: Vec<ConnId>,
+    /// What Redis reported this pass, for the handlers.
+    redis_events: Vec<Event>,
+
+    conns: Conns,
+    front: Front,
+    sessions: Sessions,
+    pubsub: PubSub,
+    drain: Drain,
+    counters: Counters,
+}
+
+impl Server {
+    pub fn bind(cfg: Config, nofile: NoFile, max_connections: usize) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = net::listen(cfg.listen, cfg.backlog, cfg.reuse_port)?;
+        let local_addr = listener.local_addr()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let signalled = Arc::new(AtomicBool::new(false));
+        for signal in [SIGTERM, SIGINT] {
+            signal_hook::flag::register(signal, Arc::clone(&signalled))?;
+        }
+        let rules = Rules {
+            api_key: cfg.api_key.clone(),
+            allowed_origins: cfg.allowed_origins.clone(),
+            max_message_size: cfg.max_message_size,
+            send_queue_limit: cfg.send_queue_limit,
+            handshake_timeout: cfg.handshake_timeout,
+            keepalive_timeout: cfg.keepalive_timeout,
+            require_token: cfg.require_token,
+            fd_limit: nofile.soft,
+            max_connections,
+        };
+        Ok(Server {
+            poll,
+            events: Events::with_capacity(EVENTS_CAPACITY),
+            listener: Some(listener),
+            local_addr,
+            signals,
+            signalled,
+            exit: None,
+            accepting: Accepting {
+                ready: true,
+                ..Accepting::default()
+            },
+            nofile,
+            max_connections,
+            handshake_timeout: cfg.handshake_timeout,
+            drain_timeout: cfg.drain_timeout,
+            at_capacity: Bytes::from(Response::refuse(&Reject::AtCapacity).encode(false)),
+            scratch: vec![0; SCRATCH_BYTES],
+            ready: Vec::with_capacity(EVENTS_CAPACITY),
+            unread: Vec::new(),
+            redis_events: Vec::new(),
+            conns: Conns::default(),
+            front: Front::new(rules),
+            sessions: Sessions::new(&cfg),
+            pubsub: PubSub::new(cfg.redis.clone(), cfg.send_queue_limit, Instant::now()),
+            drain: Drain::Serving,
+            counters: Counters::default(),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serve until a drain completes (exit code 0) or a second signal cuts it (1).
+    /// Only reactor-fatal errors (poll itself failing) return `Err`.
+    pub fn run(mut self) -> io::Result<i32> {
+        loop {
+            self.wait()?;
+            let now = Instant::now();
+            self.check_signals(now);
+            self.read_leftovers(now);
+            self.dispatch(now);
+            if let Some(code) = self.exit {
+                return Ok(code);
+            }
+            self.fire_timers(now);
+            self.service_redis(now);
+            self.accept_connections(now);
+            self.flush_dirty(now);
+            self.flush_redis(now);
+            self.reap_dead();
+            if let Some(code) = self.advance_drain(now) {
+                return Ok(code);
+            }
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        let busy = self.conns.has_dirty() || !self.unread.is_empty() || self.accept_due(now);
+        let timeout = if busy {
+            Some(Duration::ZERO)
+        } else {
+            let accept_resume = self.accepting.paused_until.filter(|_| self.accepting.ready);
+            let next = [
+                self.conns.next_deadline(),
+                accept_resume,
+                self.drain.deadline(),
+                self.pubsub.redis().and_then(redis::Redis::next_deadline),
+                self.drain.redis_wait(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            timer::poll_timeout(now, next)
+        };
+        match self.poll.poll(&mut self.events, timeout) {
+            // A signal landing interrupts epoll_wait; it arrives as an event next time.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The handlers' view of the world, borrowed from the loop's fields.
+    fn env(&mut self) -> (&mut Front, Env<'_>) {
+        let env = Env {
+            conns: &mut self.conns,
+            pubsub: &mut self.pubsub,
+            counters: &mut self.counters,
+            sessions: &self.sessions,
+            draining: self.drain.is_draining(),
+        };
+        (&mut self.front, env)
+    }
+
+    /// Handle this pass's readiness events (signals were handled before them).
+    fn dispatch(&mut self, now: Instant) {
+        let mut ready = mem::take(&mut self.ready);
+        ready.clear();
+        ready.extend(self.events.iter().map(|e| Ready {
+            token: e.token(),
+            readable: e.is_readable() || e.is_read_closed() || e.is_error(),
+            writable: e.is_writable(),
+            hup: e.is_read_closed() || e.is_error(),
+        }));
+        for &Ready {
+            token,
+            readable,
+            writable,
+            hup,
+        } in &ready
+        {
+            if self.exit.is_some() {
+                break;
+            }
+            match token {
+                LISTENER => self.accepting.ready = true,
+                // Seen through `signalled` already; this only empties the pipe.
+                SIGNALS => self.on_signals(now),
+                redis::COMMAND_TOKEN | redis::SUBSCRIPTION_TOKEN => {
+                    if let Some(r) = self.pubsub.redis_mut() {
+                        r.on_ready(token, self.poll.registry(), now, &mut self.redis_events);
+                    }
+                    self.handle_redis_events(now);
+                }
+                Token(key) => {
+                    let id = ConnId(key);
+                    if writable {
+                        self.conns.mark_dirty(id);
+                    }
+                    if readable {
+                        self.on_readable(id, now, hup);
+                    }
+                }
+            }
+        }
+        self.ready = ready;
+    }
+
+    // ---- signals ---------------------------------------------------------------------
+
+    /// A signal that has landed is acted on before any request or message is handled, so
+    /// nothing is answered as if it had not (health would say 200 after SIGTERM). The
+    /// flag costs one atomic load: checked at the top of every pass and before each read.
+    fn check_signals(&mut self, now: Instant) {
+        if self.signalled.load(Ordering::Relaxed) {
+            self.on_signals(now);
+        }
+    }
+
+    fn on_signals(&mut self, now: Instant) {
+        self.signalled.store(false, Ordering::Relaxed);
+        let count = self.signals.pending().count();
+        for _ in 0..count {
+            match self.drain.on_signal(now, self.drain_timeout) {
+                OnSignal::StartDrain => self.start_drain(now),
+                OnSignal::ExitNow => {
+                    warn!(
+                        "second signal: exiting now, abandoning {} connections and {} queued bytes",
+                        self.conns.len(),
+                        self.conns.queued_bytes()
+                    );
+                    self.exit = Some(1);
+                    return;
+                }
+            }
+        }
+    }
+
+    // ---- accepting -------------------------------------------------------------------
+
+    fn accept_due(&self, now: Instant) -> bool {
+        self.accepting.ready
+            && self.listener.is_some()
+            && self.accepting.paused_until.is_none_or(|t| now >= t)
+    }
+
+    fn accept_connections(&mut self, now: Instant) {
+        if !self.accept_due(now) {
+            return;
+        }
+        self.accepting.paused_until = None;
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        // If the budget runs out, `ready` stays set and the next pass goes on accepting.
+        for _ in 0..ACCEPTS_PER_PASS {
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accepting.ready = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.counters.accept_errors += 1;
+                    if net::is_resource_exhaustion(&e) {
+                        self.warn_accept(now, &e);
+                        self.accepting.paused_until = Some(now + ACCEPT_PAUSE);
+                        break;
+                    }
+                    // ECONNABORTED and friends: that one connection is gone; go on.
+                    debug!("accept: {e}");
+                }
+            }
+        }
+        self.listener = Some(listener);
+    }
+
+    fn warn_accept(&mut self, now: Instant, err: &io::Error) {
+        let due = self
+            .accepting
+            .last_warning
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_INTERVAL);
+        if due {
+            self.accepting.last_warning = Some(now);
+            warn!(
+                "accept failed: {err}; {} connections open, fd limit {}; pausing accepts for {} ms",
+                self.conns.len(),
+                self.nofile.soft,
+                ACCEPT_PAUSE.as_millis()
+            );
+        }
+    }
+
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Instant) {
+        if self.conns.len() >= self.max_connections {
+            self.counters.rejected_at_capacity += 1;
+            net::refuse(stream, &self.at_capacity);
+            return;
+        }
+        // Push messages are small and latency matters more than packet count.
+        stream.set_nodelay(true).ok();
+        let id = self.conns.next_id();
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, id.token(), Interest::READABLE)
+        {
+            warn!("register {peer}: {e}");
+            return;
+        }
+        let id = self.conns.insert(stream, peer);
+        self.counters.accepted += 1;
+        self.conns
+            .arm(id, Timer::Request, now + self.handshake_timeout);
+        // Edge-triggered: bytes that arrived with the connection raise no new event.
+        self.on_readable(id, now, true);
+    }
+
+    // ---- reading ---------------------------------------------------------------------
+
+    fn read_leftovers(&mut self, now: Instant) {
+        for id in mem::take(&mut self.unread) {
+            self.on_readable(id, now, true);
+        }
+    }
+
+    /// Read until the socket is empty (edge-triggered) or the budget is spent. `to_end`:
+    /// keep reading past a short read, because a FIN (EOF) may be waiting behind the data
+    /// and it raises no event of its own.
+    fn on_readable(&mut self, id: ConnId, now: Instant, to_end: bool) {
+        let mut scratch = mem::take(&mut self.scratch);
+        let mut total = 0;
+        while let Some(conn) = self.conns.get_mut(id) {
+            if matches!(conn.state, State::Dead) {
+                break;
+            }
+            match conn.stream.read(&mut scratch) {
+                Ok(0) => {
+                    self.on_eof(id, now);
+                    break;
+                }
+                Ok(n) => {
+                    if self.signalled.load(Ordering::Relaxed) {
+                        self.on_input_after_signal(id, &scratch[..n], now);
+                        if self.exit.is_some() {
+                            break;
+                        }
+                    } else {
+                        self.on_input(id, &scratch[..n], now);
+                    }
+                    total += n;
+                    if total >= READ_BUDGET {
+                        self.unread.push(id);
+                        break;
+                    }
+                    // A short read emptied the socket: skip the read that would only say
+                    // EAGAIN. Data arriving later raises a new edge-triggered event.
+                    if n < scratch.len() && !to_end {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("read {}: {e}", conn.peer);
+                    self.kill(id);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// A signal landed before these bytes were read (its handler ran as `read` returned):
+    /// the drain starts first, and the bytes are handled as part of it. Bytes of a request
+    /// are kept as a request in progress, which the drain answers with `Connection: close`,
+    /// rather than left unseen on a connection it would close as idle.
+    fn on_input_after_signal(&mut self, id: ConnId, input: &[u8], now: Instant) {
+        let conn = &mut self.conns[id];
+        let request = matches!(conn.state, State::ReadingRequest);
+        if request {
+            conn.partial.extend_from_slice(input);
+        }
+        self.on_signals(now);
+        if self.exit.is_none() {
+            self.on_input(id, if request { &[] } else { input }, now);
+        }
+    }
+
+    /// Input goes to the handler for what the connection is now.
+    fn on_input(&mut self, id: ConnId, input: &[u8], now: Instant) {
+        match self.conns[id].state {
+            State::ReadingRequest | State::AwaitingRedis { .. } => {
+                let (front, mut env) = self.env();
+                front.on_input(&mut env, id, input, now);
+            }
+            State::Open(_) | State::Closing(_) => self.sessions.on_input(
+                &mut self.conns,
+                &mut self.pubsub,
+                &mut self.counters,
+                id,
+                input,
+                now,
+            ),
+            // Nothing more is wanted from this peer; reading only watches for its FIN.
+            State::Finishing | State::Lingering | State::Dead => {}
+        }
+    }
+
+    fn on_eof(&mut self, id: ConnId, now: Instant) {
+        let (front, mut env) = self.env();
+        front.on_eof(&mut env, id, now);
+    }
+
+    // ---- timers ----------------------------------------------------------------------
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some((id, kind)) = self.conns.pop_expired(now) {
+            match kind {
+                Timer::Request => {
+                    self.counters.handshake_timeouts += 1;
+                    debug!("request timeout: {}", self.conns[id].peer);
+                    self.kill(id);
+                }
+                Timer::Idle => {
+                    self.counters.idle_timeouts += 1;
+                    self.kill(id);
+                }
+                Timer::Ping => self.sessions.on_ping_timer(&mut self.conns, id, now),
+                Timer::Pong => {
+                    self.counters.pong_timeouts += 1;
+                    debug!("no answer to ping: {}", self.conns[id].peer);
+                    self.kill(id);
+                }
+                Timer::CloseGrace => self.kill(id),
+                Timer::Grant => {
+                    self.sessions
+                        .on_grant_timer(&mut self.conns, &mut self.pubsub, id, now)
+                }
+            }
+        }
+    }
+
+    // ---- writing ---------------------------------------------------------------------
+
+    /// One writev per dirty connection. A connection the kernel would not fully take
+    /// asks for WRITABLE; one that used its budget is retried next pass.
+    fn flush_dirty(&mut self, now: Instant) {
+        let dirty = self.conns.take_dirty();
+        for &id in &dirty {
+            let Some(conn) = self.conns.get_mut(id) else {
+                continue;
+            };
+            conn.dirty = false;
+            if matches!(conn.state, State::Dead) {
+                continue;
+            }
+            let syscalls = &mut self.counters.write_syscalls;
+            match conn.out.write_to(&mut conn.stream, WRITE_BUDGET, syscalls) {
+                Ok(Flushed::Drained) => {
+                    if matches!(conn.state, State::Finishing) {
+                        if conn.peer_shut {
+                            self.kill(id);
+                            continue;
+                        }
+                        // FIN after the last byte, then wait for the peer's: closing now
+                        // with unread input would send RST and could destroy our answer.
+                        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                        conn.state = State::Lingering;
+                        self.conns.arm(id, Timer::CloseGrace, now + CLOSE_GRACE);
+                    }
+                }
+                Ok(Flushed::Blocked) => {}
+                Ok(Flushed::Budget) => self.conns.mark_dirty(id),
+                Err(e) => {
+                    debug!("write {}: {e}", conn.peer);
+                    self.kill(id);
+                    continue;
+                }
+            }
+            self.update_interest(id);
+        }
+    }
+
+    fn update_interest(&mut self, id: ConnId) {
+        let conn = &mut self.conns[id];
+        let wanted = conn.interest();
+        if wanted != conn.registered {
+            match self
+                .poll
+                .registry()
+                .reregister(&mut conn.stream, id.token(), wanted)
+            {
+                Ok(()) => conn.registered = wanted,
+                Err(e) => {
+                    warn!("reregister {}: {e}", conn.peer);
+                    self.kill(id);
+                }
+            }
+        }
+    }
+
+    // ---- ending connections ----------------------------------------------------------
+
+    /// End a connection now: it leaves its topics, and is removed after this pass.
+    fn kill(&mut self, id: ConnId) {
+        self.pubsub.leave(self.conns.kill(id));
+    }
+
+    fn reap_dead(&mut self) {
+        for id in self.conns.take_reap() {
+            let Some(mut conn) = self.conns.remove(id) else {
+                continue;
+            };
+            self.counters.undelivered_bytes += conn.out.len() as u64;
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+        }
+    }
+
+    // ---- Redis -----------------------------------------------------------------------
+
+    fn service_redis(&mut self, now: Instant) {
+        if let Some(r) = self.pubsub.redis_mut() {
+            r.tick(now, self.poll.registry(), &mut self.redis_events);
+        }
+        self.handle_redis_events(now);
+        if self.drain.redis_wait().is_some_and(|t| now >= t) {
+            warn!("redis did not answer the drain's PING in time; closing WebSockets now");
+            self.close_all_websockets(now);
+        }
+    }
+
+    fn flush_redis(&mut self, now: Instant) {
+        if let Some(r) = self.pubsub.redis_mut() {
+            r.flush(self.poll.registry(), now, &mut self.redis_events);
+        }
+        self.handle_redis_events(now);
+    }
+
+    /// Each Redis event goes to the handler it concerns.
+    fn handle_redis_events(&mut self, now: Instant) {
+        let mut events = mem::take(&mut self.redis_events);
+        for event in events.drain(..) {
+            match event {
+                Event::Published { tag, result } => {
+                    let (front, mut env) = self.env();
+                    front.on_publish_result(&mut env, tag, result, now);
+                }
+                Event::Message { topic, id, data } => {
+                    let fanout =
+                        self.pubsub
+                            .deliver(&mut self.conns, &mut self.counters, &topic, id, &data);
+                    self.sessions.close_slow(
+                        &mut self.conns,
+                        &mut self.pubsub,
+                        &mut self.counters,
+                        fanout,
+                        now,
+                    );
+                }
+                Event::Confirmed { topic } => self.pubsub.release_acks(&mut self.conns, &topic),
+                Event::SubscriptionReady => self.pubsub.resubscribe(),
+                Event::Up => {}
+                Event::Down => self.pubsub.release_all_acks(&mut self.conns),
+                Event::Pong => {
+                    if self.drain.redis_wait().is_some() {
+                        self.close_all_websockets(now);
+                    }
+                }
+            }
+        }
+        self.redis_events = events;
+    }
+
+    // ---- drain -----------------------------------------------------------------------
+
+    /// PRODUCT.md's order: health turns 503 (the drain state says so from now on), the
+    /// listener closes, every WebSocket gets 1001 behind the messages already queued to
+    /// it, idle HTTP connections close, busy ones close after their response.
+    fn start_drain(&mut self, now: Instant) {
+        info!(
+            "draining {} connections (deadline {} s)",
+            self.conns.len(),
+            self.drain_timeout.as_secs()
+        );
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
+            warn!("sd_notify STOPPING=1 failed: {e}");
+        }
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        // With Redis, messages accepted before the drain may still be on their way back to
+        // us: PING the subscription link, and close WebSockets once Redis answers (it
+        // answers after everything published before the PING has been sent to us).
+        let waiting_for_redis = self
+            .pubsub
+            .redis_mut()
+            .is_some_and(|r| r.is_up() && r.ping_subscription());
+        if waiting_for_redis {
+            self.drain.await_redis(now + DRAIN_REDIS_WAIT);
+        } else {
+            self.close_all_websockets(now);
+        }
+        for id in self.conns.ids() {
+            let conn = &self.conns[id];
+            let between_requests = conn.partial.is_empty();
+            match conn.state {
+                State::ReadingRequest if between_requests && conn.out.is_empty() => self.kill(id),
+                // Its last response is still going out; the connection ends after it.
+                State::ReadingRequest if between_requests => {
+                    self.pubsub.leave(self.conns.finish(id, now))
+                }
+                // A request in progress gets its answer with `Connection: close`.
+                _ => {}
+            }
+        }
+    }
+
+    /// Drain step 4 for WebSockets: close 1001, behind every message already queued.
+    fn close_all_websockets(&mut self, now: Instant) {
+        self.drain.redis_done();
+        self.sessions
+            .close_all(&mut self.conns, &mut self.pubsub, &mut self.counters, now);
+    }
+
+    fn advance_drain(&mut self, now: Instant) -> Option<i32> {
+        match self.drain.finished(now, self.conns.len())? {
+            Finished::Drained => info!("drained; exiting"),
+            Finished::DeadlinePassed => warn!(
+                "drain timeout: abandoning {} connections and {} queued bytes",
+                self.conns.len(),
+                self.conns.queued_bytes()
+            ),
+        }
+        Some(0)
+    }
+}

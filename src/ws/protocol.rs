@@ -1,0 +1,206 @@
+//! herald's JSON protocol on `/ws`, as pure functions: client ops parsed from text, and
+//! replies encoded as frames. What an op does is decided by the session handler
+//! (`session.rs`); nothing here knows of connections or topics beyond their names.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::auth::Grant;
+use crate::topic;
+use crate::ws::codec as ws;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/ws`: JSON ops, topics.
+    Topics,
+    /// `/echo`: every text and binary message comes back.
+    Echo,
+}
+
+/// A client op on `/ws`, borrowing from the message text.
+#[derive(Debug)]
+pub enum Op<'a> {
+    Subscribe(Cow<'a, str>),
+    Unsubscribe(Cow<'a, str>),
+    Publish(Cow<'a, str>, &'a RawValue),
+    Ping,
+    /// A (new) token: replaces the connection's grant.
+    Auth(Cow<'a, str>),
+}
+
+/// A bad op: answered with an `error` message; the connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    pub code: &'static str,
+    pub message: Cow<'static, str>,
+}
+
+impl OpError {
+    pub fn new(code: &'static str, message: impl Into<Cow<'static, str>>) -> OpError {
+        OpError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawOp<'a> {
+    #[serde(borrow)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
+}
+
+pub fn parse_op(text: &str) -> Result<Op<'_>, OpError> {
+    let raw: RawOp = serde_json::from_str(text)
+        .map_err(|e| OpError::new("bad_json", format!("not a JSON op object: {e}")))?;
+    let op = raw
+        .op
+        .ok_or_else(|| OpError::new("bad_request", "missing \"op\""))?;
+    let topic = || {
+        let name = raw
+            .topic
+            .clone()
+            .ok_or_else(|| OpError::new("bad_topic", "missing \"topic\""))?;
+        topic::check_name(&name).map_err(|e| OpError::new("bad_topic", e))?;
+        Ok::<_, OpError>(name)
+    };
+    match op.as_ref() {
+        "subscribe" => Ok(Op::Subscribe(topic()?)),
+        "unsubscribe" => Ok(Op::Unsubscribe(topic()?)),
+        "publish" => {
+            let data = raw
+                .data
+                .ok_or_else(|| OpError::new("bad_request", "missing \"data\""))?;
+            Ok(Op::Publish(topic()?, data))
+        }
+        "ping" => Ok(Op::Ping),
+        "auth" => match raw.token {
+            Some(token) => Ok(Op::Auth(token)),
+            None => Err(OpError::new("bad_request", "missing \"token\"")),
+        },
+        other => Err(OpError::new("unknown_op", format!("unknown op {other:?}"))),
+    }
+}
+
+#[derive(Serialize, Default)]
+struct Reply<'a> {
+    op: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sub: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exp: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+}
+
+fn reply(r: &Reply) -> Bytes {
+    let json = serde_json::to_vec(r).expect("serializing strings cannot fail");
+    ws::text_frame(&json)
+}
+
+/// `sub`: the user named by the connection's token, if it has one.
+pub fn subscribed(topic: &str, sub: Option<&str>) -> Bytes {
+    reply(&Reply {
+        op: "subscribed",
+        topic: Some(topic),
+        sub,
+        ..Reply::default()
+    })
+}
+
+/// `reason`: why herald ended a subscription the client did not end (`token_expired`).
+pub fn unsubscribed(topic: &str, reason: Option<&str>) -> Bytes {
+    reply(&Reply {
+        op: "unsubscribed",
+        topic: Some(topic),
+        reason,
+        ..Reply::default()
+    })
+}
+
+pub fn authenticated(grant: &Grant) -> Bytes {
+    reply(&Reply {
+        op: "authenticated",
+        sub: grant.sub.as_deref(),
+        exp: Some(grant.exp),
+        ..Reply::default()
+    })
+}
+
+pub fn pong() -> Bytes {
+    Bytes::from_static(b"\x81\x0d{\"op\":\"pong\"}")
+}
+
+pub fn error(e: &OpError) -> Bytes {
+    reply(&Reply {
+        op: "error",
+        error: Some(e.code),
+        message: Some(&e.message),
+        ..Reply::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_op() {
+        assert!(
+            matches!(parse_op(r#"{"op":"subscribe","topic":"a"}"#), Ok(Op::Subscribe(t)) if t == "a")
+        );
+        assert!(
+            matches!(parse_op(r#"{"topic":"a","op":"unsubscribe"}"#), Ok(Op::Unsubscribe(t)) if t == "a")
+        );
+        assert!(matches!(
+            parse_op(r#"{"op":"ping","extra":1}"#),
+            Ok(Op::Ping)
+        ));
+        match parse_op(r#"{"op":"publish","topic":"a","data":{"k":[1,"x"]}}"#).unwrap() {
+            Op::Publish(t, d) => assert_eq!((t.as_ref(), d.get()), ("a", r#"{"k":[1,"x"]}"#)),
+            other => panic!("{other:?}"),
+        }
+        // Escapes in the topic are decoded before checking.
+        assert!(
+            matches!(parse_op(r#"{"op":"subscribe","topic":"\u0061"}"#), Ok(Op::Subscribe(t)) if t == "a")
+        );
+    }
+
+    #[test]
+    fn bad_ops_get_error_codes() {
+        let code = |t: &str| parse_op(t).unwrap_err().code;
+        assert_eq!(code("not json"), "bad_json");
+        assert_eq!(code("[1,2]"), "bad_json");
+        assert_eq!(code(r#"{"op":"dance"}"#), "unknown_op");
+        assert_eq!(code(r#"{"op":"subscribe"}"#), "bad_topic");
+        assert_eq!(code(r#"{"op":"subscribe","topic":"a b"}"#), "bad_topic");
+        assert_eq!(code(r#"{"op":"publish","topic":"a"}"#), "bad_request");
+        assert_eq!(code(r#"{"topic":"a"}"#), "bad_request");
+    }
+
+    #[test]
+    fn replies_are_text_frames_of_json() {
+        assert_eq!(&pong()[2..], br#"{"op":"pong"}"#);
+        assert_eq!(pong()[1] as usize, pong().len() - 2);
+        let e = error(&OpError::new("bad_json", "say \"hi\""));
+        let v: serde_json::Value = serde_json::from_slice(&e[2..]).unwrap();
+        assert_eq!(v["op"], "error");
+        assert_eq!(v["error"], "bad_json");
+        assert_eq!(v["message"], "say \"hi\"");
+    }
+}

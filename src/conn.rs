@@ -1,24 +1,24 @@
-//! The connection table: every client connection's record (its socket, what it awaits,
-//! its partial input, its output queue, its timers) in one slab whose keys are the mio
-//! tokens, plus the two lists the loop works through after each pass: connections with
-//! output to write (`dirty`) and connections to remove (`reap`).
+//! The connection table: every client connection's record (what it awaits, its partial
+//! input, its output queue, its timers) in one slab whose keys are the mio tokens, plus
+//! the two lists the loop works through after each pass: connections with output to
+//! write (`dirty`) and connections to remove (`reap`).
 //!
 //! Handlers change connections only through this table: they queue bytes, move a state
-//! along, arm timers, or end a connection. Nothing here makes a system call: the socket is
-//! stored here but only the reactor reads, writes, registers or closes it. Ending a
-//! connection only marks it `Dead` and lists it; the reactor removes it after the pass, so
-//! a slab key is never reused within one.
+//! along, arm timers, or end a connection. The sockets are not here: the reactor keeps
+//! them beside the table under the same keys, so nothing but the loop can make a system
+//! call, and every handler can be driven in a test with no socket at all. Ending a
+//! connection only marks it `Dead` and lists it; the reactor removes it after the pass,
+//! so a slab key is never reused within one.
 
 use std::net::SocketAddr;
 use std::ops::{Index, IndexMut};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mio::net::TcpStream;
-use mio::{Interest, Token};
 use slab::Slab;
 
 use crate::auth::Grant;
+pub use crate::id::ConnId;
 use crate::outq::OutQueue;
 use crate::timer::{Timer, TimerTable, Timers};
 use crate::ws::codec::Ws;
@@ -26,16 +26,6 @@ use crate::ws::protocol::Kind;
 
 /// After our close frame or FIN, how long the peer has to finish before we cut it.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
-
-/// A connection's handle: its slab key, which is also its mio `Token`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub usize);
-
-impl ConnId {
-    pub fn token(self) -> Token {
-        Token(self.0)
-    }
-}
 
 #[derive(Debug)]
 pub enum State {
@@ -83,15 +73,12 @@ impl Session {
 
 #[derive(Debug)]
 pub struct Conn {
-    pub stream: TcpStream,
     pub peer: SocketAddr,
     pub state: State,
     /// Bytes of an incomplete HTTP request. Empty (no allocation) otherwise.
     pub partial: Vec<u8>,
     pub out: OutQueue,
     pub timers: TimerTable,
-    /// What mio has registered for this socket.
-    pub registered: Interest,
     /// Listed in the table's flush list this pass.
     pub dirty: bool,
     /// The peer sent FIN: nothing more will arrive, and no FIN needs awaiting.
@@ -104,15 +91,13 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, peer: SocketAddr, serial: u64) -> Conn {
+    fn new(peer: SocketAddr, serial: u64) -> Conn {
         Conn {
-            stream,
             peer,
             state: State::ReadingRequest,
             partial: Vec::new(),
             out: OutQueue::default(),
             timers: TimerTable::default(),
-            registered: Interest::READABLE,
             dirty: false,
             peer_shut: false,
             sent_continue: false,
@@ -120,14 +105,10 @@ impl Conn {
         }
     }
 
-    /// Readable always (a peer's FIN or RST must be seen in every state); writable only
-    /// while output waits, so an idle socket causes no wakeups.
-    pub fn interest(&self) -> Interest {
-        if self.out.is_empty() {
-            Interest::READABLE
-        } else {
-            Interest::READABLE | Interest::WRITABLE
-        }
+    /// Whether the loop should watch for WRITABLE: only while output waits, so an idle
+    /// socket causes no wakeups (it is always watched for READABLE, to see a FIN or RST).
+    pub fn wants_writable(&self) -> bool {
+        !self.out.is_empty()
     }
 
     pub fn session(&self) -> Option<&Session> {
@@ -174,9 +155,9 @@ impl Conns {
         ConnId(self.slab.vacant_key())
     }
 
-    pub fn insert(&mut self, stream: TcpStream, peer: SocketAddr) -> ConnId {
+    pub fn insert(&mut self, peer: SocketAddr) -> ConnId {
         self.next_serial += 1;
-        ConnId(self.slab.insert(Conn::new(stream, peer, self.next_serial)))
+        ConnId(self.slab.insert(Conn::new(peer, self.next_serial)))
     }
 
     pub fn get(&self, id: ConnId) -> Option<&Conn> {

@@ -11,6 +11,7 @@ mod config;
 mod conn;
 mod drain;
 mod http;
+mod id;
 mod metrics;
 mod outq;
 mod pubsub;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use slab::Slab;
 
-use crate::conn::ConnId;
+use crate::id::ConnId;
 use crate::ws::codec as ws;
 
 /// Most topics one connection may hold; each costs a little memory on both sides.

@@ -76,6 +76,14 @@ struct Accepting {
     last_warning: Option<Instant>,
 }
 
+/// A client socket, kept by the loop beside its record in the connection table (same key).
+#[derive(Debug)]
+struct Socket {
+    stream: TcpStream,
+    /// What mio has registered for it.
+    registered: Interest,
+}
+
 /// One readiness event, copied out of mio's `Events`.
 #[derive(Debug, Clone, Copy)]
 struct Ready {
@@ -114,6 +122,8 @@ pub struct Server {
     /// What Redis reported this pass, for the handlers.
     redis_events: Vec<Event>,
 
+    /// Client sockets, indexed by their connection's key (`None` where there is none).
+    sockets: Vec<Option<Socket>>,
     conns: Conns,
     front: Front,
     sessions: Sessions,
@@ -168,6 +178,7 @@ impl Server {
             ready: Vec::with_capacity(EVENTS_CAPACITY),
             unread: Vec::new(),
             redis_events: Vec::new(),
+            sockets: Vec::new(),
             conns: Conns::default(),
             front: Front::new(rules),
             sessions: Sessions::new(&cfg),
@@ -390,7 +401,14 @@ impl Server {
             warn!("register {peer}: {e}");
             return;
         }
-        let id = self.conns.insert(stream, peer);
+        let id = self.conns.insert(peer);
+        if self.sockets.len() <= id.0 {
+            self.sockets.resize_with(id.0 + 1, || None);
+        }
+        self.sockets[id.0] = Some(Socket {
+            stream,
+            registered: Interest::READABLE,
+        });
         self.counters.accepted += 1;
         self.conns
             .arm(id, Timer::Request, now + self.handshake_timeout);
@@ -412,11 +430,14 @@ impl Server {
     fn on_readable(&mut self, id: ConnId, now: Instant, to_end: bool) {
         let mut scratch = mem::take(&mut self.scratch);
         let mut total = 0;
-        while let Some(conn) = self.conns.get_mut(id) {
+        while let Some(conn) = self.conns.get(id) {
             if matches!(conn.state, State::Dead) {
                 break;
             }
-            match conn.stream.read(&mut scratch) {
+            let Some(Some(socket)) = self.sockets.get_mut(id.0) else {
+                break;
+            };
+            match socket.stream.read(&mut scratch) {
                 Ok(0) => {
                     self.on_eof(id, now);
                     break;
@@ -537,8 +558,14 @@ impl Server {
             if matches!(conn.state, State::Dead) {
                 continue;
             }
+            let Some(Some(socket)) = self.sockets.get_mut(id.0) else {
+                continue;
+            };
             let syscalls = &mut self.counters.write_syscalls;
-            match conn.out.write_to(&mut conn.stream, WRITE_BUDGET, syscalls) {
+            match conn
+                .out
+                .write_to(&mut socket.stream, WRITE_BUDGET, syscalls)
+            {
                 Ok(Flushed::Drained) => {
                     if matches!(conn.state, State::Finishing) {
                         if conn.peer_shut {
@@ -547,7 +574,7 @@ impl Server {
                         }
                         // FIN after the last byte, then wait for the peer's: closing now
                         // with unread input would send RST and could destroy our answer.
-                        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                        let _ = socket.stream.shutdown(std::net::Shutdown::Write);
                         conn.state = State::Lingering;
                         self.conns.arm(id, Timer::CloseGrace, now + CLOSE_GRACE);
                     }
@@ -565,17 +592,23 @@ impl Server {
     }
 
     fn update_interest(&mut self, id: ConnId) {
-        let conn = &mut self.conns[id];
-        let wanted = conn.interest();
-        if wanted != conn.registered {
+        let wanted = if self.conns[id].wants_writable() {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        let Some(Some(socket)) = self.sockets.get_mut(id.0) else {
+            return;
+        };
+        if wanted != socket.registered {
             match self
                 .poll
                 .registry()
-                .reregister(&mut conn.stream, id.token(), wanted)
+                .reregister(&mut socket.stream, id.token(), wanted)
             {
-                Ok(()) => conn.registered = wanted,
+                Ok(()) => socket.registered = wanted,
                 Err(e) => {
-                    warn!("reregister {}: {e}", conn.peer);
+                    warn!("reregister {}: {e}", self.conns[id].peer);
                     self.kill(id);
                 }
             }
@@ -591,11 +624,14 @@ impl Server {
 
     fn reap_dead(&mut self) {
         for id in self.conns.take_reap() {
-            let Some(mut conn) = self.conns.remove(id) else {
+            let Some(conn) = self.conns.remove(id) else {
                 continue;
             };
             self.counters.undelivered_bytes += conn.out.len() as u64;
-            let _ = self.poll.registry().deregister(&mut conn.stream);
+            // Dropping the stream closes the descriptor.
+            if let Some(mut socket) = self.sockets.get_mut(id.0).and_then(Option::take) {
+                let _ = self.poll.registry().deregister(&mut socket.stream);
+            }
         }
     }
 

@@ -18,6 +18,8 @@ mod pubsub;
 mod reactor;
 mod rlimit;
 mod session;
+#[cfg(test)]
+mod testkit;
 mod timer;
 mod topic;
 mod ws;

@@ -479,3 +479,127 @@ fn forbidden(topic: &str) -> OpError {
 fn grant_deadline(grant: &Grant, now: Instant) -> Instant {
     now + Duration::from_secs(grant.exp.saturating_sub(auth::unix_now()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::conn::State;
+    use crate::testkit::World;
+    use crate::timer::Timer;
+
+    #[test]
+    fn subscribe_receive_unsubscribe() {
+        let mut w = World::new(&[]);
+        let id = w.open("/ws");
+        w.send_text(id, r#"{"op":"subscribe","topic":"a"}"#);
+        assert_eq!(w.messages(id)[0]["op"], "subscribed");
+        w.publish(r#"{"topic":"a","data":"x"}"#);
+        assert_eq!(w.messages(id)[0]["data"], "x");
+        w.send_text(id, r#"{"op":"unsubscribe","topic":"a"}"#);
+        assert_eq!(w.messages(id)[0]["op"], "unsubscribed");
+        w.publish(r#"{"topic":"a","data":"y"}"#);
+        assert!(w.messages(id).is_empty());
+        assert_eq!(w.pubsub.topic_count(), 0);
+    }
+
+    #[test]
+    fn bad_ops_get_errors_and_the_connection_stays() {
+        let mut w = World::new(&[]);
+        let id = w.open("/ws");
+        w.send_text(id, "not json");
+        w.send_text(id, r#"{"op":"dance"}"#);
+        let got = w.messages(id);
+        assert_eq!(got[0]["error"], "bad_json");
+        assert_eq!(got[1]["error"], "unknown_op");
+        assert!(matches!(w.conns[id].state, State::Open(_)));
+        assert_eq!(w.counters.op_errors, 2);
+    }
+
+    #[test]
+    fn a_private_topic_needs_a_grant() {
+        let mut w = World::new(&[
+            "--private-topics",
+            "user:*",
+            "--token-secret",
+            "a-secret-of-32-bytes-for-tests!!",
+        ]);
+        let id = w.open("/ws?topics=user:1,public");
+        let got = w.messages(id);
+        assert_eq!(got[0]["op"], "error");
+        assert_eq!(got[0]["error"], "forbidden");
+        assert_eq!(got[1]["op"], "subscribed");
+        assert_eq!(got[1]["topic"], "public");
+    }
+
+    #[test]
+    fn a_binary_frame_on_ws_closes_with_1003() {
+        let mut w = World::new(&[]);
+        let id = w.open("/ws");
+        let frame = crate::testkit::client_frame(0x2, b"\x00\x01");
+        w.send(id, &frame);
+        let frames = w.frames(id);
+        assert_eq!(frames.last().and_then(|f| f.close_code()), Some(1003));
+        assert!(matches!(w.conns[id].state, State::Finishing));
+    }
+
+    #[test]
+    fn a_slow_consumer_gets_1008_and_its_backlog_is_dropped() {
+        let mut w = World::new(&["--send-queue-limit", "2000"]);
+        let slow = w.open("/ws?topics=t");
+        let fine = w.open("/ws?topics=t");
+        let _ = w.frames(slow);
+        let data = format!(r#""{}""#, "x".repeat(500));
+        for _ in 0..5 {
+            w.publish(&format!(r#"{{"topic":"t","data":{data}}}"#));
+            // `fine` reads everything; `slow` reads nothing.
+            let _ = w.frames(fine);
+        }
+        assert_eq!(w.counters.slow_consumers, 1);
+        assert!(matches!(w.conns[slow].state, State::Closing(_)));
+        // The close frame did not wait behind the dropped backlog.
+        let frames = w.frames(slow);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(frames[0].close_code(), Some(1008));
+        assert!(matches!(w.conns[fine].state, State::Open(_)));
+    }
+
+    #[test]
+    fn drain_close_frames_follow_the_messages_already_queued() {
+        let mut w = World::new(&[]);
+        let id = w.open("/ws?topics=t");
+        w.publish(r#"{"topic":"t","data":1}"#);
+        let now = w.now;
+        w.sessions
+            .close_all(&mut w.conns, &mut w.pubsub, &mut w.counters, now);
+        let frames = w.frames(id);
+        let kinds: Vec<(u8, Option<u16>)> =
+            frames.iter().map(|f| (f.opcode, f.close_code())).collect();
+        assert_eq!(kinds, [(1, None), (1, None), (8, Some(1001))]);
+        assert_eq!(frames[1].json()["op"], "message");
+        assert_eq!(w.pubsub.topic_count(), 0);
+    }
+
+    #[test]
+    fn only_a_silent_socket_is_pinged() {
+        let mut w = World::new(&["--ping-interval", "10"]);
+        let id = w.open("/ws");
+        w.advance(Duration::from_secs(6));
+        w.send_text(id, r#"{"op":"ping"}"#);
+        let _ = w.frames(id);
+        // Ten seconds after opening, but only four since the client spoke: no ping.
+        w.advance(Duration::from_secs(4));
+        let now = w.now;
+        w.sessions.on_ping_timer(&mut w.conns, id, now);
+        assert!(w.frames(id).is_empty());
+        assert!(w.conns[id].timers.get(Timer::Pong).is_none());
+        // Silent for a whole interval: pinged, and the pong timer runs.
+        w.advance(Duration::from_secs(6));
+        let now = w.now;
+        w.sessions.on_ping_timer(&mut w.conns, id, now);
+        let frames = w.frames(id);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].opcode, 0x9);
+        assert!(w.conns[id].timers.get(Timer::Pong).is_some());
+    }
+}

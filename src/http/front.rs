@@ -467,3 +467,89 @@ fn is_loopback(ip: IpAddr) -> bool {
             .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::conn::State;
+    use crate::testkit::World;
+    use crate::timer::Timer;
+
+    #[test]
+    fn pipelined_requests_are_answered_in_order() {
+        let mut w = World::new(&[]);
+        let id = w.connect();
+        w.send(
+            id,
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        let out = w.take_text(id);
+        let ok = out.find("HTTP/1.1 200").expect("health answered");
+        let missing = out.find("HTTP/1.1 404").expect("404 answered");
+        assert!(ok < missing, "{out}");
+        assert!(matches!(w.conns[id].state, State::ReadingRequest));
+        // Between requests only the keep-alive idle timer runs.
+        assert!(w.conns[id].timers.get(Timer::Idle).is_some());
+        assert!(w.conns[id].timers.get(Timer::Request).is_none());
+    }
+
+    #[test]
+    fn a_partial_head_waits_under_the_request_timer() {
+        let mut w = World::new(&[]);
+        let id = w.connect();
+        w.send(id, b"GET /hea");
+        assert!(w.take_output(id).is_empty());
+        assert!(w.conns[id].timers.get(Timer::Request).is_some());
+        w.send(id, b"lth HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(w.take_text(id).starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn while_draining_health_is_503_and_the_connection_ends() {
+        let mut w = World::new(&[]);
+        w.draining = true;
+        let id = w.connect();
+        w.send(id, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+        let out = w.take_text(id);
+        assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+        assert!(out.contains("Connection: close\r\n"), "{out}");
+        assert!(matches!(w.conns[id].state, State::Finishing));
+    }
+
+    #[test]
+    fn a_publish_reaches_subscribers_and_reports_the_count() {
+        let mut w = World::new(&[]);
+        let sub = w.open("/ws?topics=news");
+        assert_eq!(w.messages(sub)[0]["op"], "subscribed");
+        let reply = w.publish(r#"{"topic":"news","data":{"n":1}}"#);
+        assert!(reply.ends_with(r#"{"delivered":1,"id":1}"#), "{reply}");
+        let got = w.messages(sub);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["op"], "message");
+        assert_eq!(got[0]["data"]["n"], 1);
+        assert_eq!(w.counters.delivered, 1);
+    }
+
+    #[test]
+    fn keyless_publish_from_afar_is_forbidden() {
+        let mut w = World::new(&[]);
+        let id = w.connect_from("10.1.2.3");
+        let body = r#"{"topic":"news","data":1}"#;
+        let request = format!(
+            "POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        w.send(id, request.as_bytes());
+        assert!(w.take_text(id).starts_with("HTTP/1.1 403"));
+        assert_eq!(w.counters.published, 0);
+    }
+
+    #[test]
+    fn a_pipeliner_that_reads_nothing_is_cut_as_a_slow_consumer() {
+        let mut w = World::new(&["--send-queue-limit", "1000"]);
+        let id = w.connect();
+        let many = "GET /health HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100);
+        w.send(id, many.as_bytes());
+        assert!(matches!(w.conns[id].state, State::Dead));
+        assert_eq!(w.counters.slow_consumers, 1);
+    }
+}

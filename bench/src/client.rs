@@ -6,8 +6,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mio::net::TcpStream;
@@ -17,6 +17,7 @@ use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::frames;
+use crate::ids::IdSet;
 use crate::stats::{Buckets, Tally, histogram, now_ns};
 
 /// Handshakes a thread keeps in flight when connecting "as fast as possible": more would
@@ -49,6 +50,11 @@ pub struct ThreadPlan {
     pub sources: Vec<IpAddr>,
     /// Reconnect (with backoff and jitter) whenever a connection ends (storm).
     pub reconnect: bool,
+    /// The longest reconnect backoff, in ms (the jitter is drawn below it).
+    pub backoff_max_ms: u64,
+    /// storm --resume: the topic whose epoch and last id each client keeps, and resumes
+    /// from (`?resume=topic~since~epoch`) when it reconnects.
+    pub resume: Option<String>,
     /// capacity: count, per message id, receptions within this latency.
     pub bound_us: Option<u64>,
 }
@@ -62,6 +68,11 @@ pub struct Control {
     pub settled: AtomicU64,
     pub usable: AtomicU64,
     pub received: AtomicU64,
+    /// storm --resume: receptions a client already had (included in `received`).
+    pub duplicates: AtomicU64,
+    /// storm --resume: the ids the publisher had acknowledged, told by the driver before
+    /// it stops the worker; each client is checked against them as the thread finishes.
+    pub acked: Mutex<Option<IdSet>>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -85,6 +96,37 @@ struct Conn {
     attempt: u32,
     /// First attempt settled (counted in `Control::settled`).
     settled: bool,
+    /// Which of the thread's clients this connection is (an index into `Client::clients`).
+    client: usize,
+    /// The handshake asked to resume (storm --resume).
+    resuming: bool,
+    /// A resumed subscription not caught up yet: (the id its `subscribed` named, when
+    /// that reply came).
+    catch_up: Option<(u64, u64)>,
+}
+
+/// One client across its connections, when it reconnects (storm).
+#[derive(Default)]
+struct Position {
+    /// Subscribed before: its next subscription is a reconnection.
+    joined: bool,
+    /// storm --resume: the topic's epoch as last told, and the last id received in it.
+    epoch: Option<String>,
+    last_id: u64,
+    /// The id the first `subscribed` named: nothing at or below it was promised.
+    floor: Option<u64>,
+    /// Its epoch changed at some point.
+    changed: bool,
+    /// Every id received, per epoch.
+    seen: Vec<(String, IdSet)>,
+}
+
+/// The fields of a `subscribed` reply that resuming needs.
+#[derive(Deserialize, Default)]
+struct Subscribed {
+    epoch: Option<String>,
+    id: Option<u64>,
+    recovered: Option<bool>,
 }
 
 struct Client<'a> {
@@ -96,21 +138,50 @@ struct Client<'a> {
     handshake: hdrhistogram::Histogram<u64>,
     latency: hdrhistogram::Histogram<u64>,
     rtt: hdrhistogram::Histogram<u64>,
+    catch_up: hdrhistogram::Histogram<u64>,
     request: Vec<u8>,
     rng: u64,
-    /// Reconnects waiting for their time: (due ns, source, attempt).
-    retry: Vec<(u64, IpAddr, u32)>,
+    /// Reconnects waiting for their time: (due ns, source, attempt, client).
+    retry: Vec<(u64, IpAddr, u32, usize)>,
+    /// Per client, when connections reconnect; empty otherwise.
+    clients: Vec<Position>,
     /// Connections opened and not yet usable or ended.
     in_flight: usize,
 }
 
-pub fn run(plan: &ThreadPlan, control: Arc<Control>, seed: u64) -> Tally {
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        plan.path, plan.host
+fn upgrade_request(path: &str, host: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
-    .into_bytes();
+    .into_bytes()
+}
+
+/// `s` for a query string: everything but letters, digits and `-._` percent-encoded.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The subscribe path with `resume=topic~since~epoch` added.
+fn resume_path(path: &str, topic: &str, since: u64, epoch: &str) -> String {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    format!(
+        "{path}{sep}resume={}~{since}~{}",
+        percent_encode(topic),
+        percent_encode(epoch)
+    )
+}
+
+pub fn run(plan: &ThreadPlan, control: Arc<Control>, seed: u64) -> Tally {
+    let request = upgrade_request(&plan.path, &plan.host);
     let mut client = Client {
         plan,
         control: &control,
@@ -120,9 +191,15 @@ pub fn run(plan: &ThreadPlan, control: Arc<Control>, seed: u64) -> Tally {
         handshake: histogram(),
         latency: histogram(),
         rtt: histogram(),
+        catch_up: histogram(),
         request,
         rng: seed | 1,
         retry: Vec::new(),
+        clients: if plan.reconnect {
+            (0..plan.connections).map(|_| Position::default()).collect()
+        } else {
+            Vec::new()
+        },
         in_flight: 0,
     };
     client.run();
@@ -149,15 +226,15 @@ impl Client<'_> {
                     break;
                 }
                 let source = self.plan.sources[opened % self.plan.sources.len().max(1)];
-                self.open(source, 0, now);
+                self.open(source, 0, opened, now);
                 opened += 1;
             }
             // Reconnects that are due.
             let mut i = 0;
             while i < self.retry.len() {
                 if self.retry[i].0 <= now {
-                    let (_, source, attempt) = self.retry.swap_remove(i);
-                    self.open(source, attempt, now);
+                    let (_, source, attempt, client) = self.retry.swap_remove(i);
+                    self.open(source, attempt, client, now);
                 } else {
                     i += 1;
                 }
@@ -196,7 +273,42 @@ impl Client<'_> {
         self.tally.handshake_us = Buckets::from(&self.handshake);
         self.tally.latency_us = Buckets::from(&self.latency);
         self.tally.rtt_us = Buckets::from(&self.rtt);
+        if self.plan.resume.is_some() {
+            self.tally.resume.catch_up_us = Buckets::from(&self.catch_up);
+            self.check_against_acked();
+        }
         self.tally
+    }
+
+    /// storm --resume: every acknowledged id above a client's first `subscribed` id that
+    /// the client never received is missed. Only a client that stayed in one epoch can be
+    /// checked this way: the publisher's ids do not say which epoch they belong to.
+    fn check_against_acked(&mut self) {
+        let acked = self
+            .control
+            .acked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let r = &mut self.tally.resume;
+        for st in &self.clients {
+            let Some(floor) = st.floor else {
+                continue; // never subscribed: nothing was promised to it
+            };
+            match (&acked, &st.epoch) {
+                (Some(acked), Some(epoch)) if !st.changed => {
+                    let empty = IdSet::default();
+                    let have = st
+                        .seen
+                        .iter()
+                        .find(|(e, _)| e == epoch)
+                        .map_or(&empty, |(_, s)| s);
+                    r.missed_by_id += acked.missing_from(have, floor);
+                    r.checked += 1;
+                }
+                _ => r.unchecked += 1,
+            }
+        }
     }
 
     fn random(&mut self) -> u64 {
@@ -206,7 +318,7 @@ impl Client<'_> {
         self.rng
     }
 
-    fn open(&mut self, source: IpAddr, attempt: u32, now: u64) {
+    fn open(&mut self, source: IpAddr, attempt: u32, client: usize, now: u64) {
         self.tally.attempted += 1;
         self.tally.first_attempt_ns = Some(self.tally.first_attempt_ns.map_or(now, |t| t.min(now)));
         let stream = match connect_from(source, self.plan.target) {
@@ -214,7 +326,7 @@ impl Client<'_> {
             Err(e) => {
                 self.tally.fail(failure_kind(&e));
                 self.settle_first(attempt == 0);
-                self.schedule_retry(source, attempt, now);
+                self.schedule_retry(source, attempt, client, now);
                 return;
             }
         };
@@ -230,6 +342,9 @@ impl Client<'_> {
             source,
             attempt,
             settled: attempt > 0,
+            client,
+            resuming: false,
+            catch_up: None,
         });
         let interest = Interest::READABLE | Interest::WRITABLE;
         if let Err(e) = self
@@ -251,15 +366,21 @@ impl Client<'_> {
         }
     }
 
-    fn schedule_retry(&mut self, source: IpAddr, attempt: u32, now: u64) {
+    fn schedule_retry(&mut self, source: IpAddr, attempt: u32, client: usize, now: u64) {
         if !self.plan.reconnect || self.control.stop.load(Ordering::Relaxed) {
             return;
         }
-        // Exponential backoff from 100 ms to 2 s, with full jitter: a restarted server
-        // sees the reconnects spread out instead of one thundering herd.
-        let cap = (100_000_000u64 << attempt.min(5)).min(2_000_000_000);
+        // Exponential backoff from 100 ms to --max-backoff-ms (2 s unless told), with
+        // full jitter: a restarted server sees the reconnects spread out instead of one
+        // thundering herd.
+        let max = self
+            .plan
+            .backoff_max_ms
+            .saturating_mul(1_000_000)
+            .max(1_000_000);
+        let cap = (100_000_000u64 << attempt.min(5)).min(max);
         let delay = self.random() % cap;
-        self.retry.push((now + delay, source, attempt + 1));
+        self.retry.push((now + delay, source, attempt + 1, client));
     }
 
     fn on_writable(&mut self, key: usize) {
@@ -275,9 +396,26 @@ impl Client<'_> {
                 return; // not connected yet
             }
             conn.state = State::Handshaking;
-            conn.out.extend_from_slice(&self.request);
+            let client = conn.client;
+            match self.resume_request(client) {
+                Some(request) => {
+                    let conn = &mut self.conns[key];
+                    conn.resuming = true;
+                    conn.out.extend_from_slice(&request);
+                }
+                None => self.conns[key].out.extend_from_slice(&self.request),
+            }
         }
         self.flush(key);
+    }
+
+    /// storm --resume: a client that knows its epoch asks for what came after its last id.
+    fn resume_request(&self, client: usize) -> Option<Vec<u8>> {
+        let topic = self.plan.resume.as_deref()?;
+        let st = self.clients.get(client)?;
+        let epoch = st.epoch.as_deref()?;
+        let path = resume_path(&self.plan.path, topic, st.last_id, epoch);
+        Some(upgrade_request(&path, &self.plan.host))
     }
 
     fn flush(&mut self, key: usize) {
@@ -402,6 +540,14 @@ impl Client<'_> {
     /// The connection is what the scenario needs (subscribed, or open).
     fn usable(&mut self, key: usize, now: u64) {
         let conn = &mut self.conns[key];
+        if let Some(st) = self.clients.get_mut(conn.client) {
+            if st.joined {
+                self.tally.resubscribed += 1;
+                self.tally.first_resubscribed_ns =
+                    Some(self.tally.first_resubscribed_ns.map_or(now, |t| t.min(now)));
+            }
+            st.joined = true;
+        }
         conn.state = State::Subscribed;
         conn.last_id = 0;
         self.in_flight -= 1;
@@ -437,29 +583,123 @@ impl Client<'_> {
                 }
             }
             Mode::Subscribe | Mode::Connect => {
-                if let Some((id, stamp)) = frames::message_id_and_stamp(payload) {
+                if payload.starts_with(b"{\"op\":\"subscribed\"") {
+                    if self.conns[key].state == State::Open {
+                        if self.plan.resume.is_some() {
+                            self.note_subscribed(key, payload, now);
+                        }
+                        self.usable(key, now);
+                    }
+                } else if let Some((id, stamp)) = frames::message_id_and_stamp(payload) {
                     let latency_us = (now.saturating_sub(stamp) / 1000).max(1);
                     let _ = self.latency.record(latency_us);
                     self.tally.received += 1;
                     self.tally.last_received_ns = Some(now);
                     self.control.received.fetch_add(1, Ordering::Relaxed);
-                    let conn = &mut self.conns[key];
-                    if conn.last_id > 0 && id > conn.last_id + 1 {
-                        self.tally.gaps += id - conn.last_id - 1;
+                    if !self.note_resumable_message(key, id, now) {
+                        let conn = &mut self.conns[key];
+                        if conn.last_id > 0 && id > conn.last_id + 1 {
+                            self.tally.gaps += id - conn.last_id - 1;
+                        }
+                        conn.last_id = id;
                     }
-                    conn.last_id = id;
                     if let Some(bound) = self.plan.bound_us
                         && latency_us <= bound
                     {
                         *self.tally.within_bound.entry(id).or_default() += 1;
                     }
-                } else if payload.starts_with(b"{\"op\":\"subscribed\"")
-                    && self.conns[key].state == State::Open
-                {
-                    self.usable(key, now);
                 }
             }
         }
+    }
+
+    /// storm --resume: where the topic stands, from a `subscribed` reply. A client keeps
+    /// its last id while the epoch stays (what it missed follows the reply); a new epoch
+    /// starts it over at 0, since ids from the old one name other messages now.
+    fn note_subscribed(&mut self, key: usize, payload: &[u8], now: u64) {
+        let reply: Subscribed = serde_json::from_slice(payload).unwrap_or_default();
+        let conn = &mut self.conns[key];
+        let r = &mut self.tally.resume;
+        let Some(st) = self.clients.get_mut(conn.client) else {
+            return;
+        };
+        let last = reply.id.unwrap_or(0);
+        st.floor.get_or_insert(last);
+        // An empty epoch is no epoch: nothing could be resumed with it.
+        let Some(epoch) = reply.epoch.filter(|e| !e.is_empty()) else {
+            r.no_epoch += 1;
+            return;
+        };
+        if conn.resuming {
+            match reply.recovered {
+                Some(true) => r.recovered += 1,
+                Some(false) => r.not_recovered += 1,
+                None => r.unanswered += 1,
+            }
+        }
+        match st.epoch.as_deref() {
+            Some(e) if e == epoch => {}
+            Some(_) => {
+                r.epoch_changes += 1;
+                st.changed = true;
+                st.epoch = Some(epoch);
+                st.last_id = 0;
+            }
+            None => {
+                st.epoch = Some(epoch);
+                st.last_id = last;
+            }
+        }
+        if conn.resuming {
+            if st.last_id >= last {
+                r.caught_up += 1;
+                r.last_caught_up_ns = r.last_caught_up_ns.max(Some(now));
+                let _ = self.catch_up.record(1);
+            } else {
+                conn.catch_up = Some((last, now));
+            }
+        }
+    }
+
+    /// storm --resume: a message, keyed by the client's epoch. False when there is no
+    /// epoch to key it by (no --resume, or a server that gives none).
+    fn note_resumable_message(&mut self, key: usize, id: u64, now: u64) -> bool {
+        if self.plan.resume.is_none() {
+            return false;
+        }
+        let conn = &mut self.conns[key];
+        let Some(st) = self.clients.get_mut(conn.client) else {
+            return false;
+        };
+        let Some(epoch) = st.epoch.as_deref() else {
+            return false;
+        };
+        let i = match st.seen.iter().position(|(e, _)| e == epoch) {
+            Some(i) => i,
+            None => {
+                st.seen.push((epoch.to_string(), IdSet::default()));
+                st.seen.len() - 1
+            }
+        };
+        let r = &mut self.tally.resume;
+        if !st.seen[i].1.insert(id) {
+            r.duplicates += 1;
+            self.control.duplicates.fetch_add(1, Ordering::Relaxed);
+        } else if st.last_id > 0 && id > st.last_id + 1 {
+            self.tally.gaps += id - st.last_id - 1;
+        }
+        st.last_id = st.last_id.max(id);
+        if let Some((target, since)) = conn.catch_up
+            && st.last_id >= target
+        {
+            conn.catch_up = None;
+            r.caught_up += 1;
+            r.last_caught_up_ns = r.last_caught_up_ns.max(Some(now));
+            let _ = self
+                .catch_up
+                .record((now.saturating_sub(since) / 1000).max(1));
+        }
+        true
     }
 
     fn sweep_handshake_timeouts(&mut self, now: u64) {
@@ -507,6 +747,7 @@ impl Client<'_> {
             } else {
                 conn.attempt
             },
+            conn.client,
             now,
         );
     }
@@ -541,5 +782,188 @@ fn failure_kind(e: &io::Error) -> &'static str {
         io::ErrorKind::BrokenPipe => "broken pipe",
         _ if e.raw_os_error() == Some(libc::EMFILE) => "out of descriptors (tool)",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::time::Instant;
+
+    #[test]
+    fn resume_paths_carry_the_position_percent_encoded() {
+        assert_eq!(
+            resume_path("/ws?topics=t", "t", 41, "a b/c~d"),
+            "/ws?topics=t&resume=t~41~a%20b%2Fc%7Ed"
+        );
+        assert_eq!(
+            resume_path("/ws", "x.y", 0, "E-1_2"),
+            "/ws?resume=x.y~0~E-1_2"
+        );
+    }
+
+    fn text(json: &str) -> Vec<u8> {
+        let mut f = vec![0x81, json.len() as u8];
+        f.extend_from_slice(json.as_bytes());
+        f
+    }
+
+    fn message(id: u64) -> Vec<u8> {
+        text(&format!(
+            r#"{{"op":"message","topic":"t","id":{id},"data":[{},"x"]}}"#,
+            now_ns()
+        ))
+    }
+
+    /// A server that answers each connection in turn with its frames, then closes it (the
+    /// last one it holds until the client goes); the request lines it was sent.
+    fn scripted_server(script: Vec<Vec<u8>>) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut requests = Vec::new();
+            let last = script.len() - 1;
+            for (i, frames) in script.into_iter().enumerate() {
+                let (mut stream, _) = listener.accept().unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                requests.push(line.trim_end().to_string());
+                while line != "\r\n" {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap() == 0 {
+                        break;
+                    }
+                }
+                stream
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .unwrap();
+                stream.write_all(&frames).unwrap();
+                if i == last {
+                    let mut sink = Vec::new();
+                    let _ = reader.read_to_end(&mut sink);
+                }
+            }
+            requests
+        });
+        (addr, server)
+    }
+
+    fn resume_plan(target: SocketAddr) -> ThreadPlan {
+        ThreadPlan {
+            target,
+            host: "test".into(),
+            path: "/ws?topics=t".into(),
+            mode: Mode::Subscribe,
+            connections: 1,
+            rate: 0.0,
+            sources: vec![IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)],
+            reconnect: true,
+            backoff_max_ms: 50,
+            resume: Some("t".into()),
+            bound_us: None,
+        }
+    }
+
+    /// Run one client against `script` until it has received `messages`, then tell it the
+    /// acknowledged ids and stop it.
+    fn run_script(script: Vec<Vec<u8>>, messages: u64, acked: &[u64]) -> (Tally, Vec<String>) {
+        let (addr, server) = scripted_server(script);
+        let control = Arc::new(Control::default());
+        let plan = resume_plan(addr);
+        let c = control.clone();
+        let client = std::thread::spawn(move || run(&plan, c, 7));
+        let start = Instant::now();
+        while control.received.load(Ordering::Relaxed) < messages {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "messages never came"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut ids = IdSet::default();
+        for &id in acked {
+            ids.insert(id);
+        }
+        *control.acked.lock().unwrap() = Some(ids);
+        control.stop.store(true, Ordering::SeqCst);
+        let tally = client.join().unwrap();
+        (tally, server.join().unwrap())
+    }
+
+    #[test]
+    fn a_resumed_client_asks_for_what_followed_and_counts_duplicates_and_misses() {
+        let first = [
+            text(r#"{"op":"subscribed","topic":"t","epoch":"E 1","id":0}"#),
+            message(1),
+            message(2),
+            message(4),
+            message(5),
+        ]
+        .concat();
+        // Recovered, and 5 again: a duplicate.
+        let second = [
+            text(r#"{"op":"subscribed","topic":"t","epoch":"E 1","id":7,"recovered":true}"#),
+            message(5),
+            message(6),
+            message(7),
+        ]
+        .concat();
+        let (t, requests) = run_script(vec![first, second], 7, &[1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(requests[0], "GET /ws?topics=t HTTP/1.1");
+        assert_eq!(requests[1], "GET /ws?topics=t&resume=t~5~E%201 HTTP/1.1");
+        let r = &t.resume;
+        assert_eq!((t.received, r.duplicates, t.gaps), (7, 1, 1), "{t:?}");
+        assert_eq!((r.recovered, r.not_recovered, r.unanswered), (1, 0, 0));
+        assert_eq!((r.epoch_changes, r.no_epoch), (0, 0));
+        assert_eq!((r.caught_up, t.resubscribed, t.disconnects), (1, 1, 1));
+        // Id 3 never came.
+        assert_eq!((r.missed_by_id, r.checked, r.unchecked), (1, 1, 0));
+    }
+
+    #[test]
+    fn a_new_epoch_starts_the_client_over_and_is_not_checked_by_id() {
+        let first = [
+            text(r#"{"op":"subscribed","topic":"t","epoch":"A","id":3}"#),
+            message(4),
+            message(5),
+        ]
+        .concat();
+        // History lost: another epoch, its ids from 1 again (not duplicates of A's).
+        let second = [
+            text(r#"{"op":"subscribed","topic":"t","epoch":"B","id":2,"recovered":false}"#),
+            message(1),
+            message(2),
+        ]
+        .concat();
+        let third = text(r#"{"op":"subscribed","topic":"t","epoch":"B","id":2,"recovered":true}"#);
+        let (t, requests) = run_script(vec![first, second, third], 4, &[4, 5]);
+        assert_eq!(requests[1], "GET /ws?topics=t&resume=t~5~A HTTP/1.1");
+        assert_eq!(requests[2], "GET /ws?topics=t&resume=t~2~B HTTP/1.1");
+        let r = &t.resume;
+        assert_eq!((t.received, r.duplicates, t.gaps), (4, 0, 0), "{t:?}");
+        assert_eq!((r.recovered, r.not_recovered, r.epoch_changes), (1, 1, 1));
+        assert_eq!((r.caught_up, t.resubscribed), (2, 2));
+        assert_eq!((r.checked, r.unchecked), (0, 1));
+    }
+
+    #[test]
+    fn without_an_epoch_a_client_reconnects_as_before() {
+        let first = [
+            text(r#"{"op":"subscribed","topic":"t","epoch":"","id":0}"#),
+            message(1),
+        ]
+        .concat();
+        let second = [text(r#"{"op":"subscribed","topic":"t"}"#), message(2)].concat();
+        let (t, requests) = run_script(vec![first, second], 2, &[1, 2]);
+        assert_eq!(requests[1], "GET /ws?topics=t HTTP/1.1");
+        assert_eq!((t.resume.no_epoch, t.resume.recovered), (2, 0));
+        assert_eq!((t.resume.checked, t.resume.unchecked), (0, 1));
     }
 }

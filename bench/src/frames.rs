@@ -51,9 +51,12 @@ pub fn client_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
 }
 
-/// The unsigned integer right after the first `key` in `text`.
+/// The unsigned integer right after the first `key` in `text` (spaces between allowed).
 pub fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
-    let start = text.windows(key.len()).position(|w| w == key)? + key.len();
+    let mut start = text.windows(key.len()).position(|w| w == key)? + key.len();
+    while text.get(start) == Some(&b' ') {
+        start += 1;
+    }
     let digits = text[start..]
         .iter()
         .take_while(|b| b.is_ascii_digit())
@@ -101,6 +104,10 @@ mod tests {
     fn finds_ids_and_stamps_in_message_json() {
         let m = br#"{"op":"message","topic":"b","id":42,"data":[123456789,"xxxx"]}"#;
         assert_eq!(message_id_and_stamp(m), Some((42, 123456789)));
+        assert_eq!(
+            number_after(br#"{"delivered": 3, "id": 7}"#, b"\"id\":"),
+            Some(7)
+        );
         assert_eq!(
             message_id_and_stamp(br#"{"op":"subscribed","topic":"b"}"#),
             None

@@ -7,6 +7,7 @@
 
 mod client;
 mod frames;
+mod ids;
 mod observe;
 mod publish;
 mod report;
@@ -36,7 +37,9 @@ const FD_RESERVE: u64 = 100;
     version,
     about = "Load tool for WebSocket push servers: connect, idle, broadcast, echo, capacity, storm.",
     after_help = "Conventions: subscribers open /ws?topics=TOPIC and wait for {\"op\":\"subscribed\"}; \
-                  publishes are POST /publish {\"topic\":..,\"data\":[send_ns,\"pad\"]}; echo uses /echo. \
+                  publishes are POST /publish {\"topic\":..,\"data\":[send_ns,\"pad\"]}; echo uses /echo; \
+                  storm --resume reconnects with &resume=TOPIC~LAST_ID~EPOCH (epoch and ids from \
+                  {\"op\":\"subscribed\",..,\"epoch\":..,\"id\":..} and each message). \
                   Pin server and tool to different cores, e.g. taskset -c 0 herald / taskset -c 1 herald-bench."
 )]
 struct Cli {
@@ -144,6 +147,15 @@ enum Scenario {
         /// Publishes per second throughout
         #[arg(long, default_value_t = 10.0)]
         rate: f64,
+        /// Clients keep each topic's epoch and last id and reconnect with
+        /// ?resume=TOPIC~ID~EPOCH; the report adds duplicates, recovered resumes, epoch
+        /// changes and the time until every resumed client has caught up
+        #[arg(long)]
+        resume: bool,
+        /// Longest reconnect backoff (full jitter below it): lower it to bring the
+        /// clients back nearer at once, to measure the cost of a herd resuming
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
+        max_backoff_ms: u64,
     },
     #[command(hide = true)]
     Worker {
@@ -257,6 +269,8 @@ impl Planner<'_> {
                             rate: rate * share as f64 / n.max(1) as f64,
                             sources,
                             reconnect,
+                            backoff_max_ms: 2000,
+                            resume: None,
                             bound_us,
                         }
                     })
@@ -485,15 +499,21 @@ fn run(cli: &Cli) -> Result<Report, String> {
             restart,
             timeout,
             rate,
+            resume,
+            max_backoff_ms,
         } => storm(
             &planner,
             &observer,
             &subscribe_path,
             cli,
-            *connections,
-            restart.as_deref(),
-            *timeout,
-            *rate,
+            StormPlan {
+                n: *connections,
+                restart: restart.as_deref(),
+                timeout: *timeout,
+                rate: *rate,
+                resume: *resume,
+                max_backoff_ms: *max_backoff_ms,
+            },
             tool_start,
         )?,
         Scenario::Worker { .. } => unreachable!("handled in main"),
@@ -710,19 +730,38 @@ fn capacity(
     Ok(r)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What `storm` was asked to do.
+struct StormPlan<'a> {
+    n: usize,
+    restart: Option<&'a str>,
+    timeout: f64,
+    rate: f64,
+    resume: bool,
+    max_backoff_ms: u64,
+}
+
 fn storm(
     planner: &Planner,
     observer: &Observer,
     path: &str,
     cli: &Cli,
-    n: usize,
-    restart: Option<&str>,
-    timeout: f64,
-    rate: f64,
+    plan: StormPlan,
     tool_start: f64,
 ) -> Result<Report, String> {
-    let workers = Workers::spawn(planner.plans(Mode::Subscribe, path, n, 0.0, true, None));
+    let StormPlan {
+        n,
+        restart,
+        timeout,
+        rate,
+        resume,
+        max_backoff_ms,
+    } = plan;
+    let mut plans = planner.plans(Mode::Subscribe, path, n, 0.0, true, None);
+    for t in plans.iter_mut().flat_map(|p| p.threads.iter_mut()) {
+        t.backoff_max_ms = max_backoff_ms;
+        t.resume = resume.then(|| cli.topic.clone());
+    }
+    let mut workers = Workers::spawn(plans);
     let ready = workers.wait_settled(Duration::from_secs(120), "storm: connecting");
     let stop = Arc::new(AtomicBool::new(false));
     let pace = Pace {
@@ -771,9 +810,19 @@ fn storm(
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let published = publisher.join().map_err(|_| "publisher panicked")?;
     let expected = published.acked * ready.usable;
+    // Resumed clients may still be replaying what they missed: give them longer.
+    let drain = Duration::from_secs(if resume { 10 } else { 3 });
     let t0 = Instant::now();
-    while workers.progress().received < expected && t0.elapsed() < Duration::from_secs(3) {
+    while {
+        let p = workers.progress();
+        p.received.saturating_sub(p.duplicates) < expected
+    } && t0.elapsed() < drain
+    {
         std::thread::sleep(Duration::from_millis(20));
+    }
+    // Each client is checked against the acknowledged ids, unless they mix epochs.
+    if resume && !published.acked_ids.is_empty() && published.id_resets == 0 {
+        workers.tell_acked(&published.acked_ids);
     }
     let fin = workers.stop();
     let t = &fin.tally;
@@ -788,6 +837,14 @@ fn storm(
         t.disconnects.to_string(),
         json!(t.disconnects),
     );
+    r.add(
+        "failures",
+        format!(
+            "{:?} (connection attempts, first ones and reconnects)",
+            t.failures
+        ),
+        json!(t.failures),
+    );
     let back = match (t.first_disconnect_ns, t.last_subscribed_ns) {
         (Some(a), Some(b)) if recovered && b > a => Some(secs(b - a)),
         _ => None,
@@ -796,24 +853,67 @@ fn storm(
         "all back within",
         back.map_or_else(
             || format!("not all back within {timeout} s"),
-            |s| format!("{s:.3} s after the first disconnect"),
+            |s| {
+                if resume {
+                    format!("{s:.3} s after the first disconnect (the last subscribed reply)")
+                } else {
+                    format!("{s:.3} s after the first disconnect")
+                }
+            },
         ),
         json!(back),
     );
+    match (t.first_disconnect_ns, t.first_resubscribed_ns) {
+        (Some(down), Some(first)) if first > down => {
+            let last = t.last_subscribed_ns.unwrap_or(first).max(first);
+            let (a, b) = (secs(first - down), secs(last - down));
+            r.add(
+                "reconnections",
+                format!(
+                    "{} subscribed again, the first {a:.3} s and the last {b:.3} s after the first disconnect ({:.3} s apart)",
+                    t.resubscribed,
+                    b - a
+                ),
+                json!({"resubscribed": t.resubscribed, "first_s": a, "last_s": b, "spread_s": b - a}),
+            );
+        }
+        _ => r.add(
+            "reconnections",
+            format!("{} subscribed again", t.resubscribed),
+            json!({"resubscribed": t.resubscribed}),
+        ),
+    }
     r.add(
         "published",
         format!(
-            "{} acknowledged, {} refused or failed during the restart",
-            published.acked, published.failed
+            "{} acknowledged, {} refused or failed during the restart ({} found no connection, {} answered 503; {} connections)",
+            published.acked,
+            published.failed,
+            published.no_connection,
+            published.unavailable,
+            published.connections
         ),
-        json!({"acked": published.acked, "failed": published.failed}),
+        json!({
+            "acked": published.acked,
+            "failed": published.failed,
+            "no_connection": published.no_connection,
+            "unavailable": published.unavailable,
+            "connections": published.connections,
+            "acked_ids": published.acked_ids.len(),
+            "last_acked_id": published.acked_ids.max(),
+            "id_resets": published.id_resets,
+        }),
     );
-    let lost = expected.saturating_sub(t.received);
-    r.add(
-        "missed across the restart",
-        format!("{lost} of {expected} deliveries (published while clients were away)"),
-        json!(lost),
-    );
+    if !resume {
+        let lost = expected.saturating_sub(t.received);
+        r.add(
+            "missed across the restart",
+            format!("{lost} of {expected} deliveries (published while clients were away)"),
+            json!(lost),
+        );
+    } else {
+        add_resume(&mut r, t, expected, recovered);
+    }
     r.add(
         "server observed via",
         observer.describe(),
@@ -821,4 +921,107 @@ fn storm(
     );
     add_tool(&mut r, &fin, tool_start);
     Ok(r)
+}
+
+/// storm --resume's rows: misses counted two ways, duplicates, how resumes were answered,
+/// and the time until every resumed client had caught up.
+fn add_resume(r: &mut Report, t: &stats::Tally, expected: u64, all_back: bool) {
+    let rt = &t.resume;
+    // Two lower bounds on what was missed; neither can hide the other. By count, a
+    // delivery of a publish whose reply was lost would offset a miss; by id, only clients
+    // that stayed in one epoch can be checked.
+    let unique = t.received.saturating_sub(rt.duplicates);
+    let by_count = expected.saturating_sub(unique);
+    let by_id = (rt.checked > 0).then_some(rt.missed_by_id);
+    let missed = by_count.max(by_id.unwrap_or(0));
+    r.add(
+        "missed across the restart",
+        format!(
+            "{missed} of {expected} deliveries (by id: {}; by count: {by_count}, expected - received + duplicates)",
+            match by_id {
+                Some(m) => format!(
+                    "{m} acknowledged ids never received, over {} clients{}",
+                    rt.checked,
+                    if rt.unchecked > 0 {
+                        format!(" ({} not checked: their epoch changed)", rt.unchecked)
+                    } else {
+                        String::new()
+                    }
+                ),
+                None => "not checked (no ids in the publish replies, or they started over)".into(),
+            }
+        ),
+        json!(missed),
+    );
+    r.add(
+        "missed, by id and by count",
+        format!(
+            "{} by id, {by_count} by count",
+            by_id.map_or_else(|| "unchecked".to_string(), |m| m.to_string())
+        ),
+        json!({
+            "by_id": by_id,
+            "by_count": by_count,
+            "checked_clients": rt.checked,
+            "unchecked_clients": rt.unchecked,
+            "received": t.received,
+            "unique": unique,
+        }),
+    );
+    r.add(
+        "duplicate deliveries",
+        format!(
+            "{} (the same topic, epoch and id received twice by one client)",
+            rt.duplicates
+        ),
+        json!(rt.duplicates),
+    );
+    r.add(
+        "resumes",
+        format!(
+            "{} recovered:true, {} recovered:false, {} with no \"recovered\" in the reply",
+            rt.recovered, rt.not_recovered, rt.unanswered
+        ),
+        json!({"recovered": rt.recovered, "not_recovered": rt.not_recovered, "unanswered": rt.unanswered}),
+    );
+    r.add(
+        "epoch changes seen",
+        format!(
+            "{} (subscribed replies naming another epoch than the client's)",
+            rt.epoch_changes
+        ),
+        json!(rt.epoch_changes),
+    );
+    r.add(
+        "subscribed without epoch",
+        if rt.no_epoch > 0 {
+            format!(
+                "{}: the server does not support resume; those clients came back without it",
+                rt.no_epoch
+            )
+        } else {
+            "0".to_string()
+        },
+        json!(rt.no_epoch),
+    );
+    let answered = rt.answered();
+    let caught_up = match (t.first_disconnect_ns, rt.last_caught_up_ns) {
+        (Some(a), Some(b)) if all_back && answered > 0 && rt.caught_up >= answered && b > a => {
+            Some(secs(b - a))
+        }
+        _ => None,
+    };
+    r.add(
+        "all caught up within",
+        caught_up.map_or_else(
+            || format!("{} of {answered} resumes caught up", rt.caught_up),
+            |s| {
+                format!(
+                    "{s:.3} s after the first disconnect (every resume had reached the id its subscribed reply named)"
+                )
+            },
+        ),
+        json!(caught_up),
+    );
+    r.add_latency("catch-up after resume", &rt.catch_up_us);
 }

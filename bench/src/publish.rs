@@ -1,7 +1,9 @@
 //! The publisher: `POST /publish` over keep-alive HTTP/1.1 at a paced rate. Each message's
 //! `data` is `[send timestamp ns, "padding"]`, so subscribers can measure end-to-end
 //! latency on the shared CLOCK_MONOTONIC, and every acknowledged publish is counted: the
-//! expected deliveries are acknowledged publishes × subscribers.
+//! expected deliveries are acknowledged publishes × subscribers. The ids the replies give
+//! (herald's `{"delivered":K,"id":N}`) are kept too, for storm --resume to check each
+//! client against.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::ids::IdSet;
 use crate::stats::now_ns;
 
 #[derive(Debug, Clone)]
@@ -25,6 +28,17 @@ pub struct Published {
     pub acked: u64,
     /// Publishes refused or lost (connection errors, non-200).
     pub failed: u64,
+    /// Of `failed`: slots when no connection could be opened (refused, mostly, while a
+    /// server restarts), and replies 503 (a draining server, or one at capacity).
+    pub no_connection: u64,
+    pub unavailable: u64,
+    /// Connections opened (the first, then one after each that ended).
+    pub connections: u64,
+    /// The ids of the acknowledged publishes, when the replies carry them.
+    pub acked_ids: IdSet,
+    /// Times an acknowledged id was not above every id acknowledged before it: the
+    /// server's ids started over (a restart that lost them), so `acked_ids` mixes epochs.
+    pub id_resets: u64,
     /// Sum of the `delivered` (or, with Redis, process) counts in the replies.
     pub delivered: u64,
     pub first_ns: u64,
@@ -34,8 +48,11 @@ pub struct Published {
 /// Publish to `topic` at `pace` until it ends or `stop` is set. Requests go out on
 /// schedule, pipelined on one keep-alive connection, whatever the server's reply time:
 /// a publisher that waited for each reply would lower the offered load exactly when the
-/// server is busiest. Replies are read on a second thread. After errors (a restarting
-/// server) it reconnects; requests without a 200 reply count as failed.
+/// server is busiest. Replies are read on a second thread. Through a restarting server
+/// it keeps going: a connection the server ended (a 503 while draining says `Connection:
+/// close`) or that broke is replaced before the next publish, a refused connection is
+/// tried again at the next one. Requests without a 200 reply count as failed; they are
+/// not sent again (each publish has its own slot in the schedule).
 pub fn run(
     target: SocketAddr,
     topic: &str,
@@ -74,11 +91,22 @@ pub fn run(
             continue;
         }
         scheduled += 1;
+        // The server ended the connection (its reader saw the end): writing into it would
+        // lose this publish, so take a new one.
+        if conn.as_ref().is_some_and(|c| c.reader.is_finished())
+            && let Some(c) = conn.take()
+        {
+            c.close(&mut out);
+        }
         if conn.is_none() {
             conn = Conn::open(target);
+            if conn.is_some() {
+                out.connections += 1;
+            }
         }
         let Some(c) = conn.as_mut() else {
             out.failed += 1;
+            out.no_connection += 1;
             std::thread::sleep(Duration::from_millis(20));
             continue;
         };
@@ -118,7 +146,14 @@ pub fn spawn(
 struct Replies {
     ok: u64,
     other: u64,
+    unavailable: u64,
     delivered: u64,
+    /// Acknowledged ids in the order they came, as a set, and how often one was not
+    /// above the one before.
+    ids: IdSet,
+    first_id: Option<u64>,
+    last_id: Option<u64>,
+    resets: u64,
 }
 
 struct Conn {
@@ -149,7 +184,16 @@ impl Conn {
         let replies = self.reader.join().unwrap_or_default();
         out.acked += replies.ok;
         out.delivered += replies.delivered;
+        out.unavailable += replies.unavailable;
         out.failed += self.sent.saturating_sub(replies.ok);
+        // Connections are used one after another, so their ids follow each other.
+        if let (Some(first), Some(before)) = (replies.first_id, out.acked_ids.max())
+            && first <= before
+        {
+            out.id_resets += 1;
+        }
+        out.id_resets += replies.resets;
+        out.acked_ids.extend(&replies.ids);
     }
 }
 
@@ -179,6 +223,17 @@ fn read_replies(stream: &mut TcpStream) -> Replies {
             if head.starts_with("http/1.1 200") {
                 r.ok += 1;
                 r.delivered += crate::frames::number_after(body, b"\"delivered\":").unwrap_or(0);
+                if let Some(id) = crate::frames::number_after(body, b"\"id\":") {
+                    if r.last_id.is_some_and(|last| id <= last) {
+                        r.resets += 1;
+                    }
+                    r.first_id.get_or_insert(id);
+                    r.last_id = Some(id);
+                    r.ids.insert(id);
+                }
+            } else if head.starts_with("http/1.1 503") {
+                r.other += 1;
+                r.unavailable += 1;
             } else if !head.starts_with("http/1.1 100") {
                 r.other += 1;
             }
@@ -207,5 +262,33 @@ mod tests {
         };
         let p = run("127.0.0.1:9".parse().unwrap(), "t", 64, &pace, &stop);
         assert!((18..=21).contains(&(p.acked + p.failed)), "{p:?}");
+        assert_eq!(p.no_connection, p.failed, "{p:?}");
+    }
+
+    #[test]
+    fn replies_give_acknowledged_ids_and_count_503s() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            for (status, body) in [
+                ("200 OK", r#"{"delivered":3,"id":7}"#),
+                ("200 OK", r#"{"delivered":3,"id":8}"#),
+                ("503 Service Unavailable", "draining"),
+                ("200 OK", r#"{"delivered":1,"id":2}"#),
+            ] {
+                let r = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                s.write_all(r.as_bytes()).unwrap();
+            }
+        });
+        let mut stream = TcpStream::connect(addr).unwrap();
+        let r = read_replies(&mut stream);
+        server.join().unwrap();
+        assert_eq!((r.ok, r.unavailable, r.other, r.delivered), (3, 1, 1, 7));
+        assert_eq!((r.first_id, r.last_id, r.resets), (Some(7), Some(2), 1));
+        assert_eq!((r.ids.len(), r.ids.max()), (3, Some(8)));
     }
 }

@@ -63,6 +63,62 @@ pub struct Tally {
     pub within_bound: BTreeMap<u64, u64>,
     /// This process's CPU seconds (user + system), filled in by the worker.
     pub cpu_seconds: f64,
+    /// Reconnections (after a disconnect) whose subscription was confirmed, and when the
+    /// first of them was.
+    pub resubscribed: u64,
+    pub first_resubscribed_ns: Option<u64>,
+    /// storm --resume: what resuming did. Everything below stays zero without it.
+    pub resume: ResumeTally,
+}
+
+/// storm --resume, per client (a client lives across its reconnections).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ResumeTally {
+    /// The same (topic, epoch, id) received again by a client that already had it.
+    pub duplicates: u64,
+    /// Resumes answered `recovered:true`, `recovered:false`, or with no `recovered`.
+    pub recovered: u64,
+    pub not_recovered: u64,
+    pub unanswered: u64,
+    /// `subscribed` replies that carried an epoch other than the one the client had.
+    pub epoch_changes: u64,
+    /// `subscribed` replies with no epoch at all (a server without resume).
+    pub no_epoch: u64,
+    /// Resumed subscriptions that reached the id their `subscribed` reply named (the
+    /// topic's last id when the client came back), when the last did, and how long each
+    /// took from its `subscribed`.
+    pub caught_up: u64,
+    pub last_caught_up_ns: Option<u64>,
+    pub catch_up_us: Buckets,
+    /// Against the publisher's acknowledged ids (told to the workers before they stop):
+    /// acknowledged ids above a client's first `subscribed` id that it never received,
+    /// over the clients that stayed in one epoch (`checked`); clients that saw their epoch
+    /// change, or ran without the list, are `unchecked`.
+    pub missed_by_id: u64,
+    pub checked: u64,
+    pub unchecked: u64,
+}
+
+impl ResumeTally {
+    pub fn merge(&mut self, o: &ResumeTally) {
+        self.duplicates += o.duplicates;
+        self.recovered += o.recovered;
+        self.not_recovered += o.not_recovered;
+        self.unanswered += o.unanswered;
+        self.epoch_changes += o.epoch_changes;
+        self.no_epoch += o.no_epoch;
+        self.caught_up += o.caught_up;
+        self.last_caught_up_ns = max_opt(self.last_caught_up_ns, o.last_caught_up_ns);
+        self.catch_up_us.0.extend_from_slice(&o.catch_up_us.0);
+        self.missed_by_id += o.missed_by_id;
+        self.checked += o.checked;
+        self.unchecked += o.unchecked;
+    }
+
+    /// Resumes that got a `subscribed` reply.
+    pub fn answered(&self) -> u64 {
+        self.recovered + self.not_recovered + self.unanswered
+    }
 }
 
 fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -105,6 +161,9 @@ impl Tally {
             *self.within_bound.entry(*id).or_default() += n;
         }
         self.cpu_seconds += o.cpu_seconds;
+        self.resubscribed += o.resubscribed;
+        self.first_resubscribed_ns = min_opt(self.first_resubscribed_ns, o.first_resubscribed_ns);
+        self.resume.merge(&o.resume);
     }
 }
 

@@ -2,7 +2,9 @@
 //! a run needing more spreads its connections over several processes: the driver starts
 //! this same binary as `herald-bench worker --plan JSON`, one per share. A worker runs
 //! one client thread per plan, prints `PROGRESS {json}` lines while it runs, and on
-//! `STOP` (or end of stdin) prints `RESULT {json}` and exits. A worker that dies reports
+//! `STOP` (or end of stdin) prints `RESULT {json}` and exits. An `ACKED {json}` line
+//! before `STOP` gives it the ids the publisher had acknowledged (storm --resume), for
+//! each client to be checked against. A worker that dies reports
 //! nothing, and the driver counts what its connections should have received as lost.
 
 use std::io::{BufRead, BufReader, Write};
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::client::{self, Control, ThreadPlan};
+use crate::ids::IdSet;
 use crate::stats::{Tally, cpu_seconds};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,6 +35,8 @@ pub struct Progress {
     pub settled: u64,
     pub usable: u64,
     pub received: u64,
+    /// Receptions a client already had (storm --resume), included in `received`.
+    pub duplicates: u64,
 }
 
 /// The worker side: run the plan until told to stop.
@@ -53,8 +58,14 @@ pub fn serve(plan: WorkerPlan) {
         std::thread::spawn(move || {
             for line in std::io::stdin().lock().lines() {
                 match line {
-                    Ok(l) if l.trim() != "STOP" => continue,
-                    _ => break,
+                    Ok(l) if l.trim() == "STOP" => break,
+                    Ok(l) => {
+                        if let Some(json) = l.strip_prefix("ACKED ") {
+                            let ids: Option<IdSet> = serde_json::from_str(json).ok();
+                            *control.acked.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+                        }
+                    }
+                    Err(_) => break,
                 }
             }
             control.stop.store(true, Ordering::SeqCst);
@@ -66,6 +77,7 @@ pub fn serve(plan: WorkerPlan) {
             settled: control.settled.load(Ordering::Relaxed),
             usable: control.usable.load(Ordering::Relaxed),
             received: control.received.load(Ordering::Relaxed),
+            duplicates: control.duplicates.load(Ordering::Relaxed),
         };
         let _ = writeln!(
             out,
@@ -188,8 +200,19 @@ impl Workers {
             sum.settled += p.settled;
             sum.usable += p.usable;
             sum.received += p.received;
+            sum.duplicates += p.duplicates;
         }
         sum
+    }
+
+    /// Give every worker the publisher's acknowledged ids, before `stop`.
+    pub fn tell_acked(&mut self, ids: &IdSet) {
+        let line = serde_json::to_string(ids).expect("ids serialize");
+        for h in &mut self.handles {
+            if let Some(stdin) = h.stdin.as_mut() {
+                let _ = writeln!(stdin, "ACKED {line}");
+            }
+        }
     }
 
     /// Wait until every connection's first attempt has settled (or `limit` passes).

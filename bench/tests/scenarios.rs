@@ -221,37 +221,84 @@ fn connection_failures_are_counted_by_kind() {
     assert_eq!(r["failures"]["refused"], 50, "{r}");
 }
 
+/// A herald that a shell command can restart on the same port: started through `sh`,
+/// which writes its PID to a file and execs it, so the restart command can find it.
+struct Restartable {
+    dir: PathBuf,
+    pidfile: PathBuf,
+    port: u16,
+    launch: String,
+}
+
+impl Restartable {
+    fn start(name: &str, extra: &[&str]) -> Restartable {
+        let dir = std::env::temp_dir().join(format!("herald-bench-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("herald.pid");
+        let port = free_port();
+        let launch = format!(
+            "sh -c 'echo $$ > {pid}; exec {bin} --listen 127.0.0.1:{port} {extra}' >/dev/null 2>&1 &",
+            pid = pidfile.display(),
+            bin = herald_binary().display(),
+            extra = extra.join(" "),
+        );
+        assert!(
+            Command::new("sh")
+                .args(["-c", &launch])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let up = || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        let start = Instant::now();
+        while !up() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "herald did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Restartable {
+            dir,
+            pidfile,
+            port,
+            launch,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGTERM (herald drains), wait for the exit, start a new one on the same port.
+    fn restart_command(&self) -> String {
+        format!(
+            "kill $(cat {pid}); while kill -0 $(cat {pid}) 2>/dev/null; do sleep 0.05; done; {launch}",
+            pid = self.pidfile.display(),
+            launch = self.launch
+        )
+    }
+}
+
+impl Drop for Restartable {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(&self.pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        if let Some(pid) = pid {
+            // SAFETY: kill(2) takes plain integers; `pid` is the herald this test started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn storm_measures_the_way_back_after_a_restart() {
-    let dir = std::env::temp_dir().join(format!("herald-bench-storm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pidfile = dir.join("herald.pid");
-    let port = free_port();
-    let launch = format!(
-        "sh -c 'echo $$ > {pid}; exec {bin} --listen 127.0.0.1:{port}' >/dev/null 2>&1 &",
-        pid = pidfile.display(),
-        bin = herald_binary().display()
-    );
-    assert!(
-        Command::new("sh")
-            .args(["-c", &launch])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let up = || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
-    let start = Instant::now();
-    while !up() {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SIGTERM (herald drains), wait for the exit, start a new one on the same port.
-    let restart = format!(
-        "kill $(cat {pid}); while kill -0 $(cat {pid}) 2>/dev/null; do sleep 0.05; done; {launch}",
-        pid = pidfile.display()
-    );
+    let herald = Restartable::start("storm", &[]);
+    let restart = herald.restart_command();
     let r = run(
-        &format!("ws://127.0.0.1:{port}"),
+        &herald.url(),
         &[
             "storm",
             "-n",
@@ -264,13 +311,7 @@ fn storm_measures_the_way_back_after_a_restart() {
             "20",
         ],
     );
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    // SAFETY: kill(2) takes plain integers; `pid` is the herald this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    drop(herald);
     assert_eq!(r["clients"], 300, "{r}");
     assert_eq!(r["disconnects"], 300, "{r}");
     assert!(
@@ -285,6 +326,71 @@ fn storm_measures_the_way_back_after_a_restart() {
     assert!(
         missed > 0,
         "a restart with publishes in flight missed nothing? {r}"
+    );
+}
+
+#[test]
+fn storm_with_resume_misses_nothing_across_a_restart_that_keeps_state() {
+    // --state-dir: the drain saves history and the next herald loads it, so every client
+    // can resume where it was, in the same epoch.
+    let state =
+        std::env::temp_dir().join(format!("herald-bench-resume-state-{}", std::process::id()));
+    std::fs::create_dir_all(&state).unwrap();
+    let state_arg = format!("--state-dir {}", state.display());
+    let herald = Restartable::start("resume", &[&state_arg]);
+    let restart = herald.restart_command();
+    let r = run(
+        &herald.url(),
+        &[
+            "storm",
+            "-n",
+            "300",
+            "--resume",
+            "--restart",
+            &restart,
+            "--timeout",
+            "20",
+            "--rate",
+            "20",
+        ],
+    );
+    drop(herald);
+    let _ = std::fs::remove_dir_all(&state);
+    assert_eq!(r["clients"], 300, "{r}");
+    assert_eq!(r["disconnects"], 300, "{r}");
+    assert_eq!(
+        r["subscribed without epoch"], 0,
+        "server gave no epoch: {r}"
+    );
+    assert!(
+        r["all back within"]
+            .as_f64()
+            .is_some_and(|s| s > 0.0 && s < 20.0),
+        "{r}"
+    );
+    let acked = r["published"]["acked"].as_u64().unwrap();
+    assert!(acked > 0, "{r}");
+    // herald's publish replies carry ids, so every client was checked id by id.
+    assert_eq!(r["published"]["acked_ids"].as_u64(), Some(acked), "{r}");
+    assert_eq!(
+        r["missed, by id and by count"]["checked_clients"], 300,
+        "{r}"
+    );
+    assert_eq!(r["missed, by id and by count"]["by_id"], 0, "{r}");
+    assert_eq!(r["missed across the restart"], 0, "{r}");
+    assert_eq!(r["duplicate deliveries"], 0, "{r}");
+    assert!(
+        r["resumes"]["recovered"].as_u64().is_some_and(|n| n >= 300),
+        "{r}"
+    );
+    assert_eq!(r["resumes"]["not_recovered"], 0, "{r}");
+    assert_eq!(r["resumes"]["unanswered"], 0, "{r}");
+    assert_eq!(r["epoch changes seen"], 0, "{r}");
+    assert!(
+        r["all caught up within"]
+            .as_f64()
+            .is_some_and(|s| s > 0.0 && s < 30.0),
+        "{r}"
     );
 }
 

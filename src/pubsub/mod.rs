@@ -2,6 +2,7 @@
 //! topics and ids between processes (`redis`), and the pipeline that joins them to the
 //! connection table (`pipeline`).
 
+pub mod history;
 pub mod hub;
 pub mod pipeline;
 pub mod redis;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::pubsub::history::Limits;
 use crate::topic::Patterns;
 
 /// Default bind address when neither `--listen`, `HOST` nor `PORT` says otherwise.
@@ -156,6 +157,39 @@ pub struct Args {
     #[arg(long, env = "HERALD_REUSE_PORT")]
     pub reuse_port: bool,
 
+    /// Messages kept per topic for clients to resume (0 turns history off)
+    #[arg(
+        long,
+        env = "HERALD_HISTORY_SIZE",
+        value_name = "N",
+        default_value_t = 100
+    )]
+    pub history_size: usize,
+
+    /// The longest a message is kept in history
+    #[arg(
+        long,
+        env = "HERALD_HISTORY_TTL",
+        value_name = "SECS",
+        default_value_t = 300
+    )]
+    pub history_ttl: u64,
+
+    /// Cap on the history of the whole process; past it the oldest messages across all
+    /// topics go first (without --redis; with it, history lives in Redis)
+    #[arg(
+        long,
+        env = "HERALD_HISTORY_MEMORY",
+        value_name = "BYTES",
+        default_value_t = 64 * 1024 * 1024
+    )]
+    pub history_memory: usize,
+
+    /// Directory where a drain saves history (epochs, ids, messages) for the next start to
+    /// load, so a clean restart loses nothing [default: none, history dies with the process]
+    #[arg(long, env = "HERALD_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
     /// Listen backlog (also capped by net.core.somaxconn)
     #[arg(long, env = "HERALD_BACKLOG", value_name = "N", default_value_t = 4096)]
     pub backlog: i32,
@@ -212,6 +246,8 @@ pub struct Config {
     /// Set when a token key is configured.
     pub tokens: Option<std::sync::Arc<crate::auth::Verifier>>,
     pub require_token: bool,
+    pub history: Limits,
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Args {
@@ -238,6 +274,17 @@ impl Args {
                 return Err(format!("{flag} must be at least 1 second"));
             }
         }
+        if self.history_size > 0 && self.history_ttl == 0 {
+            return Err("--history-ttl must be at least 1 second (or --history-size 0)".into());
+        }
+        if let Some(dir) = &self.state_dir
+            && !dir.is_dir()
+        {
+            return Err(format!(
+                "--state-dir {}: not a directory (create it, writable by herald)",
+                dir.display()
+            ));
+        }
         if self.backlog < 1 {
             return Err("--backlog must be at least 1".into());
         }
@@ -256,10 +303,14 @@ impl Args {
             None => Patterns::default(),
         };
         let redis = match &self.redis {
-            Some(url) => Some(
-                crate::pubsub::redis::parse_url(url, &self.redis_prefix)
-                    .map_err(|e| format!("--redis: {e}"))?,
-            ),
+            Some(url) => {
+                let mut redis = crate::pubsub::redis::parse_url(url, &self.redis_prefix)
+                    .map_err(|e| format!("--redis: {e}"))?;
+                // With Redis, history lives there: every process reads the same streams.
+                redis.history_size = self.history_size;
+                redis.history_ttl = Duration::from_secs(self.history_ttl);
+                Some(redis)
+            }
             None => None,
         };
         let public_key = match &self.token_public_key {
@@ -301,6 +352,12 @@ impl Args {
             allowed_origins,
             client_publish,
             backlog: self.backlog,
+            history: Limits {
+                size: self.history_size,
+                ttl: Duration::from_secs(self.history_ttl),
+                memory: self.history_memory,
+            },
+            state_dir: self.state_dir,
         })
     }
 }

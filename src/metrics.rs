@@ -44,6 +44,28 @@ pub struct RedisGauges {
     pub errors: u64,
 }
 
+/// What history holds and what it let go, read at scrape time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HistoryGauges {
+    pub messages: usize,
+    /// Counted against `--history-memory`.
+    pub bytes: usize,
+    pub evicted_size: u64,
+    pub evicted_ttl: u64,
+    pub evicted_memory: u64,
+}
+
+/// Resumes answered, by outcome.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Resumes {
+    pub recovered: u64,
+    /// Same epoch, but messages after the client's id were gone.
+    pub gap: u64,
+    pub epoch_changed: u64,
+    /// Redis could not be asked: answered `recovered:false`.
+    pub unavailable: u64,
+}
+
 /// Values read at scrape time.
 #[derive(Debug, Default)]
 pub struct Gauges {
@@ -56,6 +78,9 @@ pub struct Gauges {
     pub draining: bool,
     /// With --redis.
     pub redis: Option<RedisGauges>,
+    /// Without --redis (with it, history lives in Redis).
+    pub history: Option<HistoryGauges>,
+    pub resumes: Resumes,
     /// This process's user + system CPU time and resident memory, when readable.
     pub cpu_seconds: Option<f64>,
     pub resident_bytes: Option<u64>,
@@ -97,6 +122,13 @@ impl Out {
 
     fn head(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn by_label(&mut self, name: &str, help: &str, label: &str, values: &[(&str, u64)]) {
+        self.head(name, "counter", help);
+        for (key, value) in values {
+            let _ = writeln!(self.0, "{name}{{{label}=\"{key}\"}} {value}");
+        }
     }
 
     fn labelled(&mut self, name: &str, help: &str, label: &str, values: &BTreeMap<u16, u64>) {
@@ -189,6 +221,42 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
             c.redis_messages,
         );
     }
+    if let Some(h) = &g.history {
+        o.metric(
+            "herald_history_messages",
+            "gauge",
+            "Messages kept in history for resumes, across all topics.",
+            h.messages,
+        );
+        o.metric(
+            "herald_history_bytes",
+            "gauge",
+            "Bytes of history counted against --history-memory.",
+            h.bytes,
+        );
+        o.by_label(
+            "herald_history_evictions_total",
+            "Messages dropped from history, by the bound that dropped them.",
+            "reason",
+            &[
+                ("size", h.evicted_size),
+                ("ttl", h.evicted_ttl),
+                ("memory", h.evicted_memory),
+            ],
+        );
+    }
+    let r = &g.resumes;
+    o.by_label(
+        "herald_resumes_total",
+        "Resumes answered, by result (recovered: nothing missed is missing).",
+        "result",
+        &[
+            ("recovered", r.recovered),
+            ("gap", r.gap),
+            ("epoch_changed", r.epoch_changed),
+            ("unavailable", r.unavailable),
+        ],
+    );
     if let Some(cpu) = g.cpu_seconds {
         let help = "User and system CPU time spent, in seconds.";
         o.metric("process_cpu_seconds_total", "counter", help, cpu);

@@ -29,7 +29,7 @@ use crate::pubsub::pipeline::PubSub;
 use crate::timer::Timer;
 use crate::topic::Patterns;
 use crate::ws::codec::{self as ws, Ws, WsEvent};
-use crate::ws::protocol::{self, Kind, Op, OpError};
+use crate::ws::protocol::{self, Kind, Op, OpError, Resume};
 
 /// A WebSocket handshake that was accepted: what it asked for.
 pub struct Opening {
@@ -37,6 +37,8 @@ pub struct Opening {
     pub accept: String,
     /// `?topics=`, validated.
     pub topics: Vec<String>,
+    /// `?resume=`: topics to subscribe from where the client left off.
+    pub resume: Vec<(String, Resume<'static>)>,
     /// The outcome of `?token=`, if one was given.
     pub grant: Option<Result<Grant, TokenError>>,
 }
@@ -89,6 +91,7 @@ impl Sessions {
             kind,
             accept,
             topics,
+            resume,
             grant,
         } = opening;
         *counters.responses.entry(101).or_default() += 1;
@@ -109,11 +112,15 @@ impl Sessions {
             Some(Err(e)) => notes.push(protocol::error(&OpError::new(e.code(), e.message()))),
             None => {}
         }
-        // Private topics need the grant; the others subscribe as usual.
-        let (topics, refused): (Vec<&String>, Vec<&String>) =
-            topics.iter().partition(|t| self.may_subscribe(&session, t));
-        for topic in refused {
-            notes.push(protocol::error(&forbidden(topic)));
+        // Private topics need the grant, to resume as to subscribe; the others go on.
+        let asked = topics
+            .into_iter()
+            .map(|t| (t, None))
+            .chain(resume.into_iter().map(|(t, r)| (t, Some(r))));
+        let (topics, refused): (Vec<_>, Vec<_>) =
+            asked.partition(|(t, _)| self.may_subscribe(&session, t));
+        for (topic, _) in refused {
+            notes.push(protocol::error(&forbidden(&topic)));
         }
         conns[id].state = State::Open(Box::new(session));
         conns.arm(id, Timer::Ping, now + self.ping_interval);
@@ -123,8 +130,8 @@ impl Sessions {
             conns.queue(id, note);
         }
         // `?topics=` was capped at the per-connection limit when it was parsed.
-        for topic in topics {
-            let _ = pubsub.subscribe(conns, id, topic);
+        for (topic, resume) in topics {
+            let _ = pubsub.subscribe(conns, id, &topic, resume.as_ref(), now);
         }
         conns.mark_dirty(id);
         if !rest.is_empty() {
@@ -168,7 +175,7 @@ impl Sessions {
                 }
                 WsEvent::Message(_) => continue,
                 WsEvent::Closed => {
-                    pubsub.leave(conns.finish(id, now));
+                    pubsub.leave(conns.finish(id, now), now);
                     break;
                 }
                 WsEvent::Fail(reason) if open => {
@@ -178,7 +185,7 @@ impl Sessions {
                 }
                 // Garbage after our close frame: nothing more to say to this peer.
                 WsEvent::Fail(_) => {
-                    pubsub.leave(conns.finish(id, now));
+                    pubsub.leave(conns.finish(id, now), now);
                     break;
                 }
             }
@@ -225,21 +232,23 @@ impl Sessions {
             return;
         }
         let reply = match protocol::parse_op(text) {
-            Ok(Op::Subscribe(topic)) if !self.may_subscribe(session, &topic) => {
+            Ok(Op::Subscribe(topic, _)) if !self.may_subscribe(session, &topic) => {
                 op_error(counters, forbidden(&topic))
             }
-            Ok(Op::Subscribe(topic)) => match pubsub.subscribe(conns, id, &topic) {
-                Ok(()) => return,
-                Err(SubscribeError::TooManyTopics) => op_error(
-                    counters,
-                    OpError::new(
-                        "too_many_topics",
-                        format!("at most {MAX_TOPICS_PER_CONNECTION} topics per connection"),
+            Ok(Op::Subscribe(topic, resume)) => {
+                match pubsub.subscribe(conns, id, &topic, resume.as_ref(), now) {
+                    Ok(()) => return,
+                    Err(SubscribeError::TooManyTopics) => op_error(
+                        counters,
+                        OpError::new(
+                            "too_many_topics",
+                            format!("at most {MAX_TOPICS_PER_CONNECTION} topics per connection"),
+                        ),
                     ),
-                ),
-            },
+                }
+            }
             Ok(Op::Unsubscribe(topic)) => {
-                pubsub.unsubscribe(id, &topic);
+                pubsub.unsubscribe(id, &topic, now);
                 protocol::unsubscribed(&topic, None)
             }
             Ok(Op::Ping) => protocol::pong(),
@@ -262,7 +271,7 @@ impl Sessions {
             }
             Ok(Op::Publish(topic, data)) => {
                 if !pubsub.through_redis() {
-                    let (_, fanout) = pubsub.publish_local(conns, counters, &topic, data);
+                    let (_, fanout) = pubsub.publish_local(conns, counters, &topic, data, now);
                     self.close_slow(conns, pubsub, counters, fanout, now);
                     return;
                 }
@@ -320,7 +329,8 @@ impl Sessions {
             session.grant = Some(Box::new(grant));
         }
         conns.queue(id, reply);
-        self.end_private_subscriptions(conns, pubsub, id, |t| keep.matches(t), "not_granted");
+        let reason = "not_granted";
+        self.end_private_subscriptions(conns, pubsub, (id, now), |t| keep.matches(t), reason);
     }
 
     /// The grant ran out: private subscriptions end, public ones go on.
@@ -338,7 +348,7 @@ impl Sessions {
         }
         debug!("{}: token for sub {:?} expired", conn.peer, grant.sub);
         session.grant = None;
-        self.end_private_subscriptions(conns, pubsub, id, |_| false, "token_expired");
+        self.end_private_subscriptions(conns, pubsub, (id, now), |_| false, "token_expired");
     }
 
     /// Unsubscribe from every private topic `keep` refuses, telling the client why.
@@ -346,7 +356,7 @@ impl Sessions {
         &self,
         conns: &mut Conns,
         pubsub: &mut PubSub,
-        id: ConnId,
+        (id, now): (ConnId, Instant),
         keep: impl Fn(&str) -> bool,
         reason: &str,
     ) {
@@ -359,7 +369,7 @@ impl Sessions {
             .filter(|t| self.private_topics.matches(t) && !keep(t))
             .collect();
         for topic in &ended {
-            pubsub.unsubscribe(id, topic);
+            pubsub.unsubscribe(id, topic, now);
         }
         for topic in ended {
             conns.queue(id, protocol::unsubscribed(&topic, Some(reason)));
@@ -407,7 +417,7 @@ impl Sessions {
         let State::Open(mut session) = mem::replace(&mut conn.state, State::Dead) else {
             return;
         };
-        pubsub.leave_all(id);
+        pubsub.leave_all(id, now);
         if reason == CloseReason::SlowConsumer {
             // Its queue is what got it here; the close frame must not wait behind it.
             let dropped = conn.out.drop_unstarted();

@@ -13,6 +13,7 @@ use crate::conn::{ConnId, Conns, State};
 use crate::http::front::{Env, Front, Rules};
 use crate::metrics::Counters;
 use crate::pubsub::PubSub;
+use crate::pubsub::history::History;
 use crate::session::Sessions;
 
 pub struct World {
@@ -67,7 +68,7 @@ impl World {
             conns: Conns::default(),
             front: Front::new(rules),
             sessions: Sessions::new(&cfg),
-            pubsub: PubSub::new(None, cfg.send_queue_limit, now),
+            pubsub: PubSub::new(&cfg, History::new(cfg.history, 7), now),
             counters: Counters::default(),
             draining: false,
             now,

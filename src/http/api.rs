@@ -13,7 +13,7 @@ use crate::http::upgrade;
 use crate::http::{Method, Request, Response};
 use crate::pubsub::hub::MAX_TOPICS_PER_CONNECTION;
 use crate::topic;
-use crate::ws::protocol::Kind;
+use crate::ws::protocol::{Kind, Resume};
 
 /// Most topics one `/publish` may name.
 pub const MAX_PUBLISH_TOPICS: usize = 100;
@@ -23,10 +23,19 @@ pub enum Route {
     Health,
     Metrics,
     Publish(Publish),
+    /// `GET /history?topic=t&since=N[&epoch=E]`.
+    History {
+        topic: String,
+        since: u64,
+        epoch: Option<String>,
+    },
     Upgrade {
         kind: Kind,
         accept: String,
         topics: Vec<String>,
+        /// `?resume=topic~since~epoch,...`: topics to subscribe from where the client
+        /// left off.
+        resume: Vec<(String, Resume<'static>)>,
         /// `?token=`: a JWT to verify (base64url and dots: nothing to decode).
         token: Option<String>,
     },
@@ -65,6 +74,35 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
             }
             parse_publish(&req.body).map(Route::Publish)
         }
+        "/history" => {
+            if !matches!(req.method, Method::Get | Method::Head) {
+                return Err(Reject::MethodNotAllowed("GET, HEAD"));
+            }
+            // History is what was published: the same rule as publishing guards it, so a
+            // private topic's messages never leak through it.
+            authorize_publish(req, policy)?;
+            let topic = req
+                .query_param("topic")
+                .and_then(percent_decode)
+                .ok_or_else(|| Reject::bad_request("missing ?topic="))?;
+            topic::check_name(&topic)
+                .map_err(|e| Reject::bad_request(format!("?topic= {topic:?}: {e}")))?;
+            let since = match req.query_param("since") {
+                None | Some("") => 0,
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| Reject::bad_request("?since= must be a message id"))?,
+            };
+            let epoch = req
+                .query_param("epoch")
+                .filter(|e| !e.is_empty())
+                .map(str::to_string);
+            Ok(Route::History {
+                topic,
+                since,
+                epoch,
+            })
+        }
         "/ws" | "/echo" => {
             let kind = if req.path == "/ws" {
                 Kind::Topics
@@ -75,10 +113,21 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
             if policy.draining {
                 return Err(Reject::Draining);
             }
-            let topics = match (kind, req.query_param("topics")) {
+            let mut topics = match (kind, req.query_param("topics")) {
                 (Kind::Topics, Some(list)) => parse_topic_list(list)?,
                 _ => Vec::new(),
             };
+            let resume = match (kind, req.query_param("resume")) {
+                (Kind::Topics, Some(list)) => parse_resume_list(list)?,
+                _ => Vec::new(),
+            };
+            // A topic named in both is resumed, not subscribed twice.
+            topics.retain(|t| !resume.iter().any(|(r, _)| r == t));
+            if topics.len() + resume.len() > MAX_TOPICS_PER_CONNECTION {
+                return Err(Reject::bad_request(format!(
+                    "more than {MAX_TOPICS_PER_CONNECTION} topics"
+                )));
+            }
             let token = req
                 .query_param("token")
                 .filter(|t| !t.is_empty())
@@ -87,6 +136,7 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
                 kind,
                 accept,
                 topics,
+                resume,
                 token,
             })
         }
@@ -183,6 +233,39 @@ fn parse_topic_list(list: &str) -> Result<Vec<String>, Reject> {
         )));
     }
     Ok(topics)
+}
+
+/// `?resume=topic~since~epoch,...`: `~` is not in the topic alphabet and needs no
+/// percent-encoding in a URL (RFC 3986 unreserved), and epochs are plain tokens.
+fn parse_resume_list(list: &str) -> Result<Vec<(String, Resume<'static>)>, Reject> {
+    let decoded = percent_decode(list)
+        .ok_or_else(|| Reject::bad_request("bad percent-encoding in ?resume="))?;
+    let mut out: Vec<(String, Resume<'static>)> = Vec::new();
+    for item in decoded.split(',').filter(|s| !s.is_empty()) {
+        let bad = || Reject::bad_request(format!("?resume= {item:?}: give topic~since~epoch"));
+        let mut parts = item.split('~');
+        let (Some(name), Some(since), Some(epoch), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        topic::check_name(name)
+            .map_err(|e| Reject::bad_request(format!("?resume= {name:?}: {e}")))?;
+        let since: u64 = since.parse().map_err(|_| bad())?;
+        if epoch.is_empty() {
+            return Err(bad());
+        }
+        if !out.iter().any(|(t, _)| t == name) {
+            let epoch = epoch.to_string().into();
+            out.push((name.to_string(), Resume { since, epoch }));
+        }
+    }
+    if out.len() > MAX_TOPICS_PER_CONNECTION {
+        return Err(Reject::bad_request(format!(
+            "more than {MAX_TOPICS_PER_CONNECTION} topics"
+        )));
+    }
+    Ok(out)
 }
 
 fn percent_decode(s: &str) -> Option<String> {

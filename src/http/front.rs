@@ -23,6 +23,9 @@ use crate::http::api::{self, Policy, Route};
 use crate::http::{Method, Parsed, Request, Response, parse};
 use crate::metrics::{self, Counters, Gauges};
 use crate::pubsub::PubSub;
+use crate::pubsub::history::History;
+use crate::pubsub::pipeline::HttpRead;
+use crate::pubsub::redis::Stored;
 use crate::session::{Opening, Sessions};
 use crate::timer::Timer;
 
@@ -51,6 +54,27 @@ struct Slot {
     topics: Vec<(String, Option<Result<u64, ()>>)>,
     /// herald processes that received the messages (PUBLISH's count).
     receivers: u64,
+    /// A `/history` read at Redis, for this topic since this id.
+    history_pending: bool,
+    history_topic: String,
+    history_since: u64,
+    history_epoch: Option<String>,
+}
+
+impl Slot {
+    fn new(response: Option<Response>, head_only: bool, keep_alive: bool) -> Slot {
+        Slot {
+            response,
+            head_only,
+            keep_alive,
+            topics: Vec::new(),
+            receivers: 0,
+            history_pending: false,
+            history_topic: String::new(),
+            history_since: 0,
+            history_epoch: None,
+        }
+    }
 }
 
 /// A connection's responses held until its publishes come back from Redis.
@@ -123,7 +147,7 @@ impl Front {
                     "{} sends requests but does not read the responses; closing",
                     env.conns[id].peer
                 );
-                env.pubsub.leave(env.conns.kill(id));
+                env.pubsub.leave(env.conns.kill(id), now);
                 return;
             }
             let rest = &data[pos..];
@@ -177,7 +201,7 @@ impl Front {
             State::Finishing | State::AwaitingRedis { .. } => return,
             _ => env.conns.kill(id),
         };
-        env.pubsub.leave(ended);
+        env.pubsub.leave(ended, now);
     }
 
     /// Hold the start of an incomplete request, and time its arrival: the head must be
@@ -242,7 +266,7 @@ impl Front {
                 for topic in p.topics {
                     let (msg_id, fanout) =
                         env.pubsub
-                            .publish_local(env.conns, env.counters, &topic, &p.data);
+                            .publish_local(env.conns, env.counters, &topic, &p.data, now);
                     delivered += fanout.reached;
                     env.sessions
                         .close_slow(env.conns, env.pubsub, env.counters, fanout, now);
@@ -250,10 +274,30 @@ impl Front {
                 }
                 api::publish_reply(&ids, delivered)
             }
+            Ok(Route::History {
+                topic,
+                since,
+                epoch,
+            }) if env.pubsub.through_redis() => {
+                let query = (topic, since, epoch);
+                return self.history_through_redis(
+                    env,
+                    id,
+                    query,
+                    (req.keep_alive, head_only),
+                    now,
+                );
+            }
+            Ok(Route::History {
+                topic,
+                since,
+                epoch,
+            }) => local_history_reply(env.pubsub.history(), &topic, since, epoch.as_deref()),
             Ok(Route::Upgrade {
                 kind,
                 accept,
                 topics,
+                resume,
                 token,
             }) => {
                 let grant = token.map(|t| env.sessions.verify_token(&t));
@@ -263,6 +307,7 @@ impl Front {
                             kind,
                             accept,
                             topics,
+                            resume,
                             grant,
                         };
                         env.sessions.open(
@@ -303,37 +348,67 @@ impl Front {
             response.close |= !keep_alive || env.draining;
             return self.respond(env, id, response, head_only, now);
         }
-        let conn = &mut env.conns[id];
-        let tag = match conn.state {
-            State::AwaitingRedis { tag } => tag,
-            _ => {
-                let tag = self.next_tag;
-                self.next_tag += 1;
-                conn.state = State::AwaitingRedis { tag };
-                let group = Group {
-                    conn: id,
-                    serial: conn.serial,
-                    slots: Vec::new(),
-                    waiting: 0,
-                    closing: false,
-                };
-                self.awaiting.insert(tag, group);
-                tag
-            }
-        };
+        let tag = self.group_of(env.conns, id);
         for topic in &p.topics {
             env.pubsub
                 .publish_to_redis(topic, p.data.get(), Some(tag), now);
         }
         if let Some(group) = self.awaiting.get_mut(&tag) {
             group.waiting += p.topics.len();
-            group.slots.push(Slot {
-                response: None,
-                head_only,
-                keep_alive,
-                topics: p.topics.into_iter().map(|t| (t, None)).collect(),
-                receivers: 0,
-            });
+            let mut slot = Slot::new(None, head_only, keep_alive);
+            slot.topics = p.topics.into_iter().map(|t| (t, None)).collect();
+            group.slots.push(slot);
+        }
+        Next::KeepReading
+    }
+
+    /// The group holding `id`'s responses behind Redis, begun now if there is none.
+    fn group_of(&mut self, conns: &mut Conns, id: ConnId) -> u64 {
+        let conn = &mut conns[id];
+        if let State::AwaitingRedis { tag } = conn.state {
+            return tag;
+        }
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        conn.state = State::AwaitingRedis { tag };
+        let group = Group {
+            conn: id,
+            serial: conn.serial,
+            slots: Vec::new(),
+            waiting: 0,
+            closing: false,
+        };
+        self.awaiting.insert(tag, group);
+        tag
+    }
+
+    /// `GET /history` through Redis: read there; the response waits in the group, in
+    /// request order, like a publish's.
+    fn history_through_redis(
+        &mut self,
+        env: &mut Env,
+        id: ConnId,
+        (topic, since, epoch): (String, u64, Option<String>),
+        (keep_alive, head_only): (bool, bool),
+        now: Instant,
+    ) -> Next {
+        if !env.pubsub.redis_up() {
+            let mut response = Response::refuse(&Reject::RedisUnavailable);
+            response.close |= !keep_alive || env.draining;
+            return self.respond(env, id, response, head_only, now);
+        }
+        let tag = self.group_of(env.conns, id);
+        env.pubsub
+            .read_for_http(&topic, since, epoch.as_deref(), tag, now);
+        let epoch = epoch.filter(|e| !e.is_empty());
+        if let Some(group) = self.awaiting.get_mut(&tag) {
+            group.waiting += 1;
+            let mut slot = Slot::new(None, head_only, keep_alive);
+            slot.history_pending = true;
+            slot.history_topic = topic;
+            slot.history_since = since;
+            slot.history_epoch = epoch;
+            group.slots.push(slot);
         }
         Next::KeepReading
     }
@@ -368,7 +443,34 @@ impl Front {
             }
         }
         group.waiting = group.waiting.saturating_sub(1);
-        if group.waiting > 0 {
+        self.settle(env, tag, now);
+    }
+
+    /// Redis answered a `/history` read held in a group: its response is ready.
+    pub fn on_history_read(&mut self, env: &mut Env, read: HttpRead, now: Instant) {
+        let Some(group) = self.awaiting.get_mut(&read.group) else {
+            return;
+        };
+        // Reads are answered in the order they were sent: the first still waiting.
+        if let Some(slot) = group.slots.iter_mut().find(|s| s.history_pending) {
+            slot.history_pending = false;
+            slot.response = Some(match read.result {
+                Ok(stored) => redis_history_reply(
+                    &slot.history_topic,
+                    (slot.history_since, slot.history_epoch.as_deref()),
+                    &stored,
+                ),
+                Err(_) => Response::refuse(&Reject::RedisUnavailable),
+            });
+        }
+        group.waiting = group.waiting.saturating_sub(1);
+        self.settle(env, read.group, now);
+    }
+
+    /// Once every Redis reply of a group is in, send its responses in request order and
+    /// let the connection read on.
+    fn settle(&mut self, env: &mut Env, tag: u64, now: Instant) {
+        if self.awaiting.get(&tag).is_none_or(|g| g.waiting > 0) {
             return;
         }
         let Some(group) = self.awaiting.remove(&tag) else {
@@ -400,7 +502,7 @@ impl Front {
             }
         }
         if env.conns[group.conn].peer_shut {
-            env.pubsub.leave(env.conns.finish(group.conn, now));
+            env.pubsub.leave(env.conns.finish(group.conn, now), now);
         } else {
             // Requests held behind the group (an upgrade, or more than the cap).
             self.on_input(env, group.conn, &[], now);
@@ -421,19 +523,15 @@ impl Front {
             // Behind a publish at Redis: this response waits its turn.
             let close = response.close;
             group.closing |= close;
-            group.slots.push(Slot {
-                response: Some(response),
-                head_only,
-                keep_alive: !close,
-                topics: Vec::new(),
-                receivers: 0,
-            });
+            group
+                .slots
+                .push(Slot::new(Some(response), head_only, !close));
             return if close { Next::Stop } else { Next::KeepReading };
         }
         *env.counters.responses.entry(response.status).or_default() += 1;
         env.conns.queue(id, Bytes::from(response.encode(head_only)));
         if response.close {
-            env.pubsub.leave(env.conns.finish(id, now));
+            env.pubsub.leave(env.conns.finish(id, now), now);
             Next::Stop
         } else {
             Next::KeepReading
@@ -453,9 +551,89 @@ impl Front {
             cpu_seconds,
             resident_bytes,
             redis: env.pubsub.redis_gauges(),
+            history: (!env.pubsub.through_redis()).then(|| env.pubsub.history_gauges()),
+            resumes: env.pubsub.resumes(),
         };
         metrics::render(env.counters, &gauges)
     }
+}
+
+/// `GET /history` without Redis. Without `epoch`, `since` is read in the current one.
+fn local_history_reply(
+    history: &History,
+    topic: &str,
+    since: u64,
+    epoch: Option<&str>,
+) -> Response {
+    let Some(at) = history.position(topic) else {
+        return history_reply(topic, None, 0, false, std::iter::empty());
+    };
+    let epoch = epoch.unwrap_or(&at.epoch);
+    match history.resume(topic, epoch, since) {
+        Some(r) => {
+            let recovered = r.recovered();
+            let messages = r.messages.map(|m| (m.id(), m.data()));
+            history_reply(
+                topic,
+                Some(&r.position.epoch),
+                r.position.last_id,
+                recovered,
+                messages,
+            )
+        }
+        None => history_reply(topic, None, 0, false, std::iter::empty()),
+    }
+}
+
+/// `GET /history` through Redis: the read returned what follows `since`.
+fn redis_history_reply(
+    topic: &str,
+    (since, epoch): (u64, Option<&str>),
+    stored: &Stored,
+) -> Response {
+    let missed = stored.last_id.saturating_sub(since);
+    let recovered = epoch.is_none_or(|e| e == stored.epoch)
+        && since <= stored.last_id
+        && stored.messages.len() as u64 == missed
+        && stored
+            .messages
+            .first()
+            .is_none_or(|(id, _)| *id == since + 1);
+    let messages = stored.messages.iter().map(|(id, d)| (*id, d.as_bytes()));
+    history_reply(
+        topic,
+        Some(&stored.epoch),
+        stored.last_id,
+        recovered,
+        messages,
+    )
+}
+
+/// `{"topic":"t","epoch":"E","id":L,"recovered":bool,"messages":[{"id":N,"data":...}]}`;
+/// `epoch` is null for a topic with no history at all. Each `data` is spliced in as
+/// kept: it was checked as JSON when it was published.
+fn history_reply<'a>(
+    topic: &str,
+    epoch: Option<&str>,
+    last_id: u64,
+    recovered: bool,
+    messages: impl Iterator<Item = (u64, &'a [u8])>,
+) -> Response {
+    let epoch = serde_json::to_string(&epoch).unwrap_or_else(|_| "null".into());
+    let mut body = format!(
+        r#"{{"topic":"{topic}","epoch":{epoch},"id":{last_id},"recovered":{recovered},"messages":["#
+    )
+    .into_bytes();
+    for (i, (id, data)) in messages.enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(format!(r#"{{"id":{id},"data":"#).as_bytes());
+        body.extend_from_slice(data);
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"]}");
+    Response::json(200, body)
 }
 
 /// Loopback, including IPv4-mapped IPv6 (`::ffff:127.0.0.1`) from a dual-stack listener.

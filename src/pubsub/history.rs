@@ -16,8 +16,6 @@
 //! with the id it is handed), and knows of subscribers only the hold the pipeline takes
 //! on a topic while it has some (`retain`/`release`).
 
-#![allow(dead_code)] // wired into the pipeline next
-
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque, vec_deque};
 use std::fmt;
@@ -104,6 +102,8 @@ pub struct Position {
 #[derive(Debug, Clone)]
 pub struct Appended {
     pub id: u64,
+    /// Read by the tests; the pipeline names epochs from `position` instead.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub epoch: Rc<str>,
     pub frame: Bytes,
 }
@@ -126,6 +126,7 @@ impl Message {
     }
 
     /// When it was appended (or, after a restore, the same age before the restore).
+    #[cfg(test)]
     pub fn appended_at(&self) -> Instant {
         self.at
     }
@@ -141,6 +142,7 @@ impl Message {
     }
 
     /// The same, as a shared handle on the frame (no copy).
+    #[cfg(test)]
     pub fn data_bytes(&self) -> Bytes {
         self.frame.slice(self.data.0 as usize..self.data.1 as usize)
     }
@@ -569,6 +571,7 @@ impl History {
     }
 
     /// Every message kept for `topic`, oldest first (for `/history` without `since`).
+    #[cfg(test)]
     pub fn messages_of(&self, topic: &str) -> Messages<'_> {
         self.record(topic)
             .map_or_else(Messages::default, |r| Messages(r.entries.iter()))

@@ -1,14 +1,17 @@
-//! Topics and their subscribers, indexed both ways as Redis's pubsub.c does: each topic
-//! holds a slab of subscribing connections, and the hub keeps, per connection, the slot
-//! it occupies in each of its topics. Joining and leaving are O(1) in the size of the topic; a topic
-//! with no subscribers is freed. Publishing encodes the message and frames it once; the
-//! caller hands the same `Bytes` to every subscriber. No sockets here.
+//! Topics and their local subscribers, indexed both ways as Redis's pubsub.c does: each
+//! topic holds a slab of subscribing connections, and the hub keeps, per connection, the
+//! slot it occupies in each of its topics. Joining and leaving are O(1) in the size of the
+//! topic; a topic with no subscribers is freed. This is also the one place a message's
+//! envelope is written: a message is framed once, and the caller hands the same `Bytes`
+//! to every subscriber. Ids and epochs are not the hub's: history (or Redis) assigns
+//! them. No sockets here.
 
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use std::ops::Range;
+
 use bytes::Bytes;
-use serde_json::value::RawValue;
 use slab::Slab;
 
 use crate::id::ConnId;
@@ -19,9 +22,17 @@ pub const MAX_TOPICS_PER_CONNECTION: usize = 256;
 
 struct Topic {
     name: Rc<str>,
-    subscribers: Slab<ConnId>,
-    /// Id of the last message published here.
-    last_id: u64,
+    subscribers: Slab<Member>,
+}
+
+/// One subscriber of a topic.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    conn: ConnId,
+    /// Receives the topic's messages. A subscription being resumed through Redis is not
+    /// live until its history has been read: what arrives meanwhile is replayed to it
+    /// from the pipeline, in order, with nothing twice.
+    live: bool,
 }
 
 /// A connection's membership in one topic: the topic's key and its slot there.
@@ -31,7 +42,8 @@ struct Membership {
     slot: usize,
 }
 
-/// A message ready for fan-out: its id, its frame, and the topic's key.
+/// A message ready for fan-out: its id, its frame, and the topic's key (none when nobody
+/// here listens).
 pub struct Published {
     pub id: u64,
     pub frame: Bytes,
@@ -69,14 +81,17 @@ pub struct Hub {
     topics: Slab<Topic>,
     /// Each connection's memberships, indexed by its slab key (empty when it has none).
     memberships: Vec<Vec<Membership>>,
-    /// Messages published in this process, on any topic. A topic created later starts
-    /// its ids here, so a topic's ids never go backwards even after it was freed.
-    published: u64,
 }
 
 impl Hub {
-    /// Add `conn` to `name`. Subscribing twice is not an error (`Joined::Already`).
-    pub fn subscribe(&mut self, conn: ConnId, name: &str) -> Result<Joined, SubscribeError> {
+    /// Add `conn` to `name`; `live`: it receives messages from now on (else see
+    /// `set_live`). Subscribing twice is not an error (`Joined::Already`).
+    pub fn subscribe(
+        &mut self,
+        conn: ConnId,
+        name: &str,
+        live: bool,
+    ) -> Result<Joined, SubscribeError> {
         if self.memberships.len() <= conn.0 {
             self.memberships.resize_with(conn.0 + 1, Vec::new);
         }
@@ -98,13 +113,12 @@ impl Hub {
                 let key = self.topics.insert(Topic {
                     name: name.clone(),
                     subscribers: Slab::new(),
-                    last_id: self.published,
                 });
                 self.by_name.insert(name, key);
                 key
             }
         };
-        let slot = self.topics[topic].subscribers.insert(conn);
+        let slot = self.topics[topic].subscribers.insert(Member { conn, live });
         self.memberships[conn.0].push(Membership { topic, slot });
         Ok(joined)
     }
@@ -155,34 +169,35 @@ impl Hub {
         None
     }
 
-    /// Assign the next id on `name` and frame the message once. `data` is passed through
-    /// as the client sent it (already validated JSON).
-    pub fn publish(&mut self, name: &str, data: &RawValue) -> Published {
-        self.published += 1;
-        let topic = self.by_name.get(name).copied();
-        let id = match topic {
-            Some(key) => {
-                let t = &mut self.topics[key];
-                t.last_id += 1;
-                t.last_id
-            }
-            // Nobody listens: the message still gets an id, from the process-wide count.
-            None => self.published,
-        };
-        // Nobody here listens: no frame to build.
-        let frame = topic.map_or_else(Bytes::new, |_| message_frame(name, id, data.get()));
-        Published { id, frame, topic }
+    /// A framed message, ready for fan-out to `name`'s local subscribers (if any).
+    pub fn published(&self, name: &str, id: u64, frame: Bytes) -> Published {
+        Published {
+            id,
+            frame,
+            topic: self.by_name.get(name).copied(),
+        }
     }
 
-    /// Frame a message whose id was assigned elsewhere (by Redis, for every process at
-    /// once). `None` when no local connection listens to `name`.
-    pub fn deliver(&self, name: &str, id: u64, data: &str) -> Option<Published> {
-        let key = *self.by_name.get(name)?;
-        Some(Published {
-            id,
-            frame: message_frame(name, id, data),
-            topic: Some(key),
-        })
+    /// Whether any local connection is subscribed to `name`.
+    pub fn has_topic(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// Whether `conn`'s subscription to `name` receives messages from now on.
+    pub fn set_live(&mut self, conn: ConnId, name: &str, live: bool) {
+        let Some(&topic) = self.by_name.get(name) else {
+            return;
+        };
+        let slot = self
+            .memberships_of(conn)
+            .iter()
+            .find(|m| m.topic == topic)
+            .map(|m| m.slot);
+        if let Some(slot) = slot
+            && let Some(member) = self.topics[topic].subscribers.get_mut(slot)
+        {
+            member.live = live;
+        }
     }
 
     /// Every topic with local subscribers (to subscribe again after a Redis reconnect).
@@ -209,12 +224,15 @@ impl Hub {
             .is_some_and(|&t| self.memberships_of(conn).iter().any(|m| m.topic == t))
     }
 
-    /// The connections subscribed to the topic of `published`.
+    /// The live subscribers of the topic of `published`.
     pub fn subscribers(&self, published: &Published) -> impl Iterator<Item = ConnId> + '_ {
-        published
-            .topic
-            .into_iter()
-            .flat_map(|key| self.topics[key].subscribers.iter().map(|(_, &conn)| conn))
+        published.topic.into_iter().flat_map(|key| {
+            self.topics[key]
+                .subscribers
+                .iter()
+                .filter(|(_, m)| m.live)
+                .map(|(_, m)| m.conn)
+        })
     }
 
     pub fn topic_count(&self) -> usize {
@@ -230,10 +248,15 @@ impl Hub {
 }
 
 /// The one place a message's envelope is written; `data` is JSON, passed through as is.
-fn message_frame(topic: &str, id: u64, data: &str) -> Bytes {
+/// Also returns where `data` lies in the frame, so history can hand it out without
+/// writing it again.
+pub fn message_frame(topic: &str, id: u64, data: &str) -> (Bytes, Range<usize>) {
     // Topic names need no JSON escaping (their alphabet has no quote or backslash).
     let payload = format!(r#"{{"op":"message","topic":"{topic}","id":{id},"data":{data}}}"#);
-    ws::text_frame(payload.as_bytes())
+    let frame = ws::text_frame(payload.as_bytes());
+    // The frame is its header, then the payload; `data` ends one byte (`}`) before it.
+    let end = frame.len() - 1;
+    (frame, end - data.len()..end)
 }
 
 #[cfg(test)]
@@ -241,64 +264,51 @@ mod tests {
     use super::*;
     use std::collections::{BTreeMap, BTreeSet};
 
-    fn raw(s: &str) -> Box<RawValue> {
-        RawValue::from_string(s.to_string()).unwrap()
-    }
-
     #[test]
-    fn ids_count_up_per_topic_and_never_go_back() {
+    fn only_live_members_receive_and_a_member_can_go_live() {
         let mut hub = Hub::default();
-        hub.subscribe(ConnId(1), "news").unwrap();
-        assert_eq!(hub.publish("news", &raw("1")).id, 1);
-        assert_eq!(hub.publish("news", &raw("2")).id, 2);
-        assert_eq!(hub.publish("other", &raw("3")).id, 3);
-        assert_eq!(hub.publish("news", &raw("4")).id, 3);
-        hub.unsubscribe_all(ConnId(1));
-        assert_eq!(hub.topic_count(), 0);
-        hub.subscribe(ConnId(1), "news").unwrap();
-        assert!(hub.publish("news", &raw("5")).id > 3);
-    }
-
-    #[test]
-    fn redis_ids_are_framed_as_given_and_only_where_someone_listens() {
-        let mut hub = Hub::default();
-        assert!(hub.deliver("t", 41, "1").is_none());
-        hub.subscribe(ConnId(3), "t").unwrap();
-        let p = hub.deliver("t", 41, r#"{"a":1}"#).unwrap();
-        assert_eq!(
-            &p.frame[2..],
-            br#"{"op":"message","topic":"t","id":41,"data":{"a":1}}"#
-        );
-        assert_eq!(hub.subscribers(&p).collect::<Vec<_>>(), [ConnId(3)]);
+        hub.subscribe(ConnId(1), "t", true).unwrap();
+        hub.subscribe(ConnId(2), "t", false).unwrap();
+        let p = hub.published("t", 41, Bytes::from_static(b"x"));
+        assert_eq!(hub.subscribers(&p).collect::<Vec<_>>(), [ConnId(1)]);
+        hub.set_live(ConnId(2), "t", true);
+        let mut got: Vec<ConnId> = hub.subscribers(&p).collect();
+        got.sort();
+        assert_eq!(got, [ConnId(1), ConnId(2)]);
         assert_eq!(hub.topic_names().collect::<Vec<_>>(), ["t"]);
+        // Nobody here listens to another topic: nothing to fan out to.
+        let elsewhere = hub.published("u", 1, Bytes::from_static(b"x"));
+        assert_eq!(hub.subscribers(&elsewhere).count(), 0);
+        assert!(hub.has_topic("t") && !hub.has_topic("u"));
     }
 
     #[test]
     fn the_frame_is_one_text_frame_with_the_envelope() {
-        let mut hub = Hub::default();
-        // Nobody listens: an id, but no frame built for nobody.
-        let unheard = hub.publish("t", &raw("0"));
-        assert_eq!((unheard.id, unheard.frame.len()), (1, 0));
-        hub.subscribe(ConnId(1), "t").unwrap();
-        let p = hub.publish("t", &raw(r#"{"x":[1,2]}"#));
+        let (frame, data) = message_frame("t", 2, r#"{"x":[1,2]}"#);
         let body = br#"{"op":"message","topic":"t","id":2,"data":{"x":[1,2]}}"#;
-        assert_eq!(p.frame[0], 0x81);
-        assert_eq!(p.frame[1] as usize, body.len());
-        assert_eq!(&p.frame[2..], body);
+        assert_eq!(frame[0], 0x81);
+        assert_eq!(frame[1] as usize, body.len());
+        assert_eq!(&frame[2..], body);
+        assert_eq!(&frame[data], br#"{"x":[1,2]}"#);
+        // A long message has a longer header; the range still finds the data.
+        let long = format!(r#""{}""#, "y".repeat(300));
+        let (frame, data) = message_frame("t", 3, &long);
+        assert_eq!(frame[1], 126);
+        assert_eq!(&frame[data], long.as_bytes());
     }
 
     #[test]
     fn subscribe_is_idempotent_and_capped() {
         let mut hub = Hub::default();
-        assert_eq!(hub.subscribe(ConnId(0), "a"), Ok(Joined::NewTopic));
-        assert_eq!(hub.subscribe(ConnId(0), "a"), Ok(Joined::Already));
-        assert_eq!(hub.subscribe(ConnId(1), "a"), Ok(Joined::Existing));
+        assert_eq!(hub.subscribe(ConnId(0), "a", true), Ok(Joined::NewTopic));
+        assert_eq!(hub.subscribe(ConnId(0), "a", true), Ok(Joined::Already));
+        assert_eq!(hub.subscribe(ConnId(1), "a", true), Ok(Joined::Existing));
         assert_eq!(hub.subscriber_count("a"), 2);
         for i in 1..MAX_TOPICS_PER_CONNECTION {
-            hub.subscribe(ConnId(0), &format!("t{i}")).unwrap();
+            hub.subscribe(ConnId(0), &format!("t{i}"), true).unwrap();
         }
         assert_eq!(
-            hub.subscribe(ConnId(0), "one-more"),
+            hub.subscribe(ConnId(0), "one-more", true),
             Err(SubscribeError::TooManyTopics)
         );
         assert_eq!(hub.unsubscribe(ConnId(0), "never"), Left::NotSubscribed);
@@ -333,7 +343,7 @@ mod tests {
                 freed.sort();
                 assert_eq!(freed, ref_freed);
             } else {
-                let joined = hub.subscribe(ConnId(conn), &topic).unwrap();
+                let joined = hub.subscribe(ConnId(conn), &topic, true).unwrap();
                 let was_new_topic = !reference.contains_key(&topic);
                 let added = reference.entry(topic.clone()).or_default().insert(conn);
                 assert_eq!(joined != Joined::Already, added);
@@ -343,7 +353,7 @@ mod tests {
             assert_eq!(hub.topic_count(), reference.len());
         }
         for (topic, subs) in &reference {
-            let p = hub.publish(topic, &raw("0"));
+            let p = hub.published(topic, 0, Bytes::new());
             let got: BTreeSet<usize> = hub.subscribers(&p).map(|c| c.0).collect();
             assert_eq!(&got, subs, "{topic}");
         }

@@ -1,26 +1,37 @@
 //! The publish pipeline: what happens between "publish this" and frames queued on
-//! subscribers. It owns the hub (topics, subscribers, local ids), the Redis link when
-//! there is one, and the `subscribed` replies held until Redis confirms a channel.
+//! subscribers, and where a subscription starts. It owns the hub (topics and local
+//! subscribers), the history (epochs, ids and kept messages, without Redis), the Redis
+//! link when there is one, and the subscriptions waiting for Redis.
 //!
-//! Locally, a publish takes the next id and its frame is queued on every subscriber.
-//! Through Redis, the publish goes to Redis and the frame is queued when the message
-//! comes back on the subscription link, with the id Redis assigned for every process.
+//! Without Redis, a publish takes the topic's next id from history, is framed once, kept,
+//! and queued on every subscriber; a subscribe (or resume) is answered at once from
+//! history, so nothing can be published between the reply and the replay.
+//!
+//! Through Redis, the publish goes to Redis (which assigns the id and keeps the history
+//! stream) and the frame is queued when the message comes back on the subscription link.
+//! A subscription there starts in three steps, so that there is no gap and no duplicate
+//! at the seam: Redis confirms the channel; then a read returns the topic's epoch, last
+//! id L and what a resume missed; then the reply and replay go out, followed by whatever
+//! arrived on the channel meanwhile with an id above L, and the member turns live.
 //!
 //! It never touches a socket: it queues bytes through the connection table, and hands
 //! back the subscribers a message made slow consumers, for the session handler to close.
 //! The Redis link's I/O methods (`on_ready`, `tick`, `flush`) are called by the loop only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use bytes::Bytes;
+use log::debug;
 use serde_json::value::RawValue;
 
+use crate::config::Config;
 use crate::conn::{ConnId, Conns, Ended};
-use crate::metrics::{Counters, RedisGauges};
-use crate::pubsub::hub::{Hub, Joined, Left, Published, SubscribeError};
-use crate::pubsub::redis::{Redis, RedisConfig};
-use crate::ws::protocol;
+use crate::metrics::{Counters, HistoryGauges, RedisGauges, Resumes};
+use crate::pubsub::history::{self, History, Outcome};
+use crate::pubsub::hub::{self, Hub, Joined, Left, Published, SubscribeError};
+use crate::pubsub::redis::{Redis, Stored};
+use crate::ws::protocol::{self, Position, Resume};
 
 /// What a fan-out did: how many subscribers it reached, and which of them it pushed past
 /// `--send-queue-limit` (to be closed as slow consumers; usually none, and no allocation).
@@ -30,23 +41,80 @@ pub struct Fanout {
     pub slow: Vec<ConnId>,
 }
 
+/// The epoch a `subscribed` reply names when Redis, which holds the epochs, cannot be
+/// asked: no client position matches it, so a later resume is honestly `recovered:false`.
+const UNKNOWN_EPOCH: &str = "";
+
+/// Where a client asked to resume from, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct From {
+    since: u64,
+    epoch: String,
+}
+
+/// A subscription waiting for Redis: to confirm the channel, then to answer the read.
+#[derive(Debug)]
+struct Waiting {
+    conn: ConnId,
+    serial: u64,
+    from: Option<From>,
+}
+
+/// Why a read was sent to Redis.
+#[derive(Debug)]
+enum Reader {
+    Subscription {
+        topic: String,
+        waiting: Waiting,
+    },
+    /// `GET /history` through Redis: the front door's held response `group` waits for it.
+    Http {
+        group: u64,
+    },
+}
+
+/// Messages that arrived on a topic while reads for it were at Redis. A subscription
+/// whose read comes back replays from here the ones after the id its read saw.
+#[derive(Debug, Default)]
+struct Arrivals {
+    reads: usize,
+    frames: VecDeque<(u64, Bytes)>,
+}
+
+/// A `/history` answer through Redis, for the front door.
+pub struct HttpRead {
+    pub group: u64,
+    pub result: Result<Stored, String>,
+}
+
 pub struct PubSub {
     hub: Hub,
+    history: History,
     redis: Option<Redis>,
-    /// `subscribed` replies held until Redis confirms the topic's channel, so a client
-    /// never misses a message published right after it was told it is subscribed.
-    pending_acks: HashMap<String, Vec<(ConnId, u64)>>,
+    /// Subscriptions waiting for Redis to confirm their topic's channel, so a client is
+    /// never told it is subscribed before messages can reach it.
+    pending_acks: HashMap<String, Vec<Waiting>>,
+    /// Reads at Redis, by tag.
+    reads: HashMap<u64, Reader>,
+    next_read: u64,
+    arrivals: HashMap<String, Arrivals>,
     /// `--send-queue-limit`: past it, a subscriber is a slow consumer.
     send_queue_limit: usize,
+    resumes: Resumes,
 }
 
 impl PubSub {
-    pub fn new(redis: Option<RedisConfig>, send_queue_limit: usize, now: Instant) -> PubSub {
+    pub fn new(cfg: &Config, history: History, now: Instant) -> PubSub {
         PubSub {
             hub: Hub::default(),
-            redis: redis.map(|c| Redis::new(c, now)),
+            history,
+            redis: cfg.redis.clone().map(|c| Redis::new(c, now)),
             pending_acks: HashMap::new(),
-            send_queue_limit,
+            reads: HashMap::new(),
+            next_read: 1,
+            arrivals: HashMap::new(),
+            send_queue_limit: cfg.send_queue_limit,
+            resumes: Resumes::default(),
         }
     }
 
@@ -56,16 +124,27 @@ impl PubSub {
         self.redis.is_some()
     }
 
-    /// Assign the next local id and queue the frame to every local subscriber.
+    /// Assign the topic's next id, keep the message in history, and queue the frame to
+    /// every local subscriber.
     pub fn publish_local(
         &mut self,
         conns: &mut Conns,
         counters: &mut Counters,
         topic: &str,
         data: &RawValue,
+        now: Instant,
     ) -> (u64, Fanout) {
-        let published = self.hub.publish(topic, data);
+        // Framed only when someone will read it: a subscriber here, or history.
+        let wanted = self.hub.has_topic(topic) || self.history.limits().size > 0;
+        let appended = self.history.append(topic, now, |id| {
+            if wanted {
+                hub::message_frame(topic, id, data.get())
+            } else {
+                (Bytes::new(), 0..0)
+            }
+        });
         counters.published += 1;
+        let published = self.hub.published(topic, appended.id, appended.frame);
         let fanout = self.fan_out(conns, counters, &published);
         (published.id, fanout)
     }
@@ -84,7 +163,8 @@ impl PubSub {
             .is_some_and(|r| r.publish(topic, data, tag, now))
     }
 
-    /// A message came back from Redis with the id Redis gave it: queue it locally.
+    /// A message came back from Redis with the id Redis gave it: queue it locally, and
+    /// keep it for the subscriptions whose reads are still at Redis.
     pub fn deliver(
         &mut self,
         conns: &mut Conns,
@@ -94,13 +174,19 @@ impl PubSub {
         data: &str,
     ) -> Fanout {
         counters.redis_messages += 1;
-        match self.hub.deliver(topic, id, data) {
-            Some(published) => self.fan_out(conns, counters, &published),
-            None => Fanout::default(),
+        let arrivals = self.arrivals.get_mut(topic);
+        if !self.hub.has_topic(topic) && arrivals.is_none() {
+            return Fanout::default();
         }
+        let (frame, _) = hub::message_frame(topic, id, data);
+        if let Some(a) = arrivals {
+            a.frames.push_back((id, frame.clone()));
+        }
+        let published = self.hub.published(topic, id, frame);
+        self.fan_out(conns, counters, &published)
     }
 
-    /// Queue one framed message to every local subscriber of its topic.
+    /// Queue one framed message to every live local subscriber of its topic.
     fn fan_out(&self, conns: &mut Conns, counters: &mut Counters, published: &Published) -> Fanout {
         let mut fanout = Fanout::default();
         for sub in self.hub.subscribers(published) {
@@ -120,61 +206,265 @@ impl PubSub {
 
     // ---- subscribing -----------------------------------------------------------------
 
-    /// Subscribe `id` to `topic` and confirm it (now, or once Redis has the channel).
+    /// Subscribe `id` to `topic`, from where the client left off if it says, and tell it
+    /// where the topic stands: now (from history), or once Redis has answered.
     pub fn subscribe(
         &mut self,
         conns: &mut Conns,
         id: ConnId,
         topic: &str,
+        resume: Option<&Resume>,
+        now: Instant,
     ) -> Result<(), SubscribeError> {
-        let joined = self.hub.subscribe(id, topic)?;
-        self.confirm(conns, id, topic, joined);
-        Ok(())
-    }
-
-    /// After a subscribe: confirm it to the client, or, for a topic Redis has not yet
-    /// confirmed, hold the confirmation until it does.
-    fn confirm(&mut self, conns: &mut Conns, id: ConnId, topic: &str, joined: Joined) {
-        let hold = match self.redis.as_mut() {
-            Some(r) => {
-                if joined == Joined::NewTopic {
-                    r.subscribe(topic);
-                }
-                // While Redis is down the subscription is recorded and will be made on
-                // reconnect; holding the reply until then would only stall the client.
-                r.is_up() && !r.is_confirmed(topic)
+        let from = resume.map(|r| From {
+            since: r.since,
+            epoch: r.epoch.to_string(),
+        });
+        let Some(redis) = self.redis.as_mut() else {
+            let joined = self.hub.subscribe(id, topic, true)?;
+            if joined == Joined::NewTopic {
+                self.history.retain(topic);
             }
-            None => false,
+            self.answer_from_history(conns, id, topic, from.as_ref());
+            return Ok(());
         };
-        if hold {
-            let serial = conns[id].serial;
+        // Through Redis the member turns live only once its read has come back.
+        let joined = self.hub.subscribe(id, topic, false)?;
+        if joined == Joined::Already {
+            self.hub.set_live(id, topic, false);
+        }
+        if joined == Joined::NewTopic {
+            redis.subscribe(topic);
+        }
+        let waiting = Waiting {
+            conn: id,
+            serial: conns[id].serial,
+            from,
+        };
+        if !redis.is_up() {
+            // The subscription is recorded and will be made on reconnect; holding the
+            // reply until then would only stall the client. Where the topic stands is
+            // Redis's to say, so the reply cannot say it.
+            self.answer_unknown(conns, topic, waiting);
+        } else if redis.is_confirmed(topic) {
+            self.start_read(conns, topic, waiting, now);
+        } else {
             self.pending_acks
                 .entry(topic.to_string())
                 .or_default()
-                .push((id, serial));
-        } else {
-            conns.queue(id, subscribed_reply(conns, id, topic));
+                .push(waiting);
+        }
+        Ok(())
+    }
+
+    /// Without Redis: the reply and the replay, from history, in one step.
+    fn answer_from_history(
+        &mut self,
+        conns: &mut Conns,
+        id: ConnId,
+        topic: &str,
+        from: Option<&From>,
+    ) {
+        let sub = grant_sub(conns, id);
+        let Some(from) = from else {
+            let at = self
+                .history
+                .position(topic)
+                .unwrap_or_else(|| self.history.retain(topic));
+            let reply = protocol::subscribed(topic, &position(&at, None), sub.as_deref());
+            conns.queue(id, reply);
+            return;
+        };
+        let Some(resume) = self.history.resume(topic, &from.epoch, from.since) else {
+            // Retained on subscribe, so there is a record; answer as for a lost one.
+            debug_assert!(false, "a subscribed topic has a history record");
+            return;
+        };
+        count(&mut self.resumes, resume.outcome);
+        let at = position(&resume.position, Some(resume.recovered()));
+        conns.queue(id, protocol::subscribed(topic, &at, sub.as_deref()));
+        for message in resume.messages {
+            conns.queue(id, message.frame().clone());
         }
     }
 
+    /// Ask Redis where `topic` stands (and what the client missed), now that its channel
+    /// is confirmed: everything published after the read executes comes on the channel.
+    fn start_read(&mut self, conns: &mut Conns, topic: &str, waiting: Waiting, now: Instant) {
+        let Some(redis) = self.redis.as_mut() else {
+            return;
+        };
+        let tag = self.next_read;
+        self.next_read += 1;
+        let (since, epoch) = match &waiting.from {
+            Some(f) => (Some(f.since), Some(f.epoch.as_str())),
+            None => (None, None),
+        };
+        if !redis.read_history(topic, since, epoch, tag, now) {
+            return self.answer_unknown(conns, topic, waiting);
+        }
+        self.arrivals.entry(topic.to_string()).or_default().reads += 1;
+        let reader = Reader::Subscription {
+            topic: topic.to_string(),
+            waiting,
+        };
+        self.reads.insert(tag, reader);
+    }
+
+    /// The reply when Redis cannot say where the topic stands: an unknown epoch, id 0,
+    /// and for a resume `recovered:false`. The member turns live.
+    fn answer_unknown(&mut self, conns: &mut Conns, topic: &str, waiting: Waiting) {
+        if !self.still_subscribed(conns, &waiting, topic) {
+            return;
+        }
+        let recovered = waiting.from.as_ref().map(|_| false);
+        if recovered.is_some() {
+            self.resumes.unavailable += 1;
+        }
+        let at = Position {
+            epoch: UNKNOWN_EPOCH,
+            last_id: 0,
+            recovered,
+        };
+        let sub = grant_sub(conns, waiting.conn);
+        conns.queue(
+            waiting.conn,
+            protocol::subscribed(topic, &at, sub.as_deref()),
+        );
+        self.hub.set_live(waiting.conn, topic, true);
+    }
+
+    fn still_subscribed(&self, conns: &Conns, waiting: &Waiting, topic: &str) -> bool {
+        conns
+            .same(waiting.conn, waiting.serial)
+            .is_some_and(|c| c.is_open() && self.hub.is_subscribed(waiting.conn, topic))
+    }
+
+    /// Redis answered a read. A subscription's reply, replay and live messages go out
+    /// now; a `/history` answer is handed back for the front door.
+    pub fn on_read(
+        &mut self,
+        conns: &mut Conns,
+        tag: u64,
+        result: Result<Stored, String>,
+    ) -> Option<HttpRead> {
+        match self.reads.remove(&tag)? {
+            Reader::Http { group } => Some(HttpRead { group, result }),
+            Reader::Subscription { topic, waiting } => {
+                let arrived = self.arrivals.get_mut(&topic).map(|a| {
+                    a.reads -= 1;
+                    if a.reads == 0 {
+                        std::mem::take(&mut a.frames)
+                    } else {
+                        a.frames.clone()
+                    }
+                });
+                if self.arrivals.get(&topic).is_some_and(|a| a.reads == 0) {
+                    self.arrivals.remove(&topic);
+                }
+                match result {
+                    Ok(stored) => self.answer_from_redis(
+                        conns,
+                        &topic,
+                        waiting,
+                        &stored,
+                        arrived.unwrap_or_default(),
+                    ),
+                    Err(why) => {
+                        debug!("redis: read for {topic:?} failed: {why}");
+                        self.answer_unknown(conns, &topic, waiting);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    fn answer_from_redis(
+        &mut self,
+        conns: &mut Conns,
+        topic: &str,
+        waiting: Waiting,
+        stored: &Stored,
+        arrived: VecDeque<(u64, Bytes)>,
+    ) {
+        if !self.still_subscribed(conns, &waiting, topic) {
+            return;
+        }
+        let outcome = waiting
+            .from
+            .as_ref()
+            .map(|from| redis_outcome(from, stored));
+        if let Some(outcome) = outcome {
+            count(&mut self.resumes, outcome);
+        }
+        let at = Position {
+            epoch: &stored.epoch,
+            last_id: stored.last_id,
+            recovered: outcome.map(|o| o == Outcome::Recovered),
+        };
+        let id = waiting.conn;
+        let sub = grant_sub(conns, id);
+        conns.queue(id, protocol::subscribed(topic, &at, sub.as_deref()));
+        if waiting.from.is_some() {
+            for (msg_id, data) in &stored.messages {
+                conns.queue(id, hub::message_frame(topic, *msg_id, data).0);
+            }
+        }
+        // What came on the channel while the read was at Redis: the ids it did not see.
+        for (msg_id, frame) in arrived {
+            if msg_id > stored.last_id {
+                conns.queue(id, frame);
+            }
+        }
+        self.hub.set_live(id, topic, true);
+    }
+
+    /// `GET /history` through Redis: the answer comes back from `on_read` with `group`.
+    /// False when Redis is down.
+    pub fn read_for_http(
+        &mut self,
+        topic: &str,
+        since: u64,
+        epoch: Option<&str>,
+        group: u64,
+        now: Instant,
+    ) -> bool {
+        let tag = self.next_read;
+        let sent = self
+            .redis
+            .as_mut()
+            .is_some_and(|r| r.read_history(topic, Some(since), epoch, tag, now));
+        if sent {
+            self.next_read += 1;
+            self.reads.insert(tag, Reader::Http { group });
+        }
+        sent
+    }
+
+    /// `GET /history` without Redis.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
     /// Answered either way (unsubscribing from a topic one is not in is harmless).
-    pub fn unsubscribe(&mut self, id: ConnId, topic: &str) {
+    pub fn unsubscribe(&mut self, id: ConnId, topic: &str, now: Instant) {
         if self.hub.unsubscribe(id, topic) == Left::TopicFreed {
-            self.forget_topics(vec![topic.to_string()]);
+            self.forget_topics(vec![topic.to_string()], now);
         }
     }
 
     /// A connection ended: if it was an open WebSocket, it leaves every topic.
-    pub fn leave(&mut self, ended: Ended) {
+    pub fn leave(&mut self, ended: Ended, now: Instant) {
         if let Ended(Some(id)) = ended {
-            self.leave_all(id);
+            self.leave_all(id, now);
         }
     }
 
     /// `id` leaves every topic (its WebSocket is closing).
-    pub fn leave_all(&mut self, id: ConnId) {
+    pub fn leave_all(&mut self, id: ConnId, now: Instant) {
         let freed = self.hub.unsubscribe_all(id);
-        self.forget_topics(freed);
+        self.forget_topics(freed, now);
     }
 
     /// The topics `id` is subscribed to.
@@ -182,36 +472,38 @@ impl PubSub {
         self.hub.names(id)
     }
 
-    /// Topics that lost their last local subscriber: with Redis, stop receiving them.
-    fn forget_topics(&mut self, freed: Vec<String>) {
+    /// Topics that lost their last local subscriber: with Redis, stop receiving them;
+    /// without, history keeps them until their messages expire.
+    fn forget_topics(&mut self, freed: Vec<String>, now: Instant) {
         for topic in freed {
-            if let Some(r) = self.redis.as_mut() {
-                r.unsubscribe(&topic);
+            match self.redis.as_mut() {
+                Some(r) => r.unsubscribe(&topic),
+                None => self.history.release(&topic, now),
             }
             self.pending_acks.remove(&topic);
         }
     }
 
-    /// Send the held `subscribed` replies for `topic` to connections still subscribed.
-    pub fn release_acks(&mut self, conns: &mut Conns, topic: &str) {
+    /// Redis confirmed `topic`'s channel: the subscriptions waiting for it are read.
+    pub fn on_confirmed(&mut self, conns: &mut Conns, topic: &str, now: Instant) {
         let Some(waiting) = self.pending_acks.remove(topic) else {
             return;
         };
-        for (id, serial) in waiting {
-            let still = conns
-                .same(id, serial)
-                .is_some_and(|c| c.is_open() && self.hub.is_subscribed(id, topic));
-            if still {
-                conns.queue(id, subscribed_reply(conns, id, topic));
+        for w in waiting {
+            if self.still_subscribed(conns, &w, topic) {
+                self.start_read(conns, topic, w, now);
             }
         }
     }
 
-    /// Redis went down: nothing will confirm the held replies; send them all.
-    pub fn release_all_acks(&mut self, conns: &mut Conns) {
-        let topics: Vec<String> = self.pending_acks.keys().cloned().collect();
-        for topic in topics {
-            self.release_acks(conns, &topic);
+    /// Redis went down: nothing will confirm or read for the waiting subscriptions;
+    /// answer them all.
+    pub fn on_redis_down(&mut self, conns: &mut Conns) {
+        let waiting: Vec<(String, Vec<Waiting>)> = self.pending_acks.drain().collect();
+        for (topic, list) in waiting {
+            for w in list {
+                self.answer_unknown(conns, &topic, w);
+            }
         }
     }
 
@@ -220,6 +512,22 @@ impl PubSub {
         if let Some(r) = self.redis.as_mut() {
             r.resubscribe(self.hub.topic_names());
         }
+    }
+
+    // ---- time ------------------------------------------------------------------------
+
+    /// When history next has messages to expire.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.history.next_expiry()
+    }
+
+    pub fn expire(&mut self, now: Instant) {
+        self.history.expire(now);
+    }
+
+    /// The history, encoded for the state file.
+    pub fn snapshot(&self, now: Instant) -> Vec<u8> {
+        self.history.snapshot(now)
     }
 
     // ---- the Redis link, for the loop ------------------------------------------------
@@ -242,6 +550,21 @@ impl PubSub {
         self.hub.topic_count()
     }
 
+    pub fn resumes(&self) -> Resumes {
+        self.resumes
+    }
+
+    pub fn history_gauges(&self) -> HistoryGauges {
+        let e = self.history.evictions();
+        HistoryGauges {
+            messages: self.history.messages(),
+            bytes: self.history.bytes(),
+            evicted_size: e.size,
+            evicted_ttl: e.ttl,
+            evicted_memory: e.memory,
+        }
+    }
+
     pub fn redis_gauges(&self) -> Option<RedisGauges> {
         self.redis.as_ref().map(|r| RedisGauges {
             up: r.is_up(),
@@ -253,12 +576,46 @@ impl PubSub {
     }
 }
 
-/// `subscribed`, with the user the connection's token names.
-fn subscribed_reply(conns: &Conns, id: ConnId, topic: &str) -> Bytes {
-    let sub = conns
+/// Whether a resume from `from` got everything from what Redis holds: the same epoch, a
+/// position Redis issued, and every id after it still in the stream.
+fn redis_outcome(from: &From, stored: &Stored) -> Outcome {
+    if from.epoch != stored.epoch || from.since > stored.last_id {
+        return Outcome::EpochChanged;
+    }
+    let missed = stored.last_id - from.since;
+    let contiguous = stored
+        .messages
+        .iter()
+        .zip(from.since + 1..)
+        .all(|((id, _), want)| *id == want);
+    if contiguous && stored.messages.len() as u64 == missed {
+        Outcome::Recovered
+    } else {
+        Outcome::Gap
+    }
+}
+
+fn count(resumes: &mut Resumes, outcome: Outcome) {
+    match outcome {
+        Outcome::Recovered => resumes.recovered += 1,
+        Outcome::Gap => resumes.gap += 1,
+        Outcome::EpochChanged => resumes.epoch_changed += 1,
+    }
+}
+
+fn position(at: &history::Position, recovered: Option<bool>) -> Position<'_> {
+    Position {
+        epoch: &at.epoch,
+        last_id: at.last_id,
+        recovered,
+    }
+}
+
+/// The user the connection's token names, for `subscribed`.
+fn grant_sub(conns: &Conns, id: ConnId) -> Option<String> {
+    conns
         .get(id)
         .and_then(|c| c.session())
         .and_then(|s| s.grant.as_ref())
-        .and_then(|g| g.sub.as_deref());
-    protocol::subscribed(topic, sub)
+        .and_then(|g| g.sub.clone())
 }

@@ -3,10 +3,19 @@
 //! subscriptions, spoken in RESP2 through the `redis-protocol` codec. No thread, no
 //! blocking call.
 //!
-//! Publishing runs a Lua script that increments the topic's id counter and publishes
-//! `"<id> <data>"` to the topic's channel in one atomic step, so every process sees one
-//! order per topic and the same id for the same message. herald delivers to its own
+//! Publishing runs a Lua script that, in one atomic step, increments the topic's id
+//! counter, appends the message to the topic's history stream, and publishes
+//! `"<id> <epoch> <data>"` to the topic's channel, so every process sees one order per
+//! topic, the same id for the same message, and one history. herald delivers to its own
 //! subscribers only what comes back on the subscription link.
+//!
+//! History lives in Redis: a stream per topic (`<prefix>h:<topic>`, entry ids `<id>-0`,
+//! trimmed with `MAXLEN ~` and expiring `--history-ttl` after the last publish) and an
+//! epoch key (`<prefix>epoch:<topic>`). The first script to find the epoch key missing
+//! (a new topic, or a Redis that lost its data) sets a fresh epoch and clears the stream,
+//! so a history that may have lost messages never keeps the epoch it had. A resume reads
+//! the topic's position and what it missed with one more script on the command link
+//! (`read_history`).
 //!
 //! This module owns the sockets and the protocol; what a reply means for clients is
 //! decided by the server from the `Event`s returned here. When Redis goes away, links
@@ -39,9 +48,35 @@ const MAX_PENDING_INPUT: usize = 64 * 1024 * 1024;
 /// Channels per SUBSCRIBE command when subscribing again after a reconnect.
 const SUBSCRIBE_BATCH: usize = 512;
 
-/// INCR the topic's id and PUBLISH "<id> <data>" on its channel, atomically.
-const PUBLISH_SCRIPT: &str = "local id = redis.call('INCR', KEYS[1]) \
-     local n = redis.call('PUBLISH', KEYS[2], id .. ' ' .. ARGV[1]) return {id, n}";
+/// The epoch, set to the candidate ARGV[1] (and the stream cleared) when it is missing.
+/// KEYS: [1] id counter, [2] epoch key, [3] history stream. Shared by both scripts.
+const EPOCH_LUA: &str = "local epoch = redis.call('GET', KEYS[2]) \
+     if not epoch then epoch = ARGV[1] redis.call('SET', KEYS[2], epoch) \
+     redis.call('DEL', KEYS[3]) end \
+     local t = redis.call('TIME') local ms = t[1] * 1000 + math.floor(t[2] / 1000) ";
+
+/// INCR the topic's id, append to its history (ARGV[3] entries at most, ARGV[4] ms), and
+/// PUBLISH "<id> <epoch> <data>" on its channel (KEYS[4]), atomically.
+const PUBLISH_LUA: &str = "local id = redis.call('INCR', KEYS[1]) \
+     if tonumber(ARGV[3]) > 0 then \
+     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], id .. '-0', 't', ms, 'd', ARGV[2]) \
+     redis.call('PEXPIRE', KEYS[3], ARGV[4]) end \
+     local n = redis.call('PUBLISH', KEYS[4], id .. ' ' .. epoch .. ' ' .. ARGV[2]) \
+     return {id, n}";
+
+/// The topic's epoch and last id and, when ARGV[2] >= 0, the messages after id ARGV[2]
+/// that are younger than ARGV[3] ms (at most ARGV[4]), as a flat list of id, data. A
+/// position from another epoch (ARGV[5], when given) means nothing here: then every
+/// message the stream holds comes back.
+const READ_LUA: &str = "local last = tonumber(redis.call('GET', KEYS[1]) or '0') \
+     local since = tonumber(ARGV[2]) local out = {} \
+     if since >= 0 and ARGV[5] ~= '' and ARGV[5] ~= epoch then since = 0 end \
+     if since >= 0 and since < last then \
+     local oldest = ms - tonumber(ARGV[3]) \
+     local rows = redis.call('XRANGE', KEYS[3], (since + 1) .. '-0', '+', 'COUNT', ARGV[4]) \
+     for _, row in ipairs(rows) do local f = row[2] \
+     if tonumber(f[2]) >= oldest then out[#out + 1] = row[1] out[#out + 1] = f[4] end end end \
+     return {epoch, last, out}";
 
 /// Where Redis is and how to speak to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +88,9 @@ pub struct RedisConfig {
     pub db: u32,
     /// Channel and key prefix, so several deployments can share one Redis.
     pub prefix: String,
+    /// Messages kept per topic's stream (0: none), and for how long.
+    pub history_size: usize,
+    pub history_ttl: Duration,
 }
 
 /// `redis://[[user]:password@]host[:port][/db]`
@@ -95,6 +133,8 @@ pub fn parse_url(url: &str, prefix: &str) -> Result<RedisConfig, String> {
         password,
         db,
         prefix: prefix.to_string(),
+        history_size: 0,
+        history_ttl: Duration::ZERO,
     })
 }
 
@@ -110,7 +150,13 @@ pub enum Event {
     Message {
         topic: String,
         id: u64,
+        epoch: String,
         data: String,
+    },
+    /// A read of a topic's position and history (`read_history`) finished.
+    Read {
+        tag: u64,
+        result: Result<Stored, String>,
     },
     /// Redis confirmed our subscription to this topic's channel.
     Confirmed {
@@ -123,6 +169,24 @@ pub enum Event {
     Down,
     /// Reply to `ping_subscription`: everything published before it has arrived.
     Pong,
+}
+
+/// A topic's position and history as Redis holds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub epoch: String,
+    pub last_id: u64,
+    /// Messages after the id asked for, oldest first: (id, data JSON).
+    pub messages: Vec<(u64, String)>,
+}
+
+/// A command on the command link awaiting its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// A publish; the tag names the HTTP response waiting for it, if any.
+    Publish(Option<u64>),
+    /// A read for a subscription.
+    Read(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,8 +250,8 @@ pub struct Redis {
     cfg: RedisConfig,
     command: Link,
     subscription: Link,
-    /// Publishes sent on the command link, oldest first: (tag, sent at).
-    in_flight: VecDeque<(Option<u64>, Instant)>,
+    /// Commands sent on the command link, oldest first, with when they were sent.
+    in_flight: VecDeque<(Pending, Instant)>,
     /// Topics Redis has confirmed a subscription for.
     confirmed: HashSet<String>,
     /// Both links ready, as last reported.
@@ -212,7 +276,9 @@ impl Redis {
             up: false,
             pings: 0,
             counters: RedisCounters::default(),
-            rng: u64::from(std::process::id()) << 20 | 0x9e37,
+            // Epoch candidates come from here: seeded by the clock as well as the pid, so
+            // a restarted process cannot propose an epoch it proposed before.
+            rng: (u64::from(std::process::id()) << 20 | 0x9e37) ^ clock_seed(),
         }
     }
 
@@ -265,21 +331,87 @@ impl Redis {
         if !self.up {
             return false;
         }
-        let id_key = format!("{}id:{topic}", self.cfg.prefix);
+        let [id_key, epoch_key, stream] = self.keys(topic);
         let channel = format!("{}{topic}", self.cfg.prefix);
+        let epoch = self.fresh_epoch();
+        let size = self.cfg.history_size.to_string();
+        let ttl = self.cfg.history_ttl.as_millis().max(1).to_string();
+        let script = format!("{EPOCH_LUA}{PUBLISH_LUA}");
         command(
             &mut self.command.output,
             &[
                 b"EVAL",
-                PUBLISH_SCRIPT.as_bytes(),
-                b"2",
+                script.as_bytes(),
+                b"4",
                 id_key.as_bytes(),
+                epoch_key.as_bytes(),
+                stream.as_bytes(),
                 channel.as_bytes(),
+                epoch.as_bytes(),
                 data.as_bytes(),
+                size.as_bytes(),
+                ttl.as_bytes(),
             ],
         );
-        self.in_flight.push_back((tag, now));
+        self.in_flight.push_back((Pending::Publish(tag), now));
         true
+    }
+
+    /// Queue a read of `topic`'s epoch and last id and, with `since`, of the messages
+    /// after it (all of them if `epoch` is not the topic's). The answer is `Event::Read`
+    /// with this `tag`. False when Redis is down.
+    pub fn read_history(
+        &mut self,
+        topic: &str,
+        since: Option<u64>,
+        client_epoch: Option<&str>,
+        tag: u64,
+        now: Instant,
+    ) -> bool {
+        if !self.up {
+            return false;
+        }
+        let [id_key, epoch_key, stream] = self.keys(topic);
+        let epoch = self.fresh_epoch();
+        let since = since.map_or("-1".to_string(), |n| n.to_string());
+        let ttl = self.cfg.history_ttl.as_millis().to_string();
+        // MAXLEN ~ may keep up to one stream node (100 entries) beyond the size.
+        let count = (self.cfg.history_size + 100).to_string();
+        let script = format!("{EPOCH_LUA}{READ_LUA}");
+        command(
+            &mut self.command.output,
+            &[
+                b"EVAL",
+                script.as_bytes(),
+                b"3",
+                id_key.as_bytes(),
+                epoch_key.as_bytes(),
+                stream.as_bytes(),
+                epoch.as_bytes(),
+                since.as_bytes(),
+                ttl.as_bytes(),
+                count.as_bytes(),
+                client_epoch.unwrap_or("").as_bytes(),
+            ],
+        );
+        self.in_flight.push_back((Pending::Read(tag), now));
+        true
+    }
+
+    /// The topic's id counter, epoch key and history stream.
+    fn keys(&self, topic: &str) -> [String; 3] {
+        let p = &self.cfg.prefix;
+        [
+            format!("{p}id:{topic}"),
+            format!("{p}epoch:{topic}"),
+            format!("{p}h:{topic}"),
+        ]
+    }
+
+    /// An epoch to propose for a topic that has none: 16 hex digits, no space (it travels
+    /// inside "<id> <epoch> <data>").
+    fn fresh_epoch(&mut self) -> String {
+        format!("{:016x}", self.next_random())
     }
 
     pub fn subscribe(&mut self, topic: &str) {
@@ -534,12 +666,18 @@ impl Redis {
         }
         match role {
             Role::Command => {
-                for (tag, _) in self.in_flight.drain(..) {
-                    if let Some(tag) = tag {
-                        events.push(Event::Published {
+                for (pending, _) in self.in_flight.drain(..) {
+                    let why = || "redis unavailable".to_string();
+                    match pending {
+                        Pending::Publish(Some(tag)) => events.push(Event::Published {
                             tag,
-                            result: Err("redis unavailable".into()),
-                        });
+                            result: Err(why()),
+                        }),
+                        Pending::Publish(None) => {}
+                        Pending::Read(tag) => events.push(Event::Read {
+                            tag,
+                            result: Err(why()),
+                        }),
                     }
                 }
             }
@@ -632,8 +770,22 @@ impl Redis {
         }
         match role {
             Role::Command => {
-                let Some((tag, _)) = self.in_flight.pop_front() else {
+                let Some((pending, _)) = self.in_flight.pop_front() else {
                     return Err(format!("reply {frame:?} to no command"));
+                };
+                let tag = match pending {
+                    Pending::Publish(tag) => tag,
+                    Pending::Read(tag) => {
+                        let result = match frame {
+                            OwnedFrame::Error(e) => {
+                                warn!("redis: history read refused: {e}");
+                                Err(e)
+                            }
+                            other => Ok(parse_stored(other)?),
+                        };
+                        events.push(Event::Read { tag, result });
+                        return Ok(());
+                    }
                 };
                 let result = match frame {
                     OwnedFrame::Array(ref items) => match items.as_slice() {
@@ -689,8 +841,13 @@ impl Redis {
                 let Some(OwnedFrame::BulkString(payload)) = items.get(2) else {
                     return Err("message without payload".into());
                 };
-                let (id, data) = parse_payload(payload)?;
-                events.push(Event::Message { topic, id, data });
+                let (id, epoch, data) = parse_payload(payload)?;
+                events.push(Event::Message {
+                    topic,
+                    id,
+                    epoch,
+                    data,
+                });
             }
             b"subscribe" => {
                 let topic = channel_topic(1)?;
@@ -712,20 +869,73 @@ impl Redis {
     }
 }
 
-/// `"<id> <json>"`, as the publish script writes it. The JSON is checked: it is spliced
-/// into every client's frame as is.
-fn parse_payload(payload: &[u8]) -> Result<(u64, String), String> {
+/// `"<id> <epoch> <json>"`, as the publish script writes it. The JSON is checked: it is
+/// spliced into every client's frame as is.
+fn parse_payload(payload: &[u8]) -> Result<(u64, String, String), String> {
     let text =
         std::str::from_utf8(payload).map_err(|_| "message payload is not UTF-8".to_string())?;
-    let (id, data) = text
-        .split_once(' ')
-        .ok_or("message payload is not \"<id> <data>\"")?;
+    let mut parts = text.splitn(3, ' ');
+    let (Some(id), Some(epoch), Some(data)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err("message payload is not \"<id> <epoch> <data>\"".into());
+    };
     let id: u64 = id
         .parse()
         .map_err(|_| format!("message id {id:?} is not a number"))?;
+    if epoch.is_empty() {
+        return Err("message without an epoch".into());
+    }
+    check_json(data)?;
+    Ok((id, epoch.to_string(), data.to_string()))
+}
+
+fn check_json(data: &str) -> Result<(), String> {
     serde_json::from_str::<&serde_json::value::RawValue>(data)
-        .map_err(|e| format!("message data is not JSON: {e}"))?;
-    Ok((id, data.to_string()))
+        .map(|_| ())
+        .map_err(|e| format!("message data is not JSON: {e}"))
+}
+
+/// The read script's reply: `[epoch, last id, [id-0, data, id-0, data, ...]]`.
+fn parse_stored(frame: OwnedFrame) -> Result<Stored, String> {
+    let bad = || format!("unexpected history reply {frame:?}");
+    let OwnedFrame::Array(items) = &frame else {
+        return Err(bad());
+    };
+    let [
+        OwnedFrame::BulkString(epoch),
+        OwnedFrame::Integer(last),
+        OwnedFrame::Array(flat),
+    ] = items.as_slice()
+    else {
+        return Err(bad());
+    };
+    let epoch = String::from_utf8(epoch.clone()).map_err(|_| bad())?;
+    let last_id = u64::try_from(*last).map_err(|_| bad())?;
+    let mut messages = Vec::with_capacity(flat.len() / 2);
+    for pair in flat.chunks(2) {
+        let [OwnedFrame::BulkString(entry), OwnedFrame::BulkString(data)] = pair else {
+            return Err(bad());
+        };
+        let id = std::str::from_utf8(entry)
+            .ok()
+            .and_then(|e| e.strip_suffix("-0"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .ok_or_else(bad)?;
+        let data = String::from_utf8(data.clone()).map_err(|_| bad())?;
+        check_json(&data)?;
+        messages.push((id, data));
+    }
+    Ok(Stored {
+        epoch,
+        last_id,
+        messages,
+    })
+}
+
+/// Some bits of the wall clock, to seed the epoch generator.
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Append one command (an array of bulk strings) to `out`.
@@ -775,12 +985,18 @@ mod tests {
     #[test]
     fn payloads_are_an_id_and_json() {
         assert_eq!(
-            parse_payload(br#"7 {"a":[1,2]}"#),
-            Ok((7, r#"{"a":[1,2]}"#.to_string()))
+            parse_payload(br#"7 e1 {"a":[1,2]}"#),
+            Ok((7, "e1".to_string(), r#"{"a":[1,2]}"#.to_string()))
+        );
+        // Spaces inside the JSON stay in the data.
+        assert_eq!(
+            parse_payload(br#"8 e1 {"a": "b c"}"#),
+            Ok((8, "e1".to_string(), r#"{"a": "b c"}"#.to_string()))
         );
         assert!(parse_payload(b"7").is_err());
-        assert!(parse_payload(b"x {}").is_err());
-        assert!(parse_payload(b"7 {not json").is_err());
+        assert!(parse_payload(b"7 {}").is_err());
+        assert!(parse_payload(b"x e {}").is_err());
+        assert!(parse_payload(b"7 e {not json").is_err());
         assert!(parse_payload(&[0xff, b' ', b'1']).is_err());
     }
 
@@ -805,7 +1021,7 @@ mod tests {
         )
         .unwrap();
         r.on_push(
-            push(vec![bulk("message"), bulk("h:news"), bulk("3 \"hi\"")]),
+            push(vec![bulk("message"), bulk("h:news"), bulk("3 e7 \"hi\"")]),
             &mut events,
         )
         .unwrap();
@@ -818,6 +1034,7 @@ mod tests {
                 Event::Message {
                     topic: "news".into(),
                     id: 3,
+                    epoch: "e7".into(),
                     data: "\"hi\"".into()
                 }
             ]
@@ -825,7 +1042,7 @@ mod tests {
         assert!(r.is_confirmed("news"));
         assert!(
             r.on_push(
-                push(vec![bulk("message"), bulk("other:news"), bulk("1 1")]),
+                push(vec![bulk("message"), bulk("other:news"), bulk("1 e 1")]),
                 &mut events
             )
             .is_err()

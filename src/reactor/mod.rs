@@ -13,10 +13,12 @@
 //! receives a stale event.
 
 mod net;
+mod state;
 
 use std::io::{self, Read};
 use std::mem;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -37,6 +39,7 @@ use crate::http::front::{Env, Front, Rules};
 use crate::metrics::Counters;
 use crate::outq::Flushed;
 use crate::pubsub::PubSub;
+use crate::pubsub::history::History;
 use crate::pubsub::redis::{self, Event};
 use crate::rlimit::NoFile;
 use crate::session::Sessions;
@@ -121,6 +124,8 @@ pub struct Server {
     unread: Vec<ConnId>,
     /// What Redis reported this pass, for the handlers.
     redis_events: Vec<Event>,
+    /// `--state-dir`'s file, where the history goes when the process ends.
+    state_file: Option<PathBuf>,
 
     /// Client sockets, indexed by their connection's key (`None` where there is none).
     sockets: Vec<Option<Socket>>,
@@ -157,6 +162,19 @@ impl Server {
             fd_limit: nofile.soft,
             max_connections,
         };
+        let now = Instant::now();
+        let state_file = match (&cfg.state_dir, &cfg.redis) {
+            (Some(dir), None) => Some(state::path(dir, cfg.listen.port())),
+            (Some(_), Some(_)) => {
+                info!("--state-dir is not used with --redis: history lives in Redis");
+                None
+            }
+            (None, _) => None,
+        };
+        let history = match &state_file {
+            Some(file) => state::load(file, cfg.history, now),
+            None => History::new(cfg.history, crate::pubsub::history::wall_clock_seed()),
+        };
         Ok(Server {
             poll,
             events: Events::with_capacity(EVENTS_CAPACITY),
@@ -178,11 +196,12 @@ impl Server {
             ready: Vec::with_capacity(EVENTS_CAPACITY),
             unread: Vec::new(),
             redis_events: Vec::new(),
+            state_file,
             sockets: Vec::new(),
             conns: Conns::default(),
             front: Front::new(rules),
             sessions: Sessions::new(&cfg),
-            pubsub: PubSub::new(cfg.redis.clone(), cfg.send_queue_limit, Instant::now()),
+            pubsub: PubSub::new(&cfg, history, now),
             drain: Drain::Serving,
             counters: Counters::default(),
         })
@@ -195,14 +214,14 @@ impl Server {
     /// Serve until a drain completes (exit code 0) or a second signal cuts it (1).
     /// Only reactor-fatal errors (poll itself failing) return `Err`.
     pub fn run(mut self) -> io::Result<i32> {
-        loop {
+        let code = loop {
             self.wait()?;
             let now = Instant::now();
             self.check_signals(now);
             self.read_leftovers(now);
             self.dispatch(now);
             if let Some(code) = self.exit {
-                return Ok(code);
+                break code;
             }
             self.fire_timers(now);
             self.service_redis(now);
@@ -211,8 +230,27 @@ impl Server {
             self.flush_redis(now);
             self.reap_dead();
             if let Some(code) = self.advance_drain(now) {
-                return Ok(code);
+                break code;
             }
+        };
+        self.save_state(Instant::now());
+        Ok(code)
+    }
+
+    /// Leave the history for the next start. Also after a second signal: "exit now"
+    /// abandons clients, not what they could resume.
+    fn save_state(&self, now: Instant) {
+        let Some(file) = &self.state_file else {
+            return;
+        };
+        let snapshot = self.pubsub.snapshot(now);
+        match state::save(file, &snapshot) {
+            Ok(()) => info!(
+                "saved history to {} ({} bytes)",
+                file.display(),
+                snapshot.len()
+            ),
+            Err(e) => warn!("cannot save history to {}: {e}", file.display()),
         }
     }
 
@@ -225,6 +263,7 @@ impl Server {
             let accept_resume = self.accepting.paused_until.filter(|_| self.accepting.ready);
             let next = [
                 self.conns.next_deadline(),
+                self.pubsub.next_deadline(),
                 accept_resume,
                 self.drain.deadline(),
                 self.pubsub.redis().and_then(redis::Redis::next_deadline),
@@ -466,7 +505,7 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     debug!("read {}: {e}", conn.peer);
-                    self.kill(id);
+                    self.kill(id, now);
                     break;
                 }
             }
@@ -518,24 +557,25 @@ impl Server {
     // ---- timers ----------------------------------------------------------------------
 
     fn fire_timers(&mut self, now: Instant) {
+        self.pubsub.expire(now);
         while let Some((id, kind)) = self.conns.pop_expired(now) {
             match kind {
                 Timer::Request => {
                     self.counters.handshake_timeouts += 1;
                     debug!("request timeout: {}", self.conns[id].peer);
-                    self.kill(id);
+                    self.kill(id, now);
                 }
                 Timer::Idle => {
                     self.counters.idle_timeouts += 1;
-                    self.kill(id);
+                    self.kill(id, now);
                 }
                 Timer::Ping => self.sessions.on_ping_timer(&mut self.conns, id, now),
                 Timer::Pong => {
                     self.counters.pong_timeouts += 1;
                     debug!("no answer to ping: {}", self.conns[id].peer);
-                    self.kill(id);
+                    self.kill(id, now);
                 }
-                Timer::CloseGrace => self.kill(id),
+                Timer::CloseGrace => self.kill(id, now),
                 Timer::Grant => {
                     self.sessions
                         .on_grant_timer(&mut self.conns, &mut self.pubsub, id, now)
@@ -569,7 +609,7 @@ impl Server {
                 Ok(Flushed::Drained) => {
                     if matches!(conn.state, State::Finishing) {
                         if conn.peer_shut {
-                            self.kill(id);
+                            self.kill(id, now);
                             continue;
                         }
                         // FIN after the last byte, then wait for the peer's: closing now
@@ -583,15 +623,15 @@ impl Server {
                 Ok(Flushed::Budget) => self.conns.mark_dirty(id),
                 Err(e) => {
                     debug!("write {}: {e}", conn.peer);
-                    self.kill(id);
+                    self.kill(id, now);
                     continue;
                 }
             }
-            self.update_interest(id);
+            self.update_interest(id, now);
         }
     }
 
-    fn update_interest(&mut self, id: ConnId) {
+    fn update_interest(&mut self, id: ConnId, now: Instant) {
         let wanted = if self.conns[id].wants_writable() {
             Interest::READABLE | Interest::WRITABLE
         } else {
@@ -609,7 +649,7 @@ impl Server {
                 Ok(()) => socket.registered = wanted,
                 Err(e) => {
                     warn!("reregister {}: {e}", self.conns[id].peer);
-                    self.kill(id);
+                    self.kill(id, now);
                 }
             }
         }
@@ -618,8 +658,8 @@ impl Server {
     // ---- ending connections ----------------------------------------------------------
 
     /// End a connection now: it leaves its topics, and is removed after this pass.
-    fn kill(&mut self, id: ConnId) {
-        self.pubsub.leave(self.conns.kill(id));
+    fn kill(&mut self, id: ConnId, now: Instant) {
+        self.pubsub.leave(self.conns.kill(id), now);
     }
 
     fn reap_dead(&mut self) {
@@ -664,7 +704,9 @@ impl Server {
                     let (front, mut env) = self.env();
                     front.on_publish_result(&mut env, tag, result, now);
                 }
-                Event::Message { topic, id, data } => {
+                Event::Message {
+                    topic, id, data, ..
+                } => {
                     let fanout =
                         self.pubsub
                             .deliver(&mut self.conns, &mut self.counters, &topic, id, &data);
@@ -676,10 +718,18 @@ impl Server {
                         now,
                     );
                 }
-                Event::Confirmed { topic } => self.pubsub.release_acks(&mut self.conns, &topic),
+                Event::Confirmed { topic } => {
+                    self.pubsub.on_confirmed(&mut self.conns, &topic, now)
+                }
                 Event::SubscriptionReady => self.pubsub.resubscribe(),
+                Event::Read { tag, result } => {
+                    if let Some(read) = self.pubsub.on_read(&mut self.conns, tag, result) {
+                        let (front, mut env) = self.env();
+                        front.on_history_read(&mut env, read, now);
+                    }
+                }
                 Event::Up => {}
-                Event::Down => self.pubsub.release_all_acks(&mut self.conns),
+                Event::Down => self.pubsub.on_redis_down(&mut self.conns),
                 Event::Pong => {
                     if self.drain.redis_wait().is_some() {
                         self.close_all_websockets(now);
@@ -723,10 +773,12 @@ impl Server {
             let conn = &self.conns[id];
             let between_requests = conn.partial.is_empty();
             match conn.state {
-                State::ReadingRequest if between_requests && conn.out.is_empty() => self.kill(id),
+                State::ReadingRequest if between_requests && conn.out.is_empty() => {
+                    self.kill(id, now)
+                }
                 // Its last response is still going out; the connection ends after it.
                 State::ReadingRequest if between_requests => {
-                    self.pubsub.leave(self.conns.finish(id, now))
+                    self.pubsub.leave(self.conns.finish(id, now), now)
                 }
                 // A request in progress gets its answer with `Connection: close`.
                 _ => {}

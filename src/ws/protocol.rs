@@ -23,12 +23,20 @@ pub enum Kind {
 /// A client op on `/ws`, borrowing from the message text.
 #[derive(Debug)]
 pub enum Op<'a> {
-    Subscribe(Cow<'a, str>),
+    /// With `Some`, a resume: everything after `since` in `epoch`, then live messages.
+    Subscribe(Cow<'a, str>, Option<Resume<'a>>),
     Unsubscribe(Cow<'a, str>),
     Publish(Cow<'a, str>, &'a RawValue),
     Ping,
     /// A (new) token: replaces the connection's grant.
     Auth(Cow<'a, str>),
+}
+
+/// Where a client left off in a topic: the last id it has, and the epoch that id is from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume<'a> {
+    pub since: u64,
+    pub epoch: Cow<'a, str>,
 }
 
 /// A bad op: answered with an `error` message; the connection stays open.
@@ -57,6 +65,10 @@ struct RawOp<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(default)]
+    since: Option<u64>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
 }
 
 pub fn parse_op(text: &str) -> Result<Op<'_>, OpError> {
@@ -74,7 +86,24 @@ pub fn parse_op(text: &str) -> Result<Op<'_>, OpError> {
         Ok::<_, OpError>(name)
     };
     match op.as_ref() {
-        "subscribe" => Ok(Op::Subscribe(topic()?)),
+        "subscribe" => {
+            let resume = match (raw.since, raw.epoch) {
+                (None, None) => None,
+                (Some(since), Some(epoch)) => Some(Resume { since, epoch }),
+                // An id means nothing without the epoch it belongs to: after a restart
+                // that lost history, the same id names another message.
+                (Some(_), None) => {
+                    return Err(OpError::new(
+                        "bad_request",
+                        "\"since\" needs the \"epoch\" it came from",
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(OpError::new("bad_request", "\"epoch\" needs \"since\""));
+                }
+            };
+            Ok(Op::Subscribe(topic()?, resume))
+        }
         "unsubscribe" => Ok(Op::Unsubscribe(topic()?)),
         "publish" => {
             let data = raw
@@ -97,6 +126,12 @@ struct Reply<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     topic: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     sub: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     exp: Option<u64>,
@@ -113,11 +148,23 @@ fn reply(r: &Reply) -> Bytes {
     ws::text_frame(&json)
 }
 
+/// Where a topic stands when a subscription starts: its epoch and last id, and, for a
+/// resume, whether everything the client missed follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position<'a> {
+    pub epoch: &'a str,
+    pub last_id: u64,
+    pub recovered: Option<bool>,
+}
+
 /// `sub`: the user named by the connection's token, if it has one.
-pub fn subscribed(topic: &str, sub: Option<&str>) -> Bytes {
+pub fn subscribed(topic: &str, at: &Position, sub: Option<&str>) -> Bytes {
     reply(&Reply {
         op: "subscribed",
         topic: Some(topic),
+        epoch: Some(at.epoch),
+        id: Some(at.last_id),
+        recovered: at.recovered,
         sub,
         ..Reply::default()
     })
@@ -162,8 +209,14 @@ mod tests {
     #[test]
     fn parses_each_op() {
         assert!(
-            matches!(parse_op(r#"{"op":"subscribe","topic":"a"}"#), Ok(Op::Subscribe(t)) if t == "a")
+            matches!(parse_op(r#"{"op":"subscribe","topic":"a"}"#), Ok(Op::Subscribe(t, None)) if t == "a")
         );
+        match parse_op(r#"{"op":"subscribe","topic":"a","since":41,"epoch":"e1"}"#).unwrap() {
+            Op::Subscribe(t, Some(r)) => {
+                assert_eq!((t.as_ref(), r.since, r.epoch.as_ref()), ("a", 41, "e1"))
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(
             matches!(parse_op(r#"{"topic":"a","op":"unsubscribe"}"#), Ok(Op::Unsubscribe(t)) if t == "a")
         );
@@ -177,7 +230,7 @@ mod tests {
         }
         // Escapes in the topic are decoded before checking.
         assert!(
-            matches!(parse_op(r#"{"op":"subscribe","topic":"\u0061"}"#), Ok(Op::Subscribe(t)) if t == "a")
+            matches!(parse_op(r#"{"op":"subscribe","topic":"\u0061"}"#), Ok(Op::Subscribe(t, None)) if t == "a")
         );
     }
 
@@ -191,6 +244,18 @@ mod tests {
         assert_eq!(code(r#"{"op":"subscribe","topic":"a b"}"#), "bad_topic");
         assert_eq!(code(r#"{"op":"publish","topic":"a"}"#), "bad_request");
         assert_eq!(code(r#"{"topic":"a"}"#), "bad_request");
+        assert_eq!(
+            code(r#"{"op":"subscribe","topic":"a","since":3}"#),
+            "bad_request"
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topic":"a","epoch":"e"}"#),
+            "bad_request"
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topic":"a","since":-1,"epoch":"e"}"#),
+            "bad_json"
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ const PURE: &[&str] = &[
     "ws::codec",
     "ws::protocol",
     "pubsub::hub",
+    "pubsub::history",
     "pubsub::redis",
     "topic",
     "auth",
@@ -42,7 +43,7 @@ const PURE: &[&str] = &[
 ];
 const HANDLERS: &[&str] = &["http::front", "session", "pubsub::pipeline"];
 const TABLE: &[&str] = &["conn"];
-const LOOP: &[&str] = &["reactor", "reactor::net"];
+const LOOP: &[&str] = &["reactor", "reactor::net", "reactor::state"];
 /// Outside the layers, and the only modules besides the loop that may use the loop.
 const START: &[&str] = &[ROOT, "check"];
 

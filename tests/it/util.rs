@@ -508,3 +508,15 @@ pub fn require(program: &str, package: &str) {
          (scripts/test installs it)"
     );
 }
+
+/// A `subscribed` reply with its position checked and taken out: `epoch` a non-empty
+/// string and `id` a number. What remains is compared by the caller.
+pub fn without_position(mut reply: serde_json::Value) -> serde_json::Value {
+    let epoch = reply["epoch"].as_str().unwrap_or_default().to_string();
+    assert!(!epoch.is_empty(), "no epoch in {reply}");
+    assert!(reply["id"].is_u64(), "no id in {reply}");
+    let map = reply.as_object_mut().expect("a JSON object");
+    map.remove("epoch");
+    map.remove("id");
+    reply
+}

@@ -47,7 +47,7 @@ const UNKNOWN_EPOCH: &str = "";
 
 /// Where a client asked to resume from, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct From {
+struct LeftOff {
     since: u64,
     epoch: String,
 }
@@ -57,7 +57,7 @@ struct From {
 struct Waiting {
     conn: ConnId,
     serial: u64,
-    from: Option<From>,
+    from: Option<LeftOff>,
 }
 
 /// Why a read was sent to Redis.
@@ -216,7 +216,7 @@ impl PubSub {
         resume: Option<&Resume>,
         now: Instant,
     ) -> Result<(), SubscribeError> {
-        let from = resume.map(|r| From {
+        let from = resume.map(|r| LeftOff {
             since: r.since,
             epoch: r.epoch.to_string(),
         });
@@ -263,7 +263,7 @@ impl PubSub {
         conns: &mut Conns,
         id: ConnId,
         topic: &str,
-        from: Option<&From>,
+        from: Option<&LeftOff>,
     ) {
         let sub = grant_sub(conns, id);
         let Some(from) = from else {
@@ -578,7 +578,7 @@ impl PubSub {
 
 /// Whether a resume from `from` got everything from what Redis holds: the same epoch, a
 /// position Redis issued, and every id after it still in the stream.
-fn redis_outcome(from: &From, stored: &Stored) -> Outcome {
+fn redis_outcome(from: &LeftOff, stored: &Stored) -> Outcome {
     if from.epoch != stored.epoch || from.since > stored.last_id {
         return Outcome::EpochChanged;
     }
@@ -618,4 +618,115 @@ fn grant_sub(conns: &Conns, id: ConnId) -> Option<String> {
         .and_then(|c| c.session())
         .and_then(|s| s.grant.as_ref())
         .and_then(|g| g.sub.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::World;
+
+    fn stored(epoch: &str, last_id: u64, ids: &[u64]) -> Stored {
+        Stored {
+            epoch: epoch.into(),
+            last_id,
+            messages: ids.iter().map(|&id| (id, id.to_string())).collect(),
+        }
+    }
+
+    fn from(since: u64, epoch: &str) -> LeftOff {
+        LeftOff {
+            since,
+            epoch: epoch.into(),
+        }
+    }
+
+    #[test]
+    fn a_redis_resume_is_recovered_only_with_every_id_after_since() {
+        let e = "e1";
+        assert_eq!(
+            redis_outcome(&from(3, e), &stored(e, 6, &[4, 5, 6])),
+            Outcome::Recovered
+        );
+        assert_eq!(
+            redis_outcome(&from(6, e), &stored(e, 6, &[])),
+            Outcome::Recovered
+        );
+        // The stream was trimmed past the client's position.
+        assert_eq!(
+            redis_outcome(&from(3, e), &stored(e, 6, &[5, 6])),
+            Outcome::Gap
+        );
+        // Expired in the middle, or a hole: not everything.
+        assert_eq!(
+            redis_outcome(&from(3, e), &stored(e, 6, &[4, 6])),
+            Outcome::Gap
+        );
+        assert_eq!(
+            redis_outcome(&from(3, "e0"), &stored(e, 6, &[1, 2])),
+            Outcome::EpochChanged
+        );
+        // A position Redis never issued.
+        assert_eq!(
+            redis_outcome(&from(9, e), &stored(e, 6, &[])),
+            Outcome::EpochChanged
+        );
+    }
+
+    #[test]
+    fn a_local_resume_replays_exactly_what_was_missed_then_goes_live() {
+        let mut w = World::new(&[]);
+        let a = w.open("/ws?topics=t");
+        let first = w.messages(a).remove(0);
+        let epoch = first["epoch"].as_str().unwrap().to_string();
+        assert_eq!(first["id"], 0);
+        for n in 1..=3 {
+            w.publish(&format!(r#"{{"topic":"t","data":{n}}}"#));
+        }
+        let seen = w.messages(a);
+        assert_eq!(seen.len(), 3);
+        // A second client saw up to id 1 and comes back.
+        let b = w.open(&format!("/ws?resume=t~1~{epoch}"));
+        let got = w.messages(b);
+        assert_eq!(got[0]["op"], "subscribed");
+        assert_eq!(
+            (got[0]["recovered"].clone(), got[0]["id"].clone()),
+            (true.into(), 3.into())
+        );
+        let ids: Vec<u64> = got[1..].iter().map(|m| m["id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, [2, 3]);
+        w.publish(r#"{"topic":"t","data":4}"#);
+        assert_eq!(w.messages(b)[0]["id"], 4);
+        assert_eq!(w.pubsub.resumes().recovered, 1);
+    }
+
+    #[test]
+    fn a_resume_from_another_epoch_is_not_recovered() {
+        let mut w = World::new(&[]);
+        let a = w.open("/ws");
+        w.send_text(
+            a,
+            r#"{"op":"subscribe","topic":"t","since":5,"epoch":"nope"}"#,
+        );
+        let got = w.messages(a);
+        assert_eq!(got[0]["recovered"], false);
+        assert_ne!(got[0]["epoch"], "nope");
+        assert_eq!(w.pubsub.resumes().epoch_changed, 1);
+    }
+
+    #[test]
+    fn a_topic_keeps_its_history_after_its_last_subscriber_leaves() {
+        let mut w = World::new(&[]);
+        let a = w.open("/ws?topics=t");
+        let epoch = w.messages(a)[0]["epoch"].as_str().unwrap().to_string();
+        let now = w.now;
+        w.sessions
+            .close_all(&mut w.conns, &mut w.pubsub, &mut w.counters, now);
+        assert_eq!(w.pubsub.topic_count(), 0);
+        // Published while nobody here listens: kept for whoever comes back.
+        w.publish(r#"{"topic":"t","data":"while away"}"#);
+        let b = w.open(&format!("/ws?resume=t~0~{epoch}"));
+        let got = w.messages(b);
+        assert_eq!(got[0]["recovered"], true);
+        assert_eq!(got[1]["data"], "while away");
+    }
 }

@@ -1100,4 +1100,72 @@ mod tests {
             3
         );
     }
+
+    #[test]
+    fn history_replies_parse_into_positions_and_messages() {
+        let bulk = |s: &str| OwnedFrame::BulkString(s.as_bytes().to_vec());
+        let reply = OwnedFrame::Array(vec![
+            bulk("e1"),
+            OwnedFrame::Integer(7),
+            OwnedFrame::Array(vec![bulk("6-0"), bulk("{\"a\":1}"), bulk("7-0"), bulk("2")]),
+        ]);
+        assert_eq!(
+            parse_stored(reply),
+            Ok(Stored {
+                epoch: "e1".into(),
+                last_id: 7,
+                messages: vec![(6, "{\"a\":1}".into()), (7, "2".into())],
+            })
+        );
+        let odd = OwnedFrame::Array(vec![
+            bulk("e1"),
+            OwnedFrame::Integer(7),
+            OwnedFrame::Array(vec![bulk("6-0")]),
+        ]);
+        assert!(parse_stored(odd).is_err());
+        let not_json = OwnedFrame::Array(vec![
+            bulk("e1"),
+            OwnedFrame::Integer(1),
+            OwnedFrame::Array(vec![bulk("1-0"), bulk("{oops")]),
+        ]);
+        assert!(parse_stored(not_json).is_err());
+        assert!(parse_stored(OwnedFrame::Integer(3)).is_err());
+    }
+
+    #[test]
+    fn reads_and_publishes_share_the_command_links_order() {
+        let mut r = redis();
+        r.command.phase = Phase::Ready;
+        r.subscription.phase = Phase::Ready;
+        r.up = true;
+        let now = Instant::now();
+        assert!(r.publish("t", "1", Some(10), now));
+        assert!(r.read_history("t", Some(0), Some("e1"), 77, now));
+        let mut events = Vec::new();
+        let published = OwnedFrame::Array(vec![OwnedFrame::Integer(1), OwnedFrame::Integer(1)]);
+        r.on_frame(Role::Command, published, &mut events).unwrap();
+        let read = OwnedFrame::Array(vec![
+            OwnedFrame::BulkString(b"e1".to_vec()),
+            OwnedFrame::Integer(1),
+            OwnedFrame::Array(vec![]),
+        ]);
+        r.on_frame(Role::Command, read, &mut events).unwrap();
+        assert_eq!(
+            events,
+            [
+                Event::Published {
+                    tag: 10,
+                    result: Ok((1, 1))
+                },
+                Event::Read {
+                    tag: 77,
+                    result: Ok(Stored {
+                        epoch: "e1".into(),
+                        last_id: 1,
+                        messages: vec![],
+                    })
+                }
+            ]
+        );
+    }
 }

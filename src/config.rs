@@ -190,6 +190,10 @@ pub struct Args {
     #[arg(long, env = "HERALD_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
+    /// Do not serve the console page at GET / (herald.js stays at /herald.js)
+    #[arg(long, env = "HERALD_NO_CONSOLE")]
+    pub no_console: bool,
+
     /// Listen backlog (also capped by net.core.somaxconn)
     #[arg(long, env = "HERALD_BACKLOG", value_name = "N", default_value_t = 4096)]
     pub backlog: i32,
@@ -248,6 +252,7 @@ pub struct Config {
     pub require_token: bool,
     pub history: Limits,
     pub state_dir: Option<PathBuf>,
+    pub console: bool,
 }
 
 impl Args {
@@ -358,6 +363,7 @@ impl Args {
                 memory: self.history_memory,
             },
             state_dir: self.state_dir,
+            console: !self.no_console,
         })
     }
 }

@@ -61,6 +61,7 @@ impl World {
             handshake_timeout: cfg.handshake_timeout,
             keepalive_timeout: cfg.keepalive_timeout,
             require_token: cfg.require_token,
+            console: cfg.console,
             fd_limit: 1024,
             max_connections: 1000,
         };

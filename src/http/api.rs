@@ -9,6 +9,7 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::close::Reject;
+use crate::http::assets::Asset;
 use crate::http::upgrade;
 use crate::http::{Method, Request, Response};
 use crate::pubsub::hub::MAX_TOPICS_PER_CONNECTION;
@@ -21,6 +22,8 @@ pub const MAX_PUBLISH_TOPICS: usize = 100;
 #[derive(Debug)]
 pub enum Route {
     Health,
+    /// An embedded file (`/herald.js`, the console at `/`).
+    Asset(Asset),
     Metrics,
     Publish(Publish),
     /// `GET /history?topic=t&since=N[&epoch=E]`.
@@ -54,6 +57,8 @@ pub struct Policy<'a> {
     pub allowed_origins: Option<&'a [String]>,
     pub peer_is_loopback: bool,
     pub draining: bool,
+    /// `GET /` serves the console page (`--no-console` turns it off).
+    pub console: bool,
 }
 
 pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
@@ -63,6 +68,8 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
     };
     match req.path.as_str() {
         "/health" => read_only(Route::Health),
+        "/herald.js" => read_only(Route::Asset(Asset::Client)),
+        "/" if policy.console => read_only(Route::Asset(Asset::Console)),
         "/metrics" => read_only(Route::Metrics),
         "/publish" => {
             if req.method != Method::Post {
@@ -324,6 +331,7 @@ mod tests {
             allowed_origins: None,
             peer_is_loopback: loopback,
             draining: false,
+            console: true,
         }
     }
 

@@ -97,6 +97,8 @@ pub struct Rules {
     pub handshake_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub require_token: bool,
+    /// `GET /` serves the console page.
+    pub console: bool,
     /// For `/metrics`.
     pub fd_limit: u64,
     pub max_connections: usize,
@@ -233,6 +235,7 @@ impl Front {
             allowed_origins: self.rules.allowed_origins.as_deref(),
             peer_is_loopback: is_loopback(env.conns[id].peer.ip()),
             draining,
+            console: self.rules.console,
         };
         let head_only = req.method == Method::Head;
         if let State::AwaitingRedis { tag } = env.conns[id].state {
@@ -247,6 +250,7 @@ impl Front {
         let mut response = match api::route(&req, &policy) {
             Err(reject) => Response::refuse(&reject),
             Ok(Route::Health) if draining => Response::refuse(&Reject::Draining),
+            Ok(Route::Asset(asset)) => asset.respond(req.if_none_match.as_deref()),
             Ok(Route::Health) => match env.pubsub.redis() {
                 None => Response::text(200, "ok"),
                 Some(r) if r.is_up() => Response::text(200, "ok (redis up)"),

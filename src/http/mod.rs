@@ -1,8 +1,10 @@
 //! HTTP on the one port. Pure parts: request parsing and response encoding (`parse`),
-//! routing and access rules (`api`), and upgrade validation (`upgrade`). The front door
+//! routing and access rules (`api`), upgrade validation (`upgrade`), and the files herald
+//! serves itself (`assets`). The front door
 //! (`front`) is the handler that applies them to a connection's bytes.
 
 pub mod api;
+pub mod assets;
 pub mod front;
 pub mod parse;
 pub mod upgrade;

@@ -38,6 +38,8 @@ pub struct Request {
     pub ws_version: Option<String>,
     pub origin: Option<String>,
     pub authorization: Option<String>,
+    /// `If-None-Match`, for the embedded assets' ETags.
+    pub if_none_match: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -106,6 +108,7 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Parsed, Reject> {
         ws_version: None,
         origin: None,
         authorization: None,
+        if_none_match: None,
         body: Vec::new(),
     };
     let mut content_length: Option<usize> = None;
@@ -147,6 +150,8 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Parsed, Reject> {
             request.origin = Some(value());
         } else if name.eq_ignore_ascii_case("authorization") {
             request.authorization = Some(value());
+        } else if name.eq_ignore_ascii_case("if-none-match") {
+            request.if_none_match = Some(value());
         } else if name.eq_ignore_ascii_case("expect") {
             expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
         }
@@ -246,6 +251,7 @@ fn status_text(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         200 => "OK",
+        304 => "Not Modified",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",

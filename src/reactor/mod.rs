@@ -159,6 +159,7 @@ impl Server {
             handshake_timeout: cfg.handshake_timeout,
             keepalive_timeout: cfg.keepalive_timeout,
             require_token: cfg.require_token,
+            console: cfg.console,
             fd_limit: nofile.soft,
             max_connections,
         };

@@ -25,6 +25,7 @@ const PURE: &[&str] = &[
     "http::parse",
     "http::api",
     "http::upgrade",
+    "http::assets",
     "ws::codec",
     "ws::protocol",
     "pubsub::hub",

@@ -108,6 +108,22 @@ pub struct Args {
     )]
     pub drain_timeout: u64,
 
+    /// Spread the drain's WebSocket closes evenly over this long, so clients come back to
+    /// the other servers a few at a time [default: half of --drain-timeout, leaving the
+    /// rest for the close handshakes]
+    #[arg(long, env = "HERALD_DRAIN_SPREAD", value_name = "SECS")]
+    pub drain_spread: Option<f64>,
+
+    /// Before its close frame, each client is told to reconnect after a delay drawn from
+    /// this range: {"op":"reconnect","after_ms":X}
+    #[arg(
+        long,
+        env = "HERALD_RECONNECT_JITTER",
+        value_name = "MIN-MAX",
+        default_value = "0-2000"
+    )]
+    pub reconnect_jitter: String,
+
     /// Comma-separated origins allowed to open WebSockets; others get 403 [default: any]
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_name = "LIST")]
     pub allowed_origins: Option<String>,
@@ -240,6 +256,9 @@ pub struct Config {
     pub keepalive_timeout: Duration,
     pub send_queue_limit: usize,
     pub drain_timeout: Duration,
+    pub drain_spread: Duration,
+    /// Reconnect hints' range, in ms.
+    pub reconnect_jitter: (u64, u64),
     /// Lower-cased origins; `None` accepts any.
     pub allowed_origins: Option<Vec<String>>,
     pub client_publish: Patterns,
@@ -290,6 +309,24 @@ impl Args {
                 dir.display()
             ));
         }
+        let drain_timeout = Duration::from_secs(self.drain_timeout);
+        let drain_spread = match self.drain_spread {
+            None => drain_timeout / 2,
+            Some(s) if !(0.0..=86_400.0).contains(&s) => {
+                return Err("--drain-spread must be between 0 and 86400 seconds".into());
+            }
+            Some(s) => Duration::from_secs_f64(s),
+        };
+        if drain_spread > drain_timeout {
+            return Err(format!(
+                "--drain-spread ({} s) must not exceed --drain-timeout ({} s): the last \
+                 clients would be cut instead of closed",
+                drain_spread.as_secs_f64(),
+                self.drain_timeout
+            ));
+        }
+        let reconnect_jitter = crate::drain::parse_jitter(&self.reconnect_jitter)
+            .map_err(|e| format!("--reconnect-jitter {e}"))?;
         if self.backlog < 1 {
             return Err("--backlog must be at least 1".into());
         }
@@ -353,7 +390,9 @@ impl Args {
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
             keepalive_timeout: Duration::from_secs(self.keepalive_timeout),
             send_queue_limit: self.send_queue_limit,
-            drain_timeout: Duration::from_secs(self.drain_timeout),
+            drain_timeout,
+            drain_spread,
+            reconnect_jitter,
             allowed_origins,
             client_publish,
             backlog: self.backlog,

@@ -456,7 +456,9 @@ impl Sessions {
         }
     }
 
-    /// Drain: every open WebSocket gets 1001, behind every message already queued to it.
+    /// Every open WebSocket gets 1001 at once, behind every message already queued to it
+    /// (the drain goes through its pacer and `going_away` instead).
+    #[cfg(test)]
     pub fn close_all(
         &self,
         conns: &mut Conns,
@@ -469,6 +471,26 @@ impl Sessions {
                 self.close(conns, pubsub, counters, id, CloseReason::GoingAway, now);
             }
         }
+    }
+
+    /// Drain, paced: tell a `/ws` client when to come back, then close it with 1001,
+    /// both behind every message already queued to it. (`/echo` peers speak no JSON.)
+    pub fn going_away(
+        &self,
+        conns: &mut Conns,
+        pubsub: &mut PubSub,
+        counters: &mut Counters,
+        id: ConnId,
+        after_ms: u64,
+        now: Instant,
+    ) {
+        let Some(session) = conns.get(id).and_then(|c| c.session()) else {
+            return;
+        };
+        if session.kind == Kind::Topics {
+            conns.queue(id, protocol::reconnect(after_ms));
+        }
+        self.close(conns, pubsub, counters, id, CloseReason::GoingAway, now);
     }
 }
 

@@ -33,7 +33,7 @@ use signal_hook_mio::v1_0::Signals;
 use crate::close::Reject;
 use crate::config::Config;
 use crate::conn::{CLOSE_GRACE, ConnId, Conns, State};
-use crate::drain::{Drain, Finished, OnSignal};
+use crate::drain::{Drain, Finished, OnSignal, Pacer};
 use crate::http::Response;
 use crate::http::front::{Env, Front, Rules};
 use crate::metrics::Counters;
@@ -134,6 +134,10 @@ pub struct Server {
     sessions: Sessions,
     pubsub: PubSub,
     drain: Drain,
+    /// The drain's paced closes, once they have begun.
+    pacer: Option<Pacer>,
+    drain_spread: Duration,
+    reconnect_jitter: (u64, u64),
     counters: Counters,
 }
 
@@ -204,6 +208,9 @@ impl Server {
             sessions: Sessions::new(&cfg),
             pubsub: PubSub::new(&cfg, history, now),
             drain: Drain::Serving,
+            pacer: None,
+            drain_spread: cfg.drain_spread,
+            reconnect_jitter: cfg.reconnect_jitter,
             counters: Counters::default(),
         })
     }
@@ -269,6 +276,7 @@ impl Server {
                 self.drain.deadline(),
                 self.pubsub.redis().and_then(redis::Redis::next_deadline),
                 self.drain.redis_wait(),
+                self.pacer.as_ref().and_then(Pacer::next_deadline),
             ]
             .into_iter()
             .flatten()
@@ -787,14 +795,68 @@ impl Server {
         }
     }
 
-    /// Drain step 4 for WebSockets: close 1001, behind every message already queued.
+    /// Drain step 4 for WebSockets: 1001 behind every message already queued, spread
+    /// over `--drain-spread` (the pacer decides who goes when).
     fn close_all_websockets(&mut self, now: Instant) {
         self.drain.redis_done();
-        self.sessions
-            .close_all(&mut self.conns, &mut self.pubsub, &mut self.counters, now);
+        if self.pacer.is_some() {
+            return;
+        }
+        let open: Vec<(ConnId, u64)> = self
+            .conns
+            .ids()
+            .into_iter()
+            .filter(|&id| self.conns[id].is_open())
+            .map(|id| (id, self.conns[id].serial))
+            .collect();
+        info!(
+            "closing {} WebSockets over {:.1} s, each told to reconnect after {}-{} ms",
+            open.len(),
+            self.drain_spread.as_secs_f64(),
+            self.reconnect_jitter.0,
+            self.reconnect_jitter.1
+        );
+        let seed = crate::pubsub::history::wall_clock_seed();
+        let pacer = Pacer::new(now, self.drain_spread, open, self.reconnect_jitter, seed);
+        self.pacer = Some(pacer);
+        self.close_due_websockets(now);
+    }
+
+    /// The pacer's batch that is due now.
+    fn close_due_websockets(&mut self, now: Instant) {
+        let Some(pacer) = self.pacer.as_mut() else {
+            return;
+        };
+        let batch = pacer.due(now);
+        let hints: Vec<u64> = batch.iter().map(|_| pacer.hint()).collect();
+        let was_done = pacer.is_done();
+        for (&(id, serial), after_ms) in batch.iter().zip(hints) {
+            if self.conns.same(id, serial).is_some_and(|c| c.is_open()) {
+                self.sessions.going_away(
+                    &mut self.conns,
+                    &mut self.pubsub,
+                    &mut self.counters,
+                    id,
+                    after_ms,
+                    now,
+                );
+            }
+        }
+        if was_done && !batch.is_empty() {
+            let total = self.pacer.as_ref().map_or(0, Pacer::total);
+            let took = self
+                .drain
+                .started()
+                .map_or(0.0, |t| (now - t).as_secs_f64());
+            info!(
+                "drain: {total} WebSockets closed in {took:.2} s ({:.0} closes/s)",
+                total as f64 / took.max(0.001)
+            );
+        }
     }
 
     fn advance_drain(&mut self, now: Instant) -> Option<i32> {
+        self.close_due_websockets(now);
         match self.drain.finished(now, self.conns.len())? {
             Finished::Drained => info!("drained; exiting"),
             Finished::DeadlinePassed => warn!(

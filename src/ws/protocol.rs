@@ -189,6 +189,11 @@ pub fn authenticated(grant: &Grant) -> Bytes {
     })
 }
 
+/// The drain's hint, sent just before close 1001: come back after this many ms.
+pub fn reconnect(after_ms: u64) -> Bytes {
+    ws::text_frame(format!(r#"{{"op":"reconnect","after_ms":{after_ms}}}"#).as_bytes())
+}
+
 pub fn pong() -> Bytes {
     Bytes::from_static(b"\x81\x0d{\"op\":\"pong\"}")
 }

@@ -36,15 +36,30 @@ fn publish_until_refused(addr: std::net::SocketAddr, accepted: Arc<AtomicU64>) -
 }
 
 /// Every message until the close frame; returns (ids, close code).
+/// Message ids until the close frame, checking the drain's reconnect hint: one, the
+/// last text frame before the close, within `--reconnect-jitter`'s default 0-2000 ms.
 fn read_until_close(ws: &mut Client) -> (Vec<u64>, CloseCode) {
     let mut ids = Vec::new();
+    let mut hint: Option<u64> = None;
     loop {
         match ws.read().expect("read") {
             Message::Text(t) => {
                 let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
-                ids.push(v["id"].as_u64().unwrap());
+                assert!(hint.is_none(), "a frame after the reconnect hint: {v}");
+                if v["op"] == "reconnect" {
+                    hint = Some(v["after_ms"].as_u64().expect("after_ms"));
+                } else {
+                    ids.push(v["id"].as_u64().unwrap());
+                }
             }
-            Message::Close(frame) => return (ids, frame.expect("close code").code),
+            Message::Close(frame) => {
+                let code = frame.expect("close code").code;
+                if code == CloseCode::Away {
+                    let after = hint.expect("no reconnect hint before 1001");
+                    assert!(after <= 2000, "hint {after} ms is outside 0-2000");
+                }
+                return (ids, code);
+            }
             _ => {}
         }
     }
@@ -189,4 +204,63 @@ fn idle_keep_alive_connections_close_when_the_drain_starts() {
     let status = herald.terminate();
     assert!(status.success());
     assert!(idle.is_closed());
+}
+
+/// The paced drain seen from the clients: closes spread evenly over `--drain-spread`,
+/// each one after a reconnect hint inside `--reconnect-jitter`.
+#[test]
+fn drain_closes_are_spread_and_each_client_gets_a_hint_first() {
+    let herald = Herald::start(&[
+        "--drain-timeout",
+        "6",
+        "--drain-spread",
+        "2",
+        "--reconnect-jitter",
+        "100-300",
+    ]);
+    let n = 400;
+    let subs: Vec<Client> = (0..n).map(|_| herald.subscriber("p")).collect();
+    let signalled = Instant::now();
+    herald.signal(libc::SIGTERM);
+    let readers: Vec<_> = subs
+        .into_iter()
+        .map(|mut ws| {
+            std::thread::spawn(move || {
+                let mut hint = None;
+                loop {
+                    match ws.read().expect("read") {
+                        Message::Text(t) => {
+                            let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                            assert_eq!(v["op"], "reconnect", "{v}");
+                            hint = v["after_ms"].as_u64();
+                        }
+                        Message::Close(frame) => {
+                            let code = frame.expect("a close code").code;
+                            return (Instant::now(), hint, code);
+                        }
+                        _ => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut buckets = vec![0usize; 30];
+    for reader in readers {
+        let (at, hint, code) = reader.join().expect("reader");
+        assert_eq!(code, CloseCode::Away);
+        let hint = hint.expect("no reconnect hint before 1001");
+        assert!((100..=300).contains(&hint), "hint {hint} ms");
+        let bucket = (at - signalled).as_millis() as usize / 100;
+        buckets[bucket.min(29)] += 1;
+    }
+    eprintln!("closes per 100 ms: {buckets:?}");
+    // 400 closes over 2 s: 20 per 100 ms. Not front-loaded, not late, none left over.
+    assert!(buckets[22..].iter().all(|&b| b == 0), "{buckets:?}");
+    assert!(buckets[..20].iter().all(|&b| b <= 40), "{buckets:?}");
+    let first_half: usize = buckets[..10].iter().sum();
+    assert!((120..=280).contains(&first_half), "{buckets:?}");
+    let mut herald = herald;
+    assert!(herald.wait(Duration::from_secs(8)).expect("exit").success());
+    let log = herald.log();
+    assert!(log.contains("400 WebSockets closed in"), "{log}");
 }

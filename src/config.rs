@@ -206,6 +206,17 @@ pub struct Args {
     #[arg(long, env = "HERALD_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
+    /// Answer HAProxy's agent-check on this address: `up ready N% maxconn:M` with herald's
+    /// headroom, or `drain` (shutting down, SIGUSR1, out of descriptors, Redis delivery
+    /// broken)
+    #[arg(long, env = "HERALD_AGENT_LISTEN", value_name = "ADDR")]
+    pub agent_listen: Option<String>,
+
+    /// Resident memory the agent-check weight is measured against [default: memory does
+    /// not count]
+    #[arg(long, env = "HERALD_MAX_MEMORY", value_name = "BYTES")]
+    pub max_memory: Option<u64>,
+
     /// Do not serve the console page at GET / (herald.js stays at /herald.js)
     #[arg(long, env = "HERALD_NO_CONSOLE")]
     pub no_console: bool,
@@ -272,6 +283,8 @@ pub struct Config {
     pub history: Limits,
     pub state_dir: Option<PathBuf>,
     pub console: bool,
+    pub agent_listen: Option<SocketAddr>,
+    pub max_memory: Option<u64>,
 }
 
 impl Args {
@@ -327,6 +340,15 @@ impl Args {
         }
         let reconnect_jitter = crate::drain::parse_jitter(&self.reconnect_jitter)
             .map_err(|e| format!("--reconnect-jitter {e}"))?;
+        let agent_listen = match &self.agent_listen {
+            Some(text) => Some(
+                text.to_socket_addrs()
+                    .map_err(|e| format!("--agent-listen {text}: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("--agent-listen {text} resolves to nothing"))?,
+            ),
+            None => None,
+        };
         if self.backlog < 1 {
             return Err("--backlog must be at least 1".into());
         }
@@ -403,6 +425,8 @@ impl Args {
             },
             state_dir: self.state_dir,
             console: !self.no_console,
+            agent_listen,
+            max_memory: self.max_memory,
         })
     }
 }

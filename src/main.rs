@@ -4,6 +4,7 @@
 //! `main` parses flags, raises the fd limit, binds, and runs the loop; any error that
 //! stops the start is printed once.
 
+mod agent;
 mod auth;
 mod check;
 mod close;

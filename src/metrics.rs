@@ -38,6 +38,8 @@ pub struct Counters {
 #[derive(Debug, Default)]
 pub struct RedisGauges {
     pub up: bool,
+    /// The delivery probe's last verdict (`None` before the first, or while down).
+    pub delivery_ok: Option<bool>,
     pub channels: usize,
     pub in_flight: usize,
     pub reconnects: u64,
@@ -189,6 +191,12 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
             "gauge",
             "1 while both Redis links are ready.",
             u8::from(r.up),
+        );
+        o.metric(
+            "herald_redis_delivery_ok",
+            "gauge",
+            "1 while herald's probe goes through Redis and back in time; 0 once one did not.",
+            u8::from(r.delivery_ok == Some(true)),
         );
         o.metric(
             "herald_redis_channels",

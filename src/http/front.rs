@@ -253,6 +253,12 @@ impl Front {
             Ok(Route::Asset(asset)) => asset.respond(req.if_none_match.as_deref()),
             Ok(Route::Health) => match env.pubsub.redis() {
                 None => Response::text(200, "ok"),
+                Some(r) if r.delivery_broken() => {
+                    Response::text(200, "ok (redis up, delivery broken)")
+                }
+                Some(r) if r.delivery_ok() == Some(true) => {
+                    Response::text(200, "ok (redis up, delivery ok)")
+                }
                 Some(r) if r.is_up() => Response::text(200, "ok (redis up)"),
                 Some(_) => Response::text(200, "ok (redis down)"),
             },

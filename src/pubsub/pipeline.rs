@@ -568,6 +568,7 @@ impl PubSub {
     pub fn redis_gauges(&self) -> Option<RedisGauges> {
         self.redis.as_ref().map(|r| RedisGauges {
             up: r.is_up(),
+            delivery_ok: r.delivery_ok(),
             channels: r.confirmed_count(),
             in_flight: r.in_flight(),
             reconnects: r.counters.reconnects,

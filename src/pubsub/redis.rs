@@ -45,6 +45,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A reply still incomplete past this size is not one Redis would send us: reset.
 const MAX_PENDING_INPUT: usize = 64 * 1024 * 1024;
+/// How often the delivery probe goes around: PUBLISH on the command link, back on the
+/// subscription link.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// A probe not back within this is a broken delivery path, even with both links up (the
+/// failure Centrifugo #1189 describes: delivery stopped while health stayed green).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Channels per SUBSCRIBE command when subscribing again after a reconnect.
 const SUBSCRIBE_BATCH: usize = 512;
 
@@ -169,6 +176,8 @@ pub enum Event {
     Down,
     /// Reply to `ping_subscription`: everything published before it has arrived.
     Pong,
+    /// The delivery probe came back in time (true) or did not (false): a change only.
+    Delivery(bool),
 }
 
 /// A topic's position and history as Redis holds them.
@@ -187,6 +196,8 @@ enum Pending {
     Publish(Option<u64>),
     /// A read for a subscription.
     Read(u64),
+    /// The delivery probe's PUBLISH (its reply, a count, tells nothing).
+    Probe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,6 +257,19 @@ pub struct RedisCounters {
     pub errors: u64,
 }
 
+/// A message herald sends itself through Redis, to prove delivery works end to end.
+#[derive(Debug)]
+struct Probe {
+    /// `<prefix>!probe:<pid>`: `!` is not in the topic alphabet, so no topic's channel.
+    channel: String,
+    seq: u64,
+    /// The probe out, and when it went.
+    sent: Option<(u64, Instant)>,
+    next_at: Instant,
+    /// As last reported; `None` before the first verdict.
+    ok: Option<bool>,
+}
+
 pub struct Redis {
     cfg: RedisConfig,
     command: Link,
@@ -257,12 +281,14 @@ pub struct Redis {
     /// Both links ready, as last reported.
     up: bool,
     pings: usize,
+    probe: Probe,
     pub counters: RedisCounters,
     rng: u64,
 }
 
 impl Redis {
     pub fn new(cfg: RedisConfig, now: Instant) -> Redis {
+        let probe_channel = format!("{}!probe:{}", cfg.prefix, std::process::id());
         info!(
             "redis: connecting to {} (channel prefix {:?})",
             cfg.addr, cfg.prefix
@@ -275,6 +301,13 @@ impl Redis {
             confirmed: HashSet::new(),
             up: false,
             pings: 0,
+            probe: Probe {
+                channel: probe_channel,
+                seq: 0,
+                sent: None,
+                next_at: now,
+                ok: None,
+            },
             counters: RedisCounters::default(),
             // Epoch candidates come from here: seeded by the clock as well as the pid, so
             // a restarted process cannot propose an epoch it proposed before.
@@ -305,7 +338,12 @@ impl Redis {
             .filter(|l| l.phase == Phase::Down)
             .map(|l| l.retry_at);
         let stuck = self.in_flight.front().map(|&(_, at)| at + REPLY_TIMEOUT);
-        retries.chain(stuck).min()
+        let probe = match self.probe.sent {
+            Some((_, at)) => at + PROBE_TIMEOUT,
+            None => self.probe.next_at,
+        };
+        let probe = self.up.then_some(probe);
+        retries.chain(stuck).chain(probe).min()
     }
 
     /// Reconnect links whose time has come; reset a link whose oldest command is stuck.
@@ -324,6 +362,60 @@ impl Redis {
             self.counters.errors += 1;
             self.reset(Role::Command, "no reply within 5 s", registry, now, events);
         }
+        self.tick_probe(now, events);
+    }
+
+    /// Whether the last probe came back in time (`None`: no verdict yet, or down).
+    pub fn delivery_ok(&self) -> Option<bool> {
+        self.probe.ok
+    }
+
+    /// Both links are up, yet a probe did not come back: the silent failure. (Redis down
+    /// is loud, and shared by every process: it is not a reason to move clients.)
+    pub fn delivery_broken(&self) -> bool {
+        self.up && self.probe.ok == Some(false)
+    }
+
+    /// Send the next probe when due; a probe overdue is a broken delivery.
+    fn tick_probe(&mut self, now: Instant, events: &mut Vec<Event>) {
+        if !self.up {
+            return;
+        }
+        if let Some((_, at)) = self.probe.sent
+            && now.duration_since(at) >= PROBE_TIMEOUT
+        {
+            self.probe.sent = None;
+            self.probe.next_at = now;
+            self.delivery(false, events);
+        }
+        if self.probe.sent.is_none() && now >= self.probe.next_at {
+            self.probe.seq += 1;
+            let seq = self.probe.seq.to_string();
+            let channel = self.probe.channel.clone();
+            command(
+                &mut self.command.output,
+                &[b"PUBLISH", channel.as_bytes(), seq.as_bytes()],
+            );
+            self.in_flight.push_back((Pending::Probe, now));
+            self.probe.sent = Some((self.probe.seq, now));
+            self.probe.next_at = now + PROBE_INTERVAL;
+        }
+    }
+
+    fn delivery(&mut self, ok: bool, events: &mut Vec<Event>) {
+        if self.probe.ok == Some(ok) {
+            return;
+        }
+        if ok {
+            info!("redis: delivery works (the probe came back)");
+        } else {
+            warn!(
+                "redis: delivery broken: a probe did not come back within {} s",
+                PROBE_TIMEOUT.as_secs()
+            );
+        }
+        self.probe.ok = Some(ok);
+        events.push(Event::Delivery(ok));
     }
 
     /// Queue a publish. False when Redis is down: the caller answers 503.
@@ -606,6 +698,11 @@ impl Redis {
         link.attempt = 0;
         debug!("redis: {} link ready", link.name());
         if role == Role::Subscription {
+            let channel = self.probe.channel.clone();
+            command(
+                &mut self.link_mut(role).output,
+                &[b"SUBSCRIBE", channel.as_bytes()],
+            );
             events.push(Event::SubscriptionReady);
         }
         self.report(events, None);
@@ -622,6 +719,9 @@ impl Redis {
             info!("redis: up ({})", self.cfg.addr);
             events.push(Event::Up);
         } else {
+            // A probe out when the link went down proves nothing either way.
+            self.probe.sent = None;
+            self.probe.ok = None;
             warn!(
                 "redis: down ({}): {}; /publish answers 503 until it is back",
                 self.cfg.addr,
@@ -673,7 +773,7 @@ impl Redis {
                             tag,
                             result: Err(why()),
                         }),
-                        Pending::Publish(None) => {}
+                        Pending::Publish(None) | Pending::Probe => {}
                         Pending::Read(tag) => events.push(Event::Read {
                             tag,
                             result: Err(why()),
@@ -774,6 +874,7 @@ impl Redis {
                     return Err(format!("reply {frame:?} to no command"));
                 };
                 let tag = match pending {
+                    Pending::Probe => return Ok(()),
                     Pending::Publish(tag) => tag,
                     Pending::Read(tag) => {
                         let result = match frame {
@@ -835,6 +936,18 @@ impl Redis {
                 .map(str::to_string)
                 .ok_or_else(|| format!("channel {ch:?} lacks our prefix"))
         };
+        let is_probe = matches!(items.get(1), Some(OwnedFrame::BulkString(ch)) if *ch == self.probe.channel.as_bytes());
+        if is_probe {
+            if kind == b"message"
+                && let Some(OwnedFrame::BulkString(seq)) = items.get(2)
+                && let Some((sent, _)) = self.probe.sent
+                && std::str::from_utf8(seq).ok().and_then(|s| s.parse().ok()) == Some(sent)
+            {
+                self.probe.sent = None;
+                self.delivery(true, events);
+            }
+            return Ok(());
+        }
         match kind {
             b"message" => {
                 let topic = channel_topic(1)?;

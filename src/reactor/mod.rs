@@ -27,7 +27,7 @@ use bytes::Bytes;
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::close::Reject;
@@ -47,6 +47,13 @@ use crate::timer::{self, Timer};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
+const AGENT: Token = Token(usize::MAX - 5);
+/// Agent-check connections answered per wakeup (HAProxy makes one per server per
+/// `agent-inter`; more is someone else).
+const AGENT_ACCEPTS_PER_PASS: usize = 16;
+/// How long after an accept() failure for lack of descriptors the agent still says
+/// `drain`: a few of HAProxy's default 2 s checks see it.
+const ACCEPT_FAILURE_MEMORY: Duration = Duration::from_secs(5);
 
 /// Readiness events taken per poll.
 const EVENTS_CAPACITY: usize = 1024;
@@ -77,6 +84,8 @@ struct Accepting {
     /// Out of descriptors: do not try before this.
     paused_until: Option<Instant>,
     last_warning: Option<Instant>,
+    /// The last accept() that failed for lack of descriptors.
+    last_failure: Option<Instant>,
 }
 
 /// A client socket, kept by the loop beside its record in the connection table (same key).
@@ -109,6 +118,11 @@ pub struct Server {
     signalled: Arc<AtomicBool>,
     /// A second signal asked to exit now: the exit code.
     exit: Option<i32>,
+    /// `--agent-listen`: HAProxy's agent-check.
+    agent: Option<TcpListener>,
+    /// SIGUSR1: the agent says `drain` until the next SIGUSR1.
+    operator_drain: bool,
+    max_memory: Option<u64>,
     accepting: Accepting,
     nofile: NoFile,
     max_connections: usize,
@@ -144,11 +158,27 @@ pub struct Server {
 impl Server {
     pub fn bind(cfg: Config, nofile: NoFile, max_connections: usize) -> io::Result<Server> {
         let poll = Poll::new()?;
-        let mut listener = net::listen(cfg.listen, cfg.backlog, cfg.reuse_port)?;
+        let mut listener = match net::inherited()? {
+            Some(l) => {
+                info!("using the listener passed by systemd (socket activation)");
+                l
+            }
+            None => net::listen(cfg.listen, cfg.backlog, cfg.reuse_port)?,
+        };
         let local_addr = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        let agent = match cfg.agent_listen {
+            Some(addr) => {
+                let mut l = net::listen(addr, 64, false)?;
+                poll.registry()
+                    .register(&mut l, AGENT, Interest::READABLE)?;
+                info!("agent-check on {}", l.local_addr()?);
+                Some(l)
+            }
+            None => None,
+        };
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let signalled = Arc::new(AtomicBool::new(false));
@@ -188,6 +218,9 @@ impl Server {
             signals,
             signalled,
             exit: None,
+            agent,
+            operator_drain: false,
+            max_memory: cfg.max_memory,
             accepting: Accepting {
                 ready: true,
                 ..Accepting::default()
@@ -324,6 +357,7 @@ impl Server {
             }
             match token {
                 LISTENER => self.accepting.ready = true,
+                AGENT => self.answer_agents(now),
                 // Seen through `signalled` already; this only empties the pipe.
                 SIGNALS => self.on_signals(now),
                 redis::COMMAND_TOKEN | redis::SUBSCRIPTION_TOKEN => {
@@ -359,8 +393,20 @@ impl Server {
 
     fn on_signals(&mut self, now: Instant) {
         self.signalled.store(false, Ordering::Relaxed);
-        let count = self.signals.pending().count();
-        for _ in 0..count {
+        let pending: Vec<i32> = self.signals.pending().collect();
+        for signal in pending {
+            if signal == SIGUSR1 {
+                self.operator_drain = !self.operator_drain;
+                info!(
+                    "SIGUSR1: the agent-check now says {}",
+                    if self.operator_drain {
+                        "drain"
+                    } else {
+                        "ready"
+                    }
+                );
+                continue;
+            }
             match self.drain.on_signal(now, self.drain_timeout) {
                 OnSignal::StartDrain => self.start_drain(now),
                 OnSignal::ExitNow => {
@@ -373,6 +419,52 @@ impl Server {
                     return;
                 }
             }
+        }
+    }
+
+    // ---- the agent-check ---------------------------------------------------------------
+
+    /// HAProxy asks: one line of state, then the connection ends.
+    fn answer_agents(&mut self, now: Instant) {
+        let Some(agent) = self.agent.as_ref() else {
+            return;
+        };
+        for _ in 0..AGENT_ACCEPTS_PER_PASS {
+            match agent.accept() {
+                Ok((stream, _)) => {
+                    let line = self.load(now).reply();
+                    net::refuse(stream, line.as_bytes());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("agent accept: {e}");
+                    return;
+                }
+            }
+        }
+        // Edge-triggered: what is left raises no new event; it waits for the next check.
+    }
+
+    fn load(&self, now: Instant) -> crate::agent::Load {
+        let (_, resident_bytes) = crate::metrics::process_usage();
+        crate::agent::Load {
+            draining: self.drain.is_draining(),
+            operator_drain: self.operator_drain,
+            accept_failing: self
+                .accepting
+                .last_failure
+                .is_some_and(|t| now.duration_since(t) < ACCEPT_FAILURE_MEMORY),
+            delivery_broken: self
+                .pubsub
+                .redis()
+                .is_some_and(redis::Redis::delivery_broken),
+            connections: self.conns.len(),
+            max_connections: self.max_connections,
+            open_fds: net::open_fds().unwrap_or(self.conns.len() as u64),
+            fd_limit: self.nofile.soft,
+            resident_bytes,
+            max_memory: self.max_memory,
         }
     }
 
@@ -406,6 +498,7 @@ impl Server {
                     if net::is_resource_exhaustion(&e) {
                         self.warn_accept(now, &e);
                         self.accepting.paused_until = Some(now + ACCEPT_PAUSE);
+                        self.accepting.last_failure = Some(now);
                         break;
                     }
                     // ECONNABORTED and friends: that one connection is gone; go on.
@@ -737,7 +830,7 @@ impl Server {
                         front.on_history_read(&mut env, read, now);
                     }
                 }
-                Event::Up => {}
+                Event::Up | Event::Delivery(_) => {}
                 Event::Down => self.pubsub.on_redis_down(&mut self.conns),
                 Event::Pong => {
                     if self.drain.redis_wait().is_some() {

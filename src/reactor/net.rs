@@ -27,11 +27,36 @@ pub fn listen(addr: SocketAddr, backlog: i32, reuse_port: bool) -> io::Result<Tc
     Ok(TcpListener::from_std(socket.into()))
 }
 
+/// The listener systemd passed (socket activation: `LISTEN_FDS`, `LISTEN_PID`), if any.
+/// While herald restarts, the kernel keeps queueing connections on it, so none is
+/// refused.
+pub fn inherited() -> io::Result<Option<TcpListener>> {
+    let Some(fd) = sd_notify::listen_fds()?.next() else {
+        return Ok(None);
+    };
+    // SAFETY: systemd passed us this descriptor (LISTEN_PID is our pid) and nothing else
+    // in the process owns it; from here the listener is its only owner.
+    let std = unsafe { <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    std.set_nonblocking(true)?;
+    Ok(Some(TcpListener::from_std(std)))
+}
+
 /// Best effort, nonblocking: a response small enough to fit any send buffer, then the
 /// socket is dropped. Used where keeping the connection is what we cannot afford.
 pub fn refuse(mut stream: TcpStream, response: &[u8]) {
     let _ = stream.write(response);
     let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// Descriptors this process has open (Linux: entries of /proc/self/fd).
+pub fn open_fds() -> Option<u64> {
+    // One of them is the directory handle reading it.
+    Some(
+        std::fs::read_dir("/proc/self/fd")
+            .ok()?
+            .count()
+            .saturating_sub(1) as u64,
+    )
 }
 
 /// accept() errors that mean "out of descriptors or memory": retrying at once would spin.

@@ -26,6 +26,7 @@ const PURE: &[&str] = &[
     "http::api",
     "http::upgrade",
     "http::assets",
+    "agent",
     "ws::codec",
     "ws::protocol",
     "pubsub::hub",

@@ -33,12 +33,15 @@ use crate::pubsub::hub::{self, Hub, Joined, Left, Published, SubscribeError};
 use crate::pubsub::redis::{Redis, Stored};
 use crate::ws::protocol::{self, Position, Resume};
 
-/// What a fan-out did: how many subscribers it reached, and which of them it pushed past
-/// `--send-queue-limit` (to be closed as slow consumers; usually none, and no allocation).
+/// What a fan-out did: how many subscribers it reached, which of them it pushed past
+/// `--send-queue-limit` (to be closed as slow consumers), and which missed messages they
+/// cannot be given live (to be told to reconnect and resume). Usually both are empty,
+/// with no allocation.
 #[derive(Debug, Default)]
 pub struct Fanout {
     pub reached: usize,
     pub slow: Vec<ConnId>,
+    pub lost: Vec<ConnId>,
 }
 
 /// The epoch a `subscribed` reply names when Redis, which holds the epochs, cannot be
@@ -98,6 +101,11 @@ pub struct PubSub {
     reads: HashMap<u64, Reader>,
     next_read: u64,
     arrivals: HashMap<String, Arrivals>,
+    /// Through Redis: the last message that came back on each local topic, (id, epoch).
+    /// A message that does not follow it (an id skipped while the subscription link was
+    /// down, or another epoch after Redis lost its data) means the live subscribers
+    /// missed something: they are told to reconnect, and their resume says what.
+    last_seen: HashMap<String, (u64, String)>,
     /// `--send-queue-limit`: past it, a subscriber is a slow consumer.
     send_queue_limit: usize,
     resumes: Resumes,
@@ -113,6 +121,7 @@ impl PubSub {
             reads: HashMap::new(),
             next_read: 1,
             arrivals: HashMap::new(),
+            last_seen: HashMap::new(),
             send_queue_limit: cfg.send_queue_limit,
             resumes: Resumes::default(),
         }
@@ -170,20 +179,52 @@ impl PubSub {
         conns: &mut Conns,
         counters: &mut Counters,
         topic: &str,
-        id: u64,
+        (id, epoch): (u64, &str),
         data: &str,
     ) -> Fanout {
         counters.redis_messages += 1;
-        let arrivals = self.arrivals.get_mut(topic);
-        if !self.hub.has_topic(topic) && arrivals.is_none() {
+        if !self.hub.has_topic(topic) && !self.arrivals.contains_key(topic) {
             return Fanout::default();
         }
         let (frame, _) = hub::message_frame(topic, id, data);
-        if let Some(a) = arrivals {
+        if let Some(a) = self.arrivals.get_mut(topic) {
             a.frames.push_back((id, frame.clone()));
         }
         let published = self.hub.published(topic, id, frame);
+        if !self.see(topic, id, epoch) {
+            // The live subscribers missed something: rather than a silent gap (or ids
+            // that start over), they reconnect and resume; history says what they lost.
+            let lost: Vec<ConnId> = self.hub.subscribers(&published).collect();
+            debug!(
+                "redis: {topic:?} jumped to id {id} in epoch {epoch}; {} subscribers resume",
+                lost.len()
+            );
+            return Fanout {
+                lost,
+                ..Fanout::default()
+            };
+        }
         self.fan_out(conns, counters, &published)
+    }
+
+    /// Record a message that came back on `topic`; whether it follows the last one.
+    fn see(&mut self, topic: &str, id: u64, epoch: &str) -> bool {
+        match self.last_seen.get_mut(topic) {
+            Some((last, e)) if e == epoch => {
+                let follows = id == *last + 1;
+                *last = (*last).max(id);
+                follows
+            }
+            Some(seen) => {
+                *seen = (id, epoch.to_string());
+                false
+            }
+            None => {
+                self.last_seen
+                    .insert(topic.to_string(), (id, epoch.to_string()));
+                true
+            }
+        }
     }
 
     /// Queue one framed message to every live local subscriber of its topic.
@@ -391,6 +432,10 @@ impl PubSub {
         if !self.still_subscribed(conns, &waiting, topic) {
             return;
         }
+        // The read's position is where live messages continue, unless some already came.
+        self.last_seen
+            .entry(topic.to_string())
+            .or_insert_with(|| (stored.last_id, stored.epoch.clone()));
         let outcome = waiting
             .from
             .as_ref()
@@ -477,7 +522,11 @@ impl PubSub {
     fn forget_topics(&mut self, freed: Vec<String>, now: Instant) {
         for topic in freed {
             match self.redis.as_mut() {
-                Some(r) => r.unsubscribe(&topic),
+                Some(r) => {
+                    r.unsubscribe(&topic);
+                    // Ids that come back once it is subscribed again follow a new read.
+                    self.last_seen.remove(&topic);
+                }
                 None => self.history.release(&topic, now),
             }
             self.pending_acks.remove(&topic);

@@ -152,6 +152,8 @@ pub struct Server {
     pacer: Option<Pacer>,
     drain_spread: Duration,
     reconnect_jitter: (u64, u64),
+    /// For reconnect hints outside a drain.
+    rng: u64,
     counters: Counters,
 }
 
@@ -244,6 +246,7 @@ impl Server {
             pacer: None,
             drain_spread: cfg.drain_spread,
             reconnect_jitter: cfg.reconnect_jitter,
+            rng: crate::pubsub::history::wall_clock_seed() | 1,
             counters: Counters::default(),
         })
     }
@@ -807,11 +810,29 @@ impl Server {
                     front.on_publish_result(&mut env, tag, result, now);
                 }
                 Event::Message {
-                    topic, id, data, ..
+                    topic,
+                    id,
+                    epoch,
+                    data,
                 } => {
-                    let fanout =
-                        self.pubsub
-                            .deliver(&mut self.conns, &mut self.counters, &topic, id, &data);
+                    let mut fanout = self.pubsub.deliver(
+                        &mut self.conns,
+                        &mut self.counters,
+                        &topic,
+                        (id, &epoch),
+                        &data,
+                    );
+                    for lost in std::mem::take(&mut fanout.lost) {
+                        let after_ms = self.reconnect_hint();
+                        self.sessions.going_away(
+                            &mut self.conns,
+                            &mut self.pubsub,
+                            &mut self.counters,
+                            lost,
+                            after_ms,
+                            now,
+                        );
+                    }
                     self.sessions.close_slow(
                         &mut self.conns,
                         &mut self.pubsub,
@@ -946,6 +967,15 @@ impl Server {
                 total as f64 / took.max(0.001)
             );
         }
+    }
+
+    /// A reconnect hint outside a drain, drawn from `--reconnect-jitter`.
+    fn reconnect_hint(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let (min, max) = self.reconnect_jitter;
+        min + self.rng % (max - min + 1)
     }
 
     fn advance_drain(&mut self, now: Instant) -> Option<i32> {

@@ -12,7 +12,7 @@ use crate::util::{Client, Herald, HttpConn, eventually, next_json, require, send
 
 pub struct RedisServer {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl RedisServer {
@@ -21,7 +21,7 @@ impl RedisServer {
         RedisServer::on(port)
     }
 
-    fn on(port: u16) -> RedisServer {
+    pub(crate) fn on(port: u16) -> RedisServer {
         require("redis-server", "redis-server");
         let child = Command::new("redis-server")
             .args([
@@ -70,7 +70,7 @@ impl Drop for RedisServer {
     }
 }
 
-fn herald_with(redis: &RedisServer, extra: &[&str]) -> Herald {
+pub(crate) fn herald_with(redis: &RedisServer, extra: &[&str]) -> Herald {
     let url = redis.url();
     let mut args = vec!["--redis", url.as_str()];
     args.extend_from_slice(extra);
@@ -176,7 +176,9 @@ fn redis_going_away_means_503_and_connected_clients_stay_then_it_all_comes_back(
     let redis = RedisServer::start();
     let port = redis.port;
     let herald = herald_with(&redis, &[]);
-    let mut sub = herald.subscriber("weather");
+    let mut sub = herald.ws("/ws?topics=weather");
+    let subscribed = next_json(&mut sub);
+    let first_epoch = subscribed["epoch"].as_str().expect("an epoch").to_string();
     assert_eq!(herald.publish("weather", "1")["id"], 1);
     assert_eq!(ids(&mut sub, 1), [(1, 1)]);
 
@@ -211,10 +213,27 @@ fn redis_going_away_means_503_and_connected_clients_stay_then_it_all_comes_back(
         "not back: {}",
         herald.log()
     );
-    // A fresh Redis starts the counter again; what matters is that delivery resumed.
+    // A fresh Redis lost the topic's history and starts its ids again, in a new epoch.
+    // The connected client is not fed ids that start over: it is told to reconnect,
+    // and its resume says what it lost.
     let reply = herald.publish("weather", "3");
     assert_eq!(reply["delivered"], 1);
-    let m = next_json(&mut sub);
+    let hint = next_json(&mut sub);
+    assert_eq!(hint["op"], "reconnect", "{hint}");
+    match sub.read().expect("the close frame") {
+        tungstenite::Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    let mut back = herald.ws("/ws");
+    send_json(
+        &mut back,
+        json!({"op":"subscribe","topic":"weather","since":1,"epoch":first_epoch}),
+    );
+    let reply = next_json(&mut back);
+    assert_eq!(reply["recovered"], false, "{reply}");
+    assert_ne!(reply["epoch"], first_epoch);
+    // The message that told it was kept in the new epoch's history.
+    let m = next_json(&mut back);
     assert_eq!(
         (m["topic"].as_str(), m["data"].as_u64()),
         (Some("weather"), Some(3))

@@ -5,6 +5,7 @@ mod deploy;
 mod drain;
 mod echo;
 mod fuzz;
+mod history;
 mod hostile;
 mod http;
 mod layout;

@@ -13,6 +13,7 @@ mod limits;
 mod liveness;
 mod overload;
 mod redis;
+mod redis_history;
 mod signals;
 mod topics;
 mod util;

@@ -26,13 +26,31 @@ struct Topic {
 }
 
 /// One subscriber of a topic.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Member {
     conn: ConnId,
     /// Receives the topic's messages. A subscription being resumed through Redis is not
     /// live until its history has been read: what arrives meanwhile is replayed to it
     /// from the pipeline, in order, with nothing twice.
     live: bool,
+    /// Through Redis: the epoch and the last id this member has been given. Messages
+    /// come back on another connection than the read that placed it, in either order,
+    /// so each member checks each message against its own place: an id at or below it
+    /// is already delivered, the next one is delivered, anything else (an id skipped,
+    /// another epoch) means it missed messages. `None` without Redis, where ids need no
+    /// such check, or before anything placed it.
+    at: Option<(Rc<str>, u64)>,
+}
+
+/// Where a message stands for one member (`Hub::follow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// The next message for it: deliver it.
+    Next,
+    /// It has this one already (it came with its resume's replay): skip it.
+    Seen,
+    /// It missed messages: another epoch, or an id skipped.
+    Missed,
 }
 
 /// A connection's membership in one topic: the topic's key and its slot there.
@@ -118,7 +136,11 @@ impl Hub {
                 key
             }
         };
-        let slot = self.topics[topic].subscribers.insert(Member { conn, live });
+        let slot = self.topics[topic].subscribers.insert(Member {
+            conn,
+            live,
+            at: None,
+        });
         self.memberships[conn.0].push(Membership { topic, slot });
         Ok(joined)
     }
@@ -185,18 +207,59 @@ impl Hub {
 
     /// Whether `conn`'s subscription to `name` receives messages from now on.
     pub fn set_live(&mut self, conn: ConnId, name: &str, live: bool) {
-        let Some(&topic) = self.by_name.get(name) else {
-            return;
-        };
+        if let Some(member) = self.member_mut(conn, name) {
+            member.live = live;
+        }
+    }
+
+    /// Through Redis: `conn` has been given `name`'s messages up to `last_id` in `epoch`.
+    pub fn place(&mut self, conn: ConnId, name: &str, epoch: &str, last_id: u64) {
+        if let Some(member) = self.member_mut(conn, name) {
+            member.at = Some((Rc::from(epoch), last_id));
+        }
+    }
+
+    fn member_mut(&mut self, conn: ConnId, name: &str) -> Option<&mut Member> {
+        let &topic = self.by_name.get(name)?;
         let slot = self
             .memberships_of(conn)
             .iter()
-            .find(|m| m.topic == topic)
-            .map(|m| m.slot);
-        if let Some(slot) = slot
-            && let Some(member) = self.topics[topic].subscribers.get_mut(slot)
+            .find(|m| m.topic == topic)?
+            .slot;
+        self.topics[topic].subscribers.get_mut(slot)
+    }
+
+    /// Through Redis: tell `each` live member of the topic of `published` (id
+    /// `published.id`, in `epoch`) what the message is for it, its place moved past it
+    /// when it is `Next`. A member nothing placed yet takes its place from this message.
+    pub fn follow(
+        &mut self,
+        published: &Published,
+        epoch: &str,
+        mut each: impl FnMut(ConnId, Follow),
+    ) {
+        let Some(key) = published.topic else {
+            return;
+        };
+        let id = published.id;
+        for (_, m) in self.topics[key]
+            .subscribers
+            .iter_mut()
+            .filter(|(_, m)| m.live)
         {
-            member.live = live;
+            let verdict = match &m.at {
+                Some((e, last)) if **e == *epoch && id <= *last => Follow::Seen,
+                Some((e, last)) if **e == *epoch && id == *last + 1 => Follow::Next,
+                Some(_) => Follow::Missed,
+                None => Follow::Next,
+            };
+            if verdict == Follow::Next {
+                match &mut m.at {
+                    Some((_, last)) => *last = id,
+                    None => m.at = Some((Rc::from(epoch), id)),
+                }
+            }
+            each(m.conn, verdict);
         }
     }
 
@@ -280,6 +343,40 @@ mod tests {
         let elsewhere = hub.published("u", 1, Bytes::from_static(b"x"));
         assert_eq!(hub.subscribers(&elsewhere).count(), 0);
         assert!(hub.has_topic("t") && !hub.has_topic("u"));
+    }
+
+    #[test]
+    fn each_member_follows_ids_from_its_own_place() {
+        let mut hub = Hub::default();
+        hub.subscribe(ConnId(1), "t", true).unwrap();
+        hub.subscribe(ConnId(2), "t", true).unwrap();
+        hub.place(ConnId(1), "t", "e1", 5);
+        hub.place(ConnId(2), "t", "e1", 3);
+        let follow = |hub: &mut Hub, id, epoch| {
+            let p = hub.published("t", id, Bytes::from_static(b"x"));
+            let mut v = Vec::new();
+            hub.follow(&p, epoch, |c, f| v.push((c, f)));
+            v.sort_by_key(|(c, _)| *c);
+            v
+        };
+        let verdicts = |hub: &mut Hub, id, epoch| {
+            follow(hub, id, epoch)
+                .into_iter()
+                .map(|(_, f)| f)
+                .collect::<Vec<_>>()
+        };
+        // A late arrival the first already had; the next one for the second.
+        assert_eq!(verdicts(&mut hub, 4, "e1"), [Follow::Seen, Follow::Next]);
+        assert_eq!(verdicts(&mut hub, 6, "e1"), [Follow::Next, Follow::Missed]);
+        // Another epoch: both missed what came before it.
+        assert_eq!(
+            verdicts(&mut hub, 1, "e2"),
+            [Follow::Missed, Follow::Missed]
+        );
+        // A member nothing placed takes its place from the first message.
+        hub.subscribe(ConnId(3), "t", true).unwrap();
+        assert!(follow(&mut hub, 9, "e2").contains(&(ConnId(3), Follow::Next)));
+        assert!(follow(&mut hub, 10, "e2").contains(&(ConnId(3), Follow::Next)));
     }
 
     #[test]

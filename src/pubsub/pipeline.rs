@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::conn::{ConnId, Conns, Ended};
 use crate::metrics::{Counters, HistoryGauges, RedisGauges, Resumes};
 use crate::pubsub::history::{self, History, Outcome};
-use crate::pubsub::hub::{self, Hub, Joined, Left, Published, SubscribeError};
+use crate::pubsub::hub::{self, Follow, Hub, Joined, Left, Published, SubscribeError};
 use crate::pubsub::redis::{Redis, Stored};
 use crate::ws::protocol::{self, Position, Resume};
 
@@ -81,7 +81,8 @@ enum Reader {
 #[derive(Debug, Default)]
 struct Arrivals {
     reads: usize,
-    frames: VecDeque<(u64, Bytes)>,
+    /// (id, epoch, frame), in the order they came.
+    frames: VecDeque<(u64, String, Bytes)>,
 }
 
 /// A `/history` answer through Redis, for the front door.
@@ -101,11 +102,6 @@ pub struct PubSub {
     reads: HashMap<u64, Reader>,
     next_read: u64,
     arrivals: HashMap<String, Arrivals>,
-    /// Through Redis: the last message that came back on each local topic, (id, epoch).
-    /// A message that does not follow it (an id skipped while the subscription link was
-    /// down, or another epoch after Redis lost its data) means the live subscribers
-    /// missed something: they are told to reconnect, and their resume says what.
-    last_seen: HashMap<String, (u64, String)>,
     /// `--send-queue-limit`: past it, a subscriber is a slow consumer.
     send_queue_limit: usize,
     resumes: Resumes,
@@ -121,7 +117,6 @@ impl PubSub {
             reads: HashMap::new(),
             next_read: 1,
             arrivals: HashMap::new(),
-            last_seen: HashMap::new(),
             send_queue_limit: cfg.send_queue_limit,
             resumes: Resumes::default(),
         }
@@ -188,43 +183,37 @@ impl PubSub {
         }
         let (frame, _) = hub::message_frame(topic, id, data);
         if let Some(a) = self.arrivals.get_mut(topic) {
-            a.frames.push_back((id, frame.clone()));
+            a.frames.push_back((id, epoch.to_string(), frame.clone()));
         }
         let published = self.hub.published(topic, id, frame);
-        if !self.see(topic, id, epoch) {
-            // The live subscribers missed something: rather than a silent gap (or ids
-            // that start over), they reconnect and resume; history says what they lost.
-            let lost: Vec<ConnId> = self.hub.subscribers(&published).collect();
+        // Each member checks the message against its own place: a resume's replay may
+        // already have given it this one (the read's reply can overtake the message on
+        // the other link), and a message that does not follow means it missed some (an
+        // id skipped while the subscription link was down, another epoch after Redis
+        // lost its data). Those reconnect and resume; history says what they lost.
+        let mut fanout = Fanout::default();
+        let limit = self.send_queue_limit;
+        self.hub
+            .follow(&published, epoch, |sub, verdict| match verdict {
+                Follow::Next => {
+                    if let Some(queued) = conns.queue_shared(sub, &published.frame) {
+                        fanout.reached += 1;
+                        if queued > limit {
+                            fanout.slow.push(sub);
+                        }
+                    }
+                }
+                Follow::Seen => {}
+                Follow::Missed => fanout.lost.push(sub),
+            });
+        counters.delivered += fanout.reached as u64;
+        if !fanout.lost.is_empty() {
             debug!(
-                "redis: {topic:?} jumped to id {id} in epoch {epoch}; {} subscribers resume",
-                lost.len()
+                "redis: {topic:?} id {id} in epoch {epoch}: {} subscribers missed messages",
+                fanout.lost.len()
             );
-            return Fanout {
-                lost,
-                ..Fanout::default()
-            };
         }
-        self.fan_out(conns, counters, &published)
-    }
-
-    /// Record a message that came back on `topic`; whether it follows the last one.
-    fn see(&mut self, topic: &str, id: u64, epoch: &str) -> bool {
-        match self.last_seen.get_mut(topic) {
-            Some((last, e)) if e == epoch => {
-                let follows = id == *last + 1;
-                *last = (*last).max(id);
-                follows
-            }
-            Some(seen) => {
-                *seen = (id, epoch.to_string());
-                false
-            }
-            None => {
-                self.last_seen
-                    .insert(topic.to_string(), (id, epoch.to_string()));
-                true
-            }
-        }
+        fanout
     }
 
     /// Queue one framed message to every live local subscriber of its topic.
@@ -427,15 +416,11 @@ impl PubSub {
         topic: &str,
         waiting: Waiting,
         stored: &Stored,
-        arrived: VecDeque<(u64, Bytes)>,
+        arrived: VecDeque<(u64, String, Bytes)>,
     ) {
         if !self.still_subscribed(conns, &waiting, topic) {
             return;
         }
-        // The read's position is where live messages continue, unless some already came.
-        self.last_seen
-            .entry(topic.to_string())
-            .or_insert_with(|| (stored.last_id, stored.epoch.clone()));
         let outcome = waiting
             .from
             .as_ref()
@@ -456,12 +441,16 @@ impl PubSub {
                 conns.queue(id, hub::message_frame(topic, *msg_id, data).0);
             }
         }
-        // What came on the channel while the read was at Redis: the ids it did not see.
-        for (msg_id, frame) in arrived {
-            if msg_id > stored.last_id {
+        // What came on the channel while the read was at Redis: the ids after its place,
+        // in order. Later ones, and ones still on their way, are checked live.
+        let mut last = stored.last_id;
+        for (msg_id, epoch, frame) in arrived {
+            if epoch == stored.epoch && msg_id == last + 1 {
                 conns.queue(id, frame);
+                last = msg_id;
             }
         }
+        self.hub.place(id, topic, &stored.epoch, last);
         self.hub.set_live(id, topic, true);
     }
 
@@ -522,11 +511,7 @@ impl PubSub {
     fn forget_topics(&mut self, freed: Vec<String>, now: Instant) {
         for topic in freed {
             match self.redis.as_mut() {
-                Some(r) => {
-                    r.unsubscribe(&topic);
-                    // Ids that come back once it is subscribed again follow a new read.
-                    self.last_seen.remove(&topic);
-                }
+                Some(r) => r.unsubscribe(&topic),
                 None => self.history.release(&topic, now),
             }
             self.pending_acks.remove(&topic);

@@ -18,7 +18,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::frames;
 use crate::ids::IdSet;
-use crate::stats::{Buckets, Tally, histogram, now_ns};
+use crate::stats::{self, Buckets, Tally, histogram, now_ns};
 
 /// Handshakes a thread keeps in flight when connecting "as fast as possible": more would
 /// only overflow the server's listen backlog and turn into SYN retransmits.
@@ -57,7 +57,18 @@ pub struct ThreadPlan {
     pub resume: Option<String>,
     /// capacity: count, per message id, receptions within this latency.
     pub bound_us: Option<u64>,
+    /// deploy: honour the server's `{"op":"reconnect","after_ms":X}`: a client told so
+    /// reconnects no sooner than X ms after the hint, plus a jitter of its own (up to
+    /// 100 ms), as herald.js does. Hints are counted either way.
+    #[serde(default)]
+    pub hints: bool,
 }
+
+/// The longest reconnect hint obeyed (herald.js's cap too): a hint is the server's, and a
+/// wrong one must not park a client for good.
+const HINT_CAP_MS: u64 = 600_000;
+/// A hinted reconnect's own jitter, on top of the hint.
+const HINT_JITTER_NS: u64 = 100_000_000;
 
 /// Shared between a worker's threads and its main thread.
 #[derive(Default)]
@@ -103,6 +114,18 @@ struct Conn {
     /// A resumed subscription not caught up yet: (the id its `subscribed` named, when
     /// that reply came).
     catch_up: Option<(u64, u64)>,
+    /// The server's reconnect hint: not before this (CLOCK_MONOTONIC ns).
+    hint_until: Option<u64>,
+}
+
+/// A reconnect waiting for its time.
+struct Due {
+    at: u64,
+    source: IpAddr,
+    attempt: u32,
+    client: usize,
+    /// The hint it waits for, if any (its end, ns).
+    hint_until: Option<u64>,
 }
 
 /// One client across its connections, when it reconnects (storm).
@@ -119,6 +142,8 @@ struct Position {
     changed: bool,
     /// Every id received, per epoch.
     seen: Vec<(String, IdSet)>,
+    /// Times its subscribed connection ended.
+    disconnects: u32,
 }
 
 /// The fields of a `subscribed` reply that resuming needs.
@@ -141,8 +166,8 @@ struct Client<'a> {
     catch_up: hdrhistogram::Histogram<u64>,
     request: Vec<u8>,
     rng: u64,
-    /// Reconnects waiting for their time: (due ns, source, attempt, client).
-    retry: Vec<(u64, IpAddr, u32, usize)>,
+    /// Reconnects waiting for their time.
+    retry: Vec<Due>,
     /// Per client, when connections reconnect; empty otherwise.
     clients: Vec<Position>,
     /// Connections opened and not yet usable or ended.
@@ -232,9 +257,10 @@ impl Client<'_> {
             // Reconnects that are due.
             let mut i = 0;
             while i < self.retry.len() {
-                if self.retry[i].0 <= now {
-                    let (_, source, attempt, client) = self.retry.swap_remove(i);
-                    self.open(source, attempt, client, now);
+                if self.retry[i].at <= now {
+                    let due = self.retry.swap_remove(i);
+                    self.note_reconnect_attempt(&due, now);
+                    self.open(due.source, due.attempt, due.client, now);
                 } else {
                     i += 1;
                 }
@@ -277,7 +303,32 @@ impl Client<'_> {
             self.tally.resume.catch_up_us = Buckets::from(&self.catch_up);
             self.check_against_acked();
         }
+        for st in &self.clients {
+            *self
+                .tally
+                .reconnect
+                .clients_by_disconnects
+                .entry(st.disconnects)
+                .or_default() += 1;
+        }
         self.tally
+    }
+
+    /// A reconnect is attempted: on the curve if its client had been subscribed, and
+    /// checked against the hint it waited for.
+    fn note_reconnect_attempt(&mut self, due: &Due, now: u64) {
+        let rt = &mut self.tally.reconnect;
+        if self.clients.get(due.client).is_some_and(|st| st.joined) {
+            stats::ReconnectTally::mark(&mut rt.attempts_at, now);
+        }
+        if let Some(until) = due.hint_until {
+            rt.hinted_reconnects += 1;
+            if now < until {
+                rt.early += 1;
+            }
+            let slack = now.saturating_sub(until) / 1_000_000;
+            rt.least_slack_ms = Some(rt.least_slack_ms.map_or(slack, |s| s.min(slack)));
+        }
     }
 
     /// storm --resume: every acknowledged id above a client's first `subscribed` id that
@@ -304,6 +355,7 @@ impl Client<'_> {
                         .find(|(e, _)| e == epoch)
                         .map_or(&empty, |(_, s)| s);
                     r.missed_by_id += acked.missing_from(have, floor);
+                    r.unacked += have.missing_from(acked, floor);
                     r.checked += 1;
                 }
                 _ => r.unchecked += 1,
@@ -326,7 +378,7 @@ impl Client<'_> {
             Err(e) => {
                 self.tally.fail(failure_kind(&e));
                 self.settle_first(attempt == 0);
-                self.schedule_retry(source, attempt, client, now);
+                self.schedule_retry(source, attempt, client, now, None);
                 return;
             }
         };
@@ -345,6 +397,7 @@ impl Client<'_> {
             client,
             resuming: false,
             catch_up: None,
+            hint_until: None,
         });
         let interest = Interest::READABLE | Interest::WRITABLE;
         if let Err(e) = self
@@ -366,8 +419,28 @@ impl Client<'_> {
         }
     }
 
-    fn schedule_retry(&mut self, source: IpAddr, attempt: u32, client: usize, now: u64) {
+    /// Reconnect `client` later: after its hint when it has one (and hints are
+    /// honoured), else after a backoff.
+    fn schedule_retry(
+        &mut self,
+        source: IpAddr,
+        attempt: u32,
+        client: usize,
+        now: u64,
+        hint_until: Option<u64>,
+    ) {
         if !self.plan.reconnect || self.control.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(until) = hint_until.filter(|_| self.plan.hints) {
+            let jitter = self.random() % HINT_JITTER_NS;
+            self.retry.push(Due {
+                at: until.max(now) + jitter,
+                source,
+                attempt: attempt + 1,
+                client,
+                hint_until: Some(until),
+            });
             return;
         }
         // Exponential backoff from 100 ms to --max-backoff-ms (2 s unless told), with
@@ -380,7 +453,13 @@ impl Client<'_> {
             .max(1_000_000);
         let cap = (100_000_000u64 << attempt.min(5)).min(max);
         let delay = self.random() % cap;
-        self.retry.push((now + delay, source, attempt + 1, client));
+        self.retry.push(Due {
+            at: now + delay,
+            source,
+            attempt: attempt + 1,
+            client,
+            hint_until: None,
+        });
     }
 
     fn on_writable(&mut self, key: usize) {
@@ -545,6 +624,7 @@ impl Client<'_> {
                 self.tally.resubscribed += 1;
                 self.tally.first_resubscribed_ns =
                     Some(self.tally.first_resubscribed_ns.map_or(now, |t| t.min(now)));
+                stats::ReconnectTally::mark(&mut self.tally.reconnect.resubscribed_at, now);
             }
             st.joined = true;
         }
@@ -590,6 +670,8 @@ impl Client<'_> {
                         }
                         self.usable(key, now);
                     }
+                } else if payload.starts_with(b"{\"op\":\"reconnect\"") {
+                    self.note_hint(key, payload, now);
                 } else if let Some((id, stamp)) = frames::message_id_and_stamp(payload) {
                     let latency_us = (now.saturating_sub(stamp) / 1000).max(1);
                     let _ = self.latency.record(latency_us);
@@ -702,6 +784,19 @@ impl Client<'_> {
         true
     }
 
+    /// `{"op":"reconnect","after_ms":X}`: the server is going away; come back no sooner
+    /// than X ms from now (capped at `HINT_CAP_MS`; no number means now).
+    fn note_hint(&mut self, key: usize, payload: &[u8], now: u64) {
+        let after_ms = frames::number_after(payload, b"\"after_ms\":")
+            .unwrap_or(0)
+            .min(HINT_CAP_MS);
+        let rt = &mut self.tally.reconnect;
+        rt.hints += 1;
+        rt.hint_min_ms = Some(rt.hint_min_ms.map_or(after_ms, |m| m.min(after_ms)));
+        rt.hint_max_ms = Some(rt.hint_max_ms.map_or(after_ms, |m| m.max(after_ms)));
+        self.conns[key].hint_until = Some(now + after_ms * 1_000_000);
+    }
+
     fn sweep_handshake_timeouts(&mut self, now: u64) {
         let late: Vec<usize> = self
             .conns
@@ -730,6 +825,10 @@ impl Client<'_> {
                 self.tally.first_disconnect_ns =
                     Some(self.tally.first_disconnect_ns.map_or(now, |t| t.min(now)));
                 self.control.usable.fetch_sub(1, Ordering::Relaxed);
+                stats::ReconnectTally::mark(&mut self.tally.reconnect.disconnects_at, now);
+                if let Some(st) = self.clients.get_mut(conn.client) {
+                    st.disconnects += 1;
+                }
             }
         } else {
             self.in_flight -= 1;
@@ -749,6 +848,7 @@ impl Client<'_> {
             },
             conn.client,
             now,
+            conn.hint_until,
         );
     }
 }
@@ -867,6 +967,7 @@ mod tests {
             backoff_max_ms: 50,
             resume: Some("t".into()),
             bound_us: None,
+            hints: false,
         }
     }
 
@@ -925,6 +1026,23 @@ mod tests {
         assert_eq!((r.caught_up, t.resubscribed, t.disconnects), (1, 1, 1));
         // Id 3 never came.
         assert_eq!((r.missed_by_id, r.checked, r.unchecked), (1, 1, 0));
+        assert_eq!(r.unacked, 0);
+    }
+
+    #[test]
+    fn ids_received_but_never_acknowledged_are_counted() {
+        // The publisher saw 200s for 1, 2 and 4 only: 3 was run, but its reply was lost.
+        let only = [
+            text(r#"{"op":"subscribed","topic":"t","epoch":"E","id":0}"#),
+            message(1),
+            message(2),
+            message(3),
+            message(4),
+        ]
+        .concat();
+        let (t, _) = run_script(vec![only], 4, &[1, 2, 4]);
+        let r = &t.resume;
+        assert_eq!((r.unacked, r.missed_by_id, r.checked), (1, 0, 1), "{t:?}");
     }
 
     #[test]
@@ -951,6 +1069,100 @@ mod tests {
         assert_eq!((r.recovered, r.not_recovered, r.epoch_changes), (1, 1, 1));
         assert_eq!((r.caught_up, t.resubscribed), (2, 2));
         assert_eq!((r.checked, r.unchecked), (0, 1));
+    }
+
+    /// A server that subscribes its first client, tells it to come back after `after_ms`
+    /// and closes with 1001; then holds the second connection. (How long after the hint
+    /// the second connection came, the second request line.)
+    fn hinting_server(
+        after_ms: u64,
+    ) -> (
+        SocketAddr,
+        std::sync::mpsc::Receiver<()>,
+        std::thread::JoinHandle<(Duration, String)>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (back, came_back) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let handshake = |stream: &mut std::net::TcpStream| {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut first = String::new();
+                reader.read_line(&mut first).unwrap();
+                let mut line = first.clone();
+                while line != "\r\n" {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap() == 0 {
+                        break;
+                    }
+                }
+                stream
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .unwrap();
+                first.trim_end().to_string()
+            };
+            let (mut one, _) = listener.accept().unwrap();
+            handshake(&mut one);
+            one.write_all(&text(
+                r#"{"op":"subscribed","topic":"t","epoch":"E","id":0}"#,
+            ))
+            .unwrap();
+            one.write_all(&message(1)).unwrap();
+            one.write_all(&text(&format!(
+                r#"{{"op":"reconnect","after_ms":{after_ms}}}"#
+            )))
+            .unwrap();
+            let hinted = Instant::now();
+            one.write_all(&[0x88, 2, 0x03, 0xe9]).unwrap(); // close 1001
+            drop(one);
+            let (mut two, _) = listener.accept().unwrap();
+            let waited = hinted.elapsed();
+            let request = handshake(&mut two);
+            two.write_all(&text(
+                r#"{"op":"subscribed","topic":"t","epoch":"E","id":1,"recovered":true}"#,
+            ))
+            .unwrap();
+            let _ = back.send(());
+            let mut sink = Vec::new();
+            let _ = two.read_to_end(&mut sink);
+            (waited, request)
+        });
+        (addr, came_back, server)
+    }
+
+    #[test]
+    fn a_hinted_client_waits_for_the_hint_before_it_reconnects() {
+        let (addr, came_back, server) = hinting_server(400);
+        let control = Arc::new(Control::default());
+        let mut plan = resume_plan(addr);
+        plan.hints = true;
+        let c = control.clone();
+        let client = std::thread::spawn(move || run(&plan, c, 7));
+        came_back
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the client never came back");
+        std::thread::sleep(Duration::from_millis(100));
+        control.stop.store(true, Ordering::SeqCst);
+        let t = client.join().unwrap();
+        let (waited, request) = server.join().unwrap();
+        assert!(waited >= Duration::from_millis(400), "{waited:?}");
+        assert!(waited < Duration::from_millis(2000), "{waited:?}");
+        assert_eq!(request, "GET /ws?topics=t&resume=t~1~E HTTP/1.1");
+        let rt = &t.reconnect;
+        assert_eq!(
+            (rt.hints, rt.hint_min_ms, rt.hint_max_ms),
+            (1, Some(400), Some(400))
+        );
+        assert_eq!((rt.hinted_reconnects, rt.early), (1, 0), "{rt:?}");
+        assert!(rt.least_slack_ms.is_some_and(|s| s < 150), "{rt:?}");
+        assert_eq!((t.disconnects, t.resubscribed), (1, 1));
+        assert_eq!(rt.disconnects_at.values().sum::<u64>(), 1);
+        assert_eq!(rt.attempts_at.values().sum::<u64>(), 1);
+        assert_eq!(rt.resubscribed_at.values().sum::<u64>(), 1);
+        assert_eq!(rt.clients_by_disconnects.get(&1), Some(&1));
     }
 
     #[test]

@@ -89,32 +89,6 @@ impl IdSet {
         }
         missing
     }
-
-    /// Every id of `other` added to `self`.
-    pub fn extend(&mut self, other: &IdSet) {
-        for &(s, e) in &other.0 {
-            // Ranges are few; ids inside each one go in through the in-order fast path
-            // only when they extend the end, so merge range by range instead.
-            self.add_range(s, e);
-        }
-    }
-
-    fn add_range(&mut self, s: u64, e: u64) {
-        if s >= e {
-            return;
-        }
-        // Every range overlapping or touching [s, e) merges into one.
-        let first = self.0.partition_point(|&(_, end)| end < s);
-        let last = self.0.partition_point(|&(start, _)| start <= e);
-        if first >= last {
-            self.0.insert(first, (s, e));
-            return;
-        }
-        let start = s.min(self.0[first].0);
-        let end = e.max(self.0[last - 1].1);
-        self.0.drain(first..last);
-        self.0.insert(first, (start, end));
-    }
 }
 
 #[cfg(test)]
@@ -170,16 +144,5 @@ mod tests {
         let mut gappy = set(&[2, 4, 6]);
         gappy.insert(9);
         assert_eq!(gappy.missing_from(&set(&[1, 4, 5, 9]), 0), 2);
-    }
-
-    #[test]
-    fn extend_merges_overlapping_and_touching_ranges() {
-        let mut a = set(&[1, 2, 3, 10, 11]);
-        a.extend(&set(&[4, 5, 20]));
-        assert_eq!(a.0, vec![(1, 6), (10, 12), (20, 21)]);
-        a.extend(&set(&[6, 7, 8, 9]));
-        assert_eq!(a.0, vec![(1, 12), (20, 21)]);
-        a.extend(&IdSet::default());
-        assert_eq!(a.len(), 12);
     }
 }

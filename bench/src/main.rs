@@ -35,11 +35,12 @@ const FD_RESERVE: u64 = 100;
 #[command(
     name = "herald-bench",
     version,
-    about = "Load tool for WebSocket push servers: connect, idle, broadcast, echo, capacity, storm.",
+    about = "Load tool for WebSocket push servers: connect, idle, broadcast, echo, capacity, storm, deploy.",
     after_help = "Conventions: subscribers open /ws?topics=TOPIC and wait for {\"op\":\"subscribed\"}; \
                   publishes are POST /publish {\"topic\":..,\"data\":[send_ns,\"pad\"]}; echo uses /echo; \
                   storm --resume reconnects with &resume=TOPIC~LAST_ID~EPOCH (epoch and ids from \
-                  {\"op\":\"subscribed\",..,\"epoch\":..,\"id\":..} and each message). \
+                  {\"op\":\"subscribed\",..,\"epoch\":..,\"id\":..} and each message), and so does \
+                  deploy, whose clients also honour {\"op\":\"reconnect\",\"after_ms\":X}. \
                   Pin server and tool to different cores, e.g. taskset -c 0 herald / taskset -c 1 herald-bench."
 )]
 struct Cli {
@@ -65,6 +66,9 @@ struct Cli {
     /// Print one JSON object instead of a table
     #[arg(long, global = true)]
     json: bool,
+    /// Also write the JSON object to this file (the table, or --json, still goes to stdout)
+    #[arg(long, global = true, value_name = "PATH")]
+    json_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -157,6 +161,50 @@ enum Scenario {
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
         max_backoff_ms: u64,
     },
+    /// Measure a deploy: N subscribers through --url (HAProxy's, say), a publisher at R/s
+    /// on --publish-url, and a restart command (rolling, or plain) once they are settled:
+    /// refused connections, disconnects and the way back, the reconnect rate per second,
+    /// messages missed and duplicated (clients resume, as storm --resume)
+    Deploy {
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        connections: usize,
+        /// Publishes per second, before, during and after the restart
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        /// Where to publish (POST /publish): comma-separated http://HOST:PORT, in order of
+        /// preference. The publisher stays on one until it refuses a connection, answers
+        /// 502/503/504 or ends the connection, then moves to the next, and sends the
+        /// publish again [default: --url's host and port]
+        #[arg(long)]
+        publish_url: Option<String>,
+        /// Command that restarts the servers (run with sh -c, its output to stderr): a
+        /// rolling restart, or a plain one. Without it, restart them yourself within
+        /// --timeout
+        #[arg(long)]
+        restart: Option<String>,
+        /// Seconds with every subscriber settled and the publisher running before the
+        /// restart
+        #[arg(long, default_value_t = 2.0)]
+        settle: f64,
+        /// The longest the restart command may run (it is then stopped), and then the
+        /// longest to wait for every client to be back
+        #[arg(long, default_value_t = 120.0)]
+        timeout: f64,
+        /// Seconds of publishing after every client is back
+        #[arg(long, default_value_t = 2.0)]
+        after: f64,
+        /// Send a publish again (refused connection, 502/503/504, or no reply before its
+        /// connection ended) until this many seconds after it was due; then it is lost
+        #[arg(long, default_value_t = 30.0)]
+        retry_for: f64,
+        /// Longest reconnect backoff after a failed attempt (full jitter below it). A
+        /// client told {"op":"reconnect","after_ms":X} waits X ms plus up to 100 ms
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
+        max_backoff_ms: u64,
+        /// Reconnect without waiting for the server's reconnect hints (to compare)
+        #[arg(long)]
+        ignore_hints: bool,
+    },
     #[command(hide = true)]
     Worker {
         #[arg(long)]
@@ -177,7 +225,14 @@ fn main() {
         return;
     }
     match run(&cli) {
-        Ok(report) => report.print(cli.json),
+        Ok(report) => {
+            if let Some(path) = &cli.json_file
+                && let Err(e) = report.save(path)
+            {
+                eprintln!("herald-bench: {}: {e}", path.display());
+            }
+            report.print(cli.json);
+        }
         Err(e) => {
             eprintln!("herald-bench: {e}");
             std::process::exit(2);
@@ -272,6 +327,7 @@ impl Planner<'_> {
                             backoff_max_ms: 2000,
                             resume: None,
                             bound_us,
+                            hints: false,
                         }
                     })
                     .collect(),
@@ -516,6 +572,36 @@ fn run(cli: &Cli) -> Result<Report, String> {
             },
             tool_start,
         )?,
+        Scenario::Deploy {
+            connections,
+            rate,
+            publish_url,
+            restart,
+            settle,
+            timeout,
+            after,
+            retry_for,
+            max_backoff_ms,
+            ignore_hints,
+        } => deploy(
+            &planner,
+            &observer,
+            &subscribe_path,
+            cli,
+            DeployPlan {
+                n: *connections,
+                rate: *rate,
+                publish: publish_targets(publish_url.as_deref(), target.addr)?,
+                restart: restart.as_deref(),
+                settle: *settle,
+                timeout: *timeout,
+                after: *after,
+                retry_for: *retry_for,
+                max_backoff_ms: *max_backoff_ms,
+                hints: !*ignore_hints,
+            },
+            tool_start,
+        )?,
         Scenario::Worker { .. } => unreachable!("handled in main"),
     };
     report.add("target", cli.url.clone(), json!(cli.url));
@@ -756,12 +842,14 @@ fn storm(
         resume,
         max_backoff_ms,
     } = plan;
-    let mut plans = planner.plans(Mode::Subscribe, path, n, 0.0, true, None);
-    for t in plans.iter_mut().flat_map(|p| p.threads.iter_mut()) {
-        t.backoff_max_ms = max_backoff_ms;
-        t.resume = resume.then(|| cli.topic.clone());
-    }
-    let mut workers = Workers::spawn(plans);
+    let workers = Workers::spawn(reconnecting_plans(
+        planner,
+        path,
+        n,
+        resume.then_some(cli.topic.as_str()),
+        max_backoff_ms,
+        false,
+    ));
     let ready = workers.wait_settled(Duration::from_secs(120), "storm: connecting");
     let stop = Arc::new(AtomicBool::new(false));
     let pace = Pace {
@@ -790,27 +878,108 @@ fn storm(
         }
         None => eprintln!("storm: restart the server now (waiting up to {timeout} s)"),
     }
-    let start = Instant::now();
-    let mut went_down = false;
-    let recovered = loop {
-        let p = workers.progress();
-        went_down |= p.usable < ready.usable;
-        report::progress_line(&format!("storm: {}/{} subscribed", p.usable, ready.usable));
-        if went_down && p.usable >= ready.usable {
-            break true;
-        }
-        if start.elapsed().as_secs_f64() > timeout {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    report::progress_done();
+    let mut lowest = ready.usable;
+    let recovered = wait_all_back(
+        &workers,
+        ready.usable,
+        Duration::from_secs_f64(timeout),
+        "storm",
+        true,
+        &mut lowest,
+    );
     // A second of traffic with everyone back, then count.
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let published = publisher.join().map_err(|_| "publisher panicked")?;
     let expected = published.acked * ready.usable;
-    // Resumed clients may still be replaying what they missed: give them longer.
+    let fin = finish_deliveries(workers, &published, expected, resume);
+    let t = &fin.tally;
+    let mut r = Report::new("storm");
+    r.add(
+        "clients",
+        format!("{} subscribed before the restart", ready.usable),
+        json!(ready.usable),
+    );
+    add_way_back(&mut r, t, recovered, timeout, resume);
+    add_published(&mut r, &published);
+    if !resume {
+        let lost = expected.saturating_sub(t.received);
+        r.add(
+            "missed across the restart",
+            format!("{lost} of {expected} deliveries (published while clients were away)"),
+            json!(lost),
+        );
+    } else {
+        add_resume(&mut r, t, expected, recovered);
+    }
+    r.add(
+        "server observed via",
+        observer.describe(),
+        json!(observer.describe()),
+    );
+    add_tool(&mut r, &fin, tool_start);
+    Ok(r)
+}
+
+/// Subscribers that reconnect whenever their connection ends (storm, deploy), with
+/// backoff up to `max_backoff_ms`; with `resume`, each keeps the topic's epoch and last
+/// id and resumes from there; with `hints`, each honours the server's reconnect hint.
+fn reconnecting_plans(
+    planner: &Planner,
+    path: &str,
+    n: usize,
+    resume: Option<&str>,
+    max_backoff_ms: u64,
+    hints: bool,
+) -> Vec<WorkerPlan> {
+    let mut plans = planner.plans(Mode::Subscribe, path, n, 0.0, true, None);
+    for t in plans.iter_mut().flat_map(|p| p.threads.iter_mut()) {
+        t.backoff_max_ms = max_backoff_ms;
+        t.resume = resume.map(str::to_string);
+        t.hints = hints;
+    }
+    plans
+}
+
+/// Wait (up to `limit`) until every one of the `ready` clients is subscribed again: after
+/// at least one was seen away when `need_dip` (the restart is still to come or under
+/// way), or at once when everyone is there. `lowest` keeps the fewest seen subscribed.
+fn wait_all_back(
+    workers: &Workers,
+    ready: u64,
+    limit: Duration,
+    label: &str,
+    need_dip: bool,
+    lowest: &mut u64,
+) -> bool {
+    let start = Instant::now();
+    let mut went_down = !need_dip;
+    let recovered = loop {
+        let p = workers.progress();
+        *lowest = (*lowest).min(p.usable);
+        went_down |= p.usable < ready;
+        report::progress_line(&format!("{label}: {}/{ready} subscribed", p.usable));
+        if went_down && p.usable >= ready {
+            break true;
+        }
+        if start.elapsed() > limit {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    report::progress_done();
+    recovered
+}
+
+/// Once the publisher has stopped: wait for the `expected` deliveries (longer when
+/// resumed clients may still be replaying what they missed), give every client the
+/// acknowledged ids to be checked against (unless they mix epochs), stop the workers.
+fn finish_deliveries(
+    mut workers: Workers,
+    published: &publish::Published,
+    expected: u64,
+    resume: bool,
+) -> worker::Finished {
     let drain = Duration::from_secs(if resume { 10 } else { 3 });
     let t0 = Instant::now();
     while {
@@ -820,18 +989,15 @@ fn storm(
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Each client is checked against the acknowledged ids, unless they mix epochs.
     if resume && !published.acked_ids.is_empty() && published.id_resets == 0 {
         workers.tell_acked(&published.acked_ids);
     }
-    let fin = workers.stop();
-    let t = &fin.tally;
-    let mut r = Report::new("storm");
-    r.add(
-        "clients",
-        format!("{} subscribed before the restart", ready.usable),
-        json!(ready.usable),
-    );
+    workers.stop()
+}
+
+/// storm's and deploy's rows on the way back: disconnects, failed attempts, the time
+/// until all were back, and when the reconnections came.
+fn add_way_back(r: &mut Report, t: &stats::Tally, recovered: bool, timeout: f64, resume: bool) {
     r.add(
         "disconnects",
         t.disconnects.to_string(),
@@ -852,7 +1018,13 @@ fn storm(
     r.add(
         "all back within",
         back.map_or_else(
-            || format!("not all back within {timeout} s"),
+            || {
+                if t.disconnects == 0 && recovered {
+                    "no client was disconnected".to_string()
+                } else {
+                    format!("not all back within {timeout} s")
+                }
+            },
             |s| {
                 if resume {
                     format!("{s:.3} s after the first disconnect (the last subscribed reply)")
@@ -883,6 +1055,10 @@ fn storm(
             json!({"resubscribed": t.resubscribed}),
         ),
     }
+}
+
+/// What the publisher did, as storm and deploy report it.
+fn add_published(r: &mut Report, published: &publish::Published) {
     r.add(
         "published",
         format!(
@@ -904,36 +1080,46 @@ fn storm(
             "id_resets": published.id_resets,
         }),
     );
-    if !resume {
-        let lost = expected.saturating_sub(t.received);
-        r.add(
-            "missed across the restart",
-            format!("{lost} of {expected} deliveries (published while clients were away)"),
-            json!(lost),
-        );
-    } else {
-        add_resume(&mut r, t, expected, recovered);
+}
+
+/// Deliveries missed by resuming clients.
+struct Missed {
+    /// The greater of the two counts below.
+    missed: u64,
+    /// Expected deliveries minus unique ones received.
+    by_count: u64,
+    /// Acknowledged ids never received, over the clients that could be checked.
+    by_id: Option<u64>,
+    /// Deliveries received, duplicates not counted.
+    unique: u64,
+}
+
+/// Two lower bounds on what was missed; neither can hide the other. By count, a delivery
+/// of a publish whose reply was lost would offset a miss; by id, only clients that stayed
+/// in one epoch can be checked.
+fn missed(t: &stats::Tally, expected: u64) -> Missed {
+    let rt = &t.resume;
+    let unique = t.received.saturating_sub(rt.duplicates);
+    let by_count = expected.saturating_sub(unique);
+    let by_id = (rt.checked > 0).then_some(rt.missed_by_id);
+    Missed {
+        missed: by_count.max(by_id.unwrap_or(0)),
+        by_count,
+        by_id,
+        unique,
     }
-    r.add(
-        "server observed via",
-        observer.describe(),
-        json!(observer.describe()),
-    );
-    add_tool(&mut r, &fin, tool_start);
-    Ok(r)
 }
 
 /// storm --resume's rows: misses counted two ways, duplicates, how resumes were answered,
 /// and the time until every resumed client had caught up.
 fn add_resume(r: &mut Report, t: &stats::Tally, expected: u64, all_back: bool) {
     let rt = &t.resume;
-    // Two lower bounds on what was missed; neither can hide the other. By count, a
-    // delivery of a publish whose reply was lost would offset a miss; by id, only clients
-    // that stayed in one epoch can be checked.
-    let unique = t.received.saturating_sub(rt.duplicates);
-    let by_count = expected.saturating_sub(unique);
-    let by_id = (rt.checked > 0).then_some(rt.missed_by_id);
-    let missed = by_count.max(by_id.unwrap_or(0));
+    let Missed {
+        missed,
+        by_count,
+        by_id,
+        unique,
+    } = missed(t, expected);
     r.add(
         "missed across the restart",
         format!(
@@ -1024,4 +1210,580 @@ fn add_resume(r: &mut Report, t: &stats::Tally, expected: u64, all_back: bool) {
         json!(caught_up),
     );
     r.add_latency("catch-up after resume", &rt.catch_up_us);
+}
+
+/// What `deploy` was asked to do.
+struct DeployPlan<'a> {
+    n: usize,
+    rate: f64,
+    publish: Vec<SocketAddr>,
+    restart: Option<&'a str>,
+    settle: f64,
+    timeout: f64,
+    after: f64,
+    retry_for: f64,
+    max_backoff_ms: u64,
+    hints: bool,
+}
+
+/// `--publish-url`: comma-separated `http://HOST:PORT` (or `ws://`, or bare HOST:PORT).
+fn publish_targets(spec: Option<&str>, default: SocketAddr) -> Result<Vec<SocketAddr>, String> {
+    let Some(spec) = spec else {
+        return Ok(vec![default]);
+    };
+    let mut out = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let rest = ["http://", "ws://"]
+            .iter()
+            .find_map(|p| item.strip_prefix(p))
+            .unwrap_or(item);
+        let host = rest.split('/').next().unwrap_or(rest);
+        let addr = host
+            .to_socket_addrs()
+            .map_err(|e| format!("--publish-url {host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("--publish-url {host} resolves to nothing"))?;
+        out.push(addr);
+    }
+    if out.is_empty() {
+        return Err("--publish-url names no server".into());
+    }
+    Ok(out)
+}
+
+/// How the restart command went.
+struct RestartRun {
+    /// Its exit code (None: killed by a signal, or stopped at the timeout).
+    code: Option<i32>,
+    timed_out: bool,
+    started_ns: u64,
+    ended_ns: u64,
+}
+
+/// Run `cmd` with `sh -c` in a process group of its own, its output on our stderr (the
+/// JSON report owns stdout), for at most `limit`; past that the group gets SIGTERM, then
+/// SIGKILL. `lowest` keeps the fewest clients seen subscribed meanwhile.
+fn run_restart(
+    cmd: &str,
+    limit: Duration,
+    workers: &Workers,
+    ready: u64,
+    lowest: &mut u64,
+) -> Result<RestartRun, String> {
+    use std::os::fd::AsFd;
+    use std::os::unix::process::CommandExt;
+    let stderr = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("stderr: {e}"))?;
+    let started_ns = stats::now_ns();
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(stderr))
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    let start = Instant::now();
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("deploy: waiting for the restart command: {e}");
+                break None;
+            }
+        }
+        let p = workers.progress();
+        *lowest = (*lowest).min(p.usable);
+        report::progress_line(&format!(
+            "deploy: restarting ({:.0} s): {}/{ready} subscribed",
+            start.elapsed().as_secs_f64(),
+            p.usable
+        ));
+        if start.elapsed() > limit && !timed_out {
+            timed_out = true;
+            eprintln!("deploy: the restart command ran past {limit:?}: stopping it");
+            // SAFETY: kill(2) on the process group this function created for the command.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGTERM) };
+        }
+        if start.elapsed() > limit + Duration::from_secs(5) {
+            // SAFETY: as above.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            break child.wait().ok();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    report::progress_done();
+    Ok(RestartRun {
+        code: status.and_then(|s| s.code()),
+        timed_out,
+        started_ns,
+        ended_ns: stats::now_ns(),
+    })
+}
+
+/// A per-second curve of events, from its first non-empty second to its last.
+struct Curve {
+    /// The first second's offset from the reference time, and the counts from there.
+    first_s: i64,
+    per_second: Vec<u64>,
+}
+
+impl Curve {
+    /// `buckets` (100 ms, `stats::BUCKET_NS`) summed per second counted from `t0_ns`.
+    fn new(buckets: &std::collections::BTreeMap<u64, u64>, t0_ns: u64) -> Curve {
+        let base = (t0_ns / stats::BUCKET_NS) as i64;
+        let per_bucket = (1_000_000_000 / stats::BUCKET_NS) as i64;
+        let mut seconds = std::collections::BTreeMap::<i64, u64>::new();
+        for (&b, &n) in buckets {
+            if n > 0 {
+                *seconds
+                    .entry((b as i64 - base).div_euclid(per_bucket))
+                    .or_default() += n;
+            }
+        }
+        let (Some(&first), Some(&last)) = (seconds.keys().next(), seconds.keys().next_back())
+        else {
+            return Curve {
+                first_s: 0,
+                per_second: Vec::new(),
+            };
+        };
+        Curve {
+            first_s: first,
+            per_second: (first..=last)
+                .map(|s| seconds.get(&s).copied().unwrap_or(0))
+                .collect(),
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.per_second.iter().sum()
+    }
+
+    /// (peak, the second it was in)
+    fn peak(&self) -> (u64, i64) {
+        self.per_second
+            .iter()
+            .enumerate()
+            .max_by_key(|&(i, &n)| (n, std::cmp::Reverse(i)))
+            .map_or((0, 0), |(i, &n)| (n, self.first_s + i as i64))
+    }
+
+    /// Mean per second over the whole curve (first to last non-empty second), and over
+    /// the non-empty seconds only.
+    fn means(&self) -> (Option<f64>, Option<f64>) {
+        let total = self.total() as f64;
+        let active = self.per_second.iter().filter(|&&n| n > 0).count();
+        let mean = (!self.per_second.is_empty()).then(|| total / self.per_second.len() as f64);
+        let active_mean = (active > 0).then(|| total / active as f64);
+        (mean, active_mean)
+    }
+
+    /// One line per second: offset, count, a bar scaled to the peak.
+    fn histogram(&self, width: usize) -> Vec<String> {
+        let (peak, _) = self.peak();
+        self.per_second
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let bar = if peak > 0 {
+                    (n as usize * width).div_ceil(peak as usize)
+                } else {
+                    0
+                };
+                format!(
+                    "{:>+4} s {n:>6} {}",
+                    self.first_s + i as i64,
+                    "#".repeat(bar)
+                )
+            })
+            .collect()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let (peak, peak_at) = self.peak();
+        let (mean, active_mean) = self.means();
+        let ratio = |m: Option<f64>| m.filter(|&m| m > 0.0).map(|m| peak as f64 / m);
+        json!({
+            "first_s": self.first_s,
+            "per_second": self.per_second,
+            "total": self.total(),
+            "peak": peak,
+            "peak_at_s": peak_at,
+            "seconds": self.per_second.len(),
+            "mean": mean,
+            "peak_over_mean": ratio(mean),
+            "active_seconds": self.per_second.iter().filter(|&&n| n > 0).count(),
+            "active_mean": active_mean,
+            "active_peak_over_mean": ratio(active_mean),
+        })
+    }
+}
+
+fn deploy(
+    planner: &Planner,
+    observer: &Observer,
+    path: &str,
+    cli: &Cli,
+    plan: DeployPlan,
+    tool_start: f64,
+) -> Result<Report, String> {
+    let DeployPlan {
+        n,
+        rate,
+        publish,
+        restart,
+        settle,
+        timeout,
+        after,
+        retry_for,
+        max_backoff_ms,
+        hints,
+    } = plan;
+    for (flag, v) in [
+        ("--settle", settle),
+        ("--timeout", timeout),
+        ("--after", after),
+        ("--retry-for", retry_for),
+    ] {
+        if !(v.is_finite() && (0.0..=86_400.0).contains(&v)) {
+            return Err(format!("{flag} must be between 0 and 86400 seconds"));
+        }
+    }
+    if !(rate.is_finite() && rate > 0.0 && rate <= 1e6) {
+        return Err("--rate must be above 0 (and at most 1000000)".into());
+    }
+    let workers = Workers::spawn(reconnecting_plans(
+        planner,
+        path,
+        n,
+        Some(&cli.topic),
+        max_backoff_ms,
+        hints,
+    ));
+    let ready = workers.wait_settled(Duration::from_secs(120), "deploy: subscribing");
+    if ready.usable == 0 {
+        workers.stop();
+        return Err(format!("no subscriber could connect through {}", cli.url));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = publish::spawn_plan(
+        publish::Plan {
+            targets: publish.clone(),
+            topic: cli.topic.clone(),
+            payload: 64,
+            pace: Pace {
+                from: rate,
+                to: rate,
+                // Ends by `stop`; this only bounds it.
+                duration: Duration::from_secs_f64(settle + 2.0 * timeout + after + 10.0),
+            },
+            retry_for: Some(Duration::from_secs_f64(retry_for)),
+        },
+        stop.clone(),
+    );
+    eprintln!(
+        "deploy: {} subscribed, publishing {rate}/s to {publish:?}",
+        ready.usable
+    );
+    std::thread::sleep(Duration::from_secs_f64(settle));
+    let limit = Duration::from_secs_f64(timeout);
+    let mut lowest = ready.usable;
+    let command = match restart {
+        Some(cmd) => {
+            eprintln!("deploy: restarting: {cmd}");
+            Some(run_restart(
+                cmd,
+                limit,
+                &workers,
+                ready.usable,
+                &mut lowest,
+            )?)
+        }
+        None => {
+            eprintln!("deploy: restart the servers now (waiting up to {timeout} s)");
+            None
+        }
+    };
+    let recovered = wait_all_back(
+        &workers,
+        ready.usable,
+        limit,
+        "deploy: coming back",
+        command.is_none(),
+        &mut lowest,
+    );
+    std::thread::sleep(Duration::from_secs_f64(after));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let published = publisher.join().map_err(|_| "publisher panicked")?;
+    let expected = published.acked * ready.usable;
+    let fin = finish_deliveries(workers, &published, expected, true);
+    let t = &fin.tally;
+    let rt = &t.reconnect;
+
+    let mut r = Report::new("deploy");
+    r.add(
+        "clients",
+        format!(
+            "{} subscribed before the restart ({n} asked for)",
+            ready.usable
+        ),
+        json!(ready.usable),
+    );
+    if let Some(c) = &command {
+        let took = secs(c.ended_ns - c.started_ns);
+        r.add(
+            "restart",
+            format!(
+                "{}: {} after {took:.1} s",
+                restart.unwrap_or(""),
+                match (c.timed_out, c.code) {
+                    (true, _) => format!("stopped at the {timeout} s timeout"),
+                    (false, Some(code)) => format!("exited {code}"),
+                    (false, None) => "killed by a signal".to_string(),
+                }
+            ),
+            json!({"command": restart, "exit_code": c.code, "timed_out": c.timed_out, "seconds": took}),
+        );
+    }
+    // Refused: a TCP refusal, or a handshake answered with something else than 101 (a
+    // proxy with no server to send it to answers 503).
+    let tcp_refused = t.failures.get("refused").copied().unwrap_or(0);
+    let rejected: std::collections::BTreeMap<&str, u64> = t
+        .failures
+        .iter()
+        .filter_map(|(k, &v)| Some((k.strip_prefix("rejected ")?, v)))
+        .collect();
+    let sub_refused = tcp_refused + rejected.values().sum::<u64>();
+    let sub_failed: u64 = t.failures.values().sum();
+    r.add(
+        "refused, subscribers",
+        format!(
+            "{sub_refused} of {} connection attempts ({tcp_refused} refused by TCP, rejected by HTTP status: {rejected:?}); {sub_failed} failed in all",
+            t.attempted
+        ),
+        json!({"refused": sub_refused, "tcp_refused": tcp_refused, "rejected": rejected, "failed": sub_failed, "attempted": t.attempted}),
+    );
+    let pub_refused = published.refused + published.unavailable;
+    r.add(
+        "refused, publishers",
+        format!(
+            "{pub_refused}: {} connections refused, {} publishes answered 503 ({} other connection failures, {} requests unanswered as their connection ended); {} sent again, {} acknowledged after a resend, {} never acknowledged",
+            published.refused,
+            published.unavailable,
+            published.no_connection - published.refused,
+            published.unanswered,
+            published.retries,
+            published.retried_acked,
+            published.failed
+        ),
+        json!({
+            "refused": pub_refused,
+            "connections_refused": published.refused,
+            "answered_503": published.unavailable,
+            "connection_failures": published.no_connection,
+            "unanswered": published.unanswered,
+            "resent": published.retries,
+            "acked_after_resend": published.retried_acked,
+            "never_acked": published.failed,
+            "longest_wait_s": secs(published.longest_wait_ns),
+            "failovers": published.failovers,
+            "acked_by_target": publish
+                .iter()
+                .zip(&published.acked_by_target)
+                .map(|(a, n)| (a.to_string(), *n))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        }),
+    );
+    add_way_back(&mut r, t, recovered, timeout, true);
+    r.add(
+        "most away at once",
+        format!(
+            "{} of {} clients (sampled every 100 ms)",
+            ready.usable - lowest,
+            ready.usable
+        ),
+        json!(ready.usable - lowest),
+    );
+    let by_count: std::collections::BTreeMap<String, u64> = rt
+        .clients_by_disconnects
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+    r.add(
+        "clients by disconnects",
+        by_count
+            .iter()
+            .map(|(k, v)| format!("{v} disconnected {k}x"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        json!(by_count),
+    );
+    r.add(
+        "reconnect hints",
+        format!(
+            "{} received{}; {} reconnects waited for one{}{}",
+            rt.hints,
+            match (rt.hint_min_ms, rt.hint_max_ms) {
+                (Some(a), Some(b)) => format!(" (after_ms {a}-{b})"),
+                _ => String::new(),
+            },
+            rt.hinted_reconnects,
+            rt.least_slack_ms.map_or(String::new(), |s| format!(
+                ", the soonest {s} ms after its hint"
+            )),
+            if hints {
+                format!(", {} early", rt.early)
+            } else {
+                " (--ignore-hints)".to_string()
+            }
+        ),
+        json!({
+            "received": rt.hints,
+            "after_ms_min": rt.hint_min_ms,
+            "after_ms_max": rt.hint_max_ms,
+            "honoured": hints,
+            "hinted_reconnects": rt.hinted_reconnects,
+            "least_slack_ms": rt.least_slack_ms,
+            "early": rt.early,
+        }),
+    );
+    // The curves count seconds from the first disconnect (or the restart's start).
+    let t0 = t
+        .first_disconnect_ns
+        .or(command.as_ref().map(|c| c.started_ns))
+        .unwrap_or_else(stats::now_ns);
+    let reconnects = Curve::new(&rt.resubscribed_at, t0);
+    let (peak, peak_at) = reconnects.peak();
+    let (mean, active_mean) = reconnects.means();
+    let ratio = mean.filter(|&m| m > 0.0).map(|m| peak as f64 / m);
+    let active_ratio = active_mean.filter(|&m| m > 0.0).map(|m| peak as f64 / m);
+    let mut human = match (mean, ratio) {
+        (Some(m), Some(q)) => format!(
+            "peak {peak}/s at {peak_at:+} s, mean {m:.1}/s over {} s (peak/mean {q:.2}); over the {} s with any, mean {:.1}/s (peak/mean {:.2})",
+            reconnects.per_second.len(),
+            reconnects.per_second.iter().filter(|&&n| n > 0).count(),
+            active_mean.unwrap_or(0.0),
+            active_ratio.unwrap_or(0.0),
+        ),
+        _ => "no reconnection".to_string(),
+    };
+    for line in reconnects.histogram(40) {
+        human.push('\n');
+        human.push_str(&line);
+    }
+    let mut curve = reconnects.json();
+    curve["histogram"] = json!(reconnects.histogram(40));
+    r.add(
+        "reconnect rate",
+        format!("{human}\n(subscriptions confirmed after a disconnect, per second after the first disconnect)"),
+        curve,
+    );
+    let attempts = Curve::new(&rt.attempts_at, t0);
+    let closes = Curve::new(&rt.disconnects_at, t0);
+    r.add(
+        "reconnect attempts per second",
+        format!(
+            "peak {}/s; {:?} from {:+} s",
+            attempts.peak().0,
+            attempts.per_second,
+            attempts.first_s
+        ),
+        attempts.json(),
+    );
+    r.add(
+        "disconnects per second",
+        format!(
+            "peak {}/s; {:?} from {:+} s",
+            closes.peak().0,
+            closes.per_second,
+            closes.first_s
+        ),
+        closes.json(),
+    );
+    add_published(&mut r, &published);
+    add_resume(&mut r, t, expected, recovered);
+    r.add(
+        "delivered, never acknowledged",
+        format!(
+            "{} deliveries of ids the publisher never saw a 200 for, over {} clients (publishes the server ran but whose reply was lost: sent again, they arrived twice under two ids)",
+            t.resume.unacked, t.resume.checked
+        ),
+        json!(t.resume.unacked),
+    );
+    r.add_latency("publish-to-receive latency", &t.latency_us);
+    let missed = missed(t, expected).missed;
+    let within = ratio.map(|q| q <= 2.0);
+    r.add(
+        "targets",
+        format!(
+            "0 refused: {} ({sub_refused} subscriber, {pub_refused} publisher); 0 missed: {} ({missed}); no second above 2x the mean: {}",
+            met(sub_refused + pub_refused == 0),
+            met(missed == 0 && published.failed == 0),
+            within.map_or("no reconnections", met)
+        ),
+        json!({
+            "zero_refused": sub_refused + pub_refused == 0,
+            "zero_missed": missed == 0 && published.failed == 0,
+            "peak_within_2x_mean": within,
+        }),
+    );
+    r.add(
+        "server observed via",
+        observer.describe(),
+        json!(observer.describe()),
+    );
+    add_tool(&mut r, &fin, tool_start);
+    Ok(r)
+}
+
+fn met(yes: bool) -> &'static str {
+    if yes { "met" } else { "NOT met" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_curve_sums_seconds_from_the_reference_and_measures_its_peak() {
+        let t0 = 1_000 * stats::BUCKET_NS + 50_000_000; // inside bucket 1000
+        let mut b = std::collections::BTreeMap::new();
+        // Seconds +1 (two buckets), +2 nothing, +3.
+        b.insert(1010, 3);
+        b.insert(1019, 1);
+        b.insert(1035, 8);
+        let c = Curve::new(&b, t0);
+        assert_eq!((c.first_s, c.per_second.clone()), (1, vec![4, 0, 8]));
+        assert_eq!(c.peak(), (8, 3));
+        let (mean, active) = c.means();
+        assert_eq!((mean, active), (Some(4.0), Some(6.0)));
+        let j = c.json();
+        assert_eq!(j["peak_over_mean"], 2.0);
+        assert_eq!(
+            c.histogram(4),
+            ["  +1 s      4 ##", "  +2 s      0 ", "  +3 s      8 ####"]
+        );
+        let empty = Curve::new(&std::collections::BTreeMap::new(), t0);
+        assert_eq!(empty.means(), (None, None));
+        assert!(empty.json()["peak_over_mean"].is_null());
+    }
+
+    #[test]
+    fn publish_urls_are_a_list_of_servers() {
+        let d: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(publish_targets(None, d).unwrap(), [d]);
+        let l = publish_targets(Some("http://127.0.0.1:8081, 127.0.0.1:8082/publish"), d).unwrap();
+        assert_eq!(
+            l,
+            [
+                "127.0.0.1:8081".parse().unwrap(),
+                "127.0.0.1:8082".parse::<SocketAddr>().unwrap()
+            ]
+        );
+        assert!(publish_targets(Some(" , "), d).is_err());
+    }
 }

@@ -78,6 +78,11 @@ impl Report {
         self.add(key, human, v);
     }
 
+    /// The JSON object, to a file.
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        std::fs::write(path, format!("{}\n", Value::Object(self.json.clone())))
+    }
+
     pub fn print(self, as_json: bool) {
         if as_json {
             println!("{}", Value::Object(self.json));
@@ -86,7 +91,12 @@ impl Report {
         println!("herald-bench {}", self.scenario);
         let width = self.rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         for (k, v) in self.rows {
-            println!("  {k:width$}  {v}");
+            // A value of several lines (a histogram) keeps to its column.
+            let mut lines = v.lines();
+            println!("  {k:width$}  {}", lines.next().unwrap_or(""));
+            for line in lines {
+                println!("  {:width$}  {line}", "");
+            }
         }
     }
 }

@@ -69,6 +69,65 @@ pub struct Tally {
     pub first_resubscribed_ns: Option<u64>,
     /// storm --resume: what resuming did. Everything below stays zero without it.
     pub resume: ResumeTally,
+    /// Clients that reconnect (storm, deploy): when they went and came back, and the
+    /// server's reconnect hints.
+    pub reconnect: ReconnectTally,
+}
+
+/// Width of the time buckets below: CLOCK_MONOTONIC ns / `BUCKET_NS`.
+pub const BUCKET_NS: u64 = 100_000_000;
+
+/// Reconnecting clients over time, and the hints `{"op":"reconnect","after_ms":X}` they
+/// were given. Times are 100 ms buckets of the host-wide monotonic clock, so workers'
+/// curves add up.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ReconnectTally {
+    /// Subscribed connections that ended, per bucket.
+    pub disconnects_at: BTreeMap<u64, u64>,
+    /// Connection attempts by clients that had been subscribed before, per bucket.
+    pub attempts_at: BTreeMap<u64, u64>,
+    /// Reconnections whose subscription was confirmed, per bucket.
+    pub resubscribed_at: BTreeMap<u64, u64>,
+    /// Clients by how many times they were disconnected (0, 1, 2, ...).
+    pub clients_by_disconnects: BTreeMap<u32, u64>,
+    /// Hints received, and the least and greatest `after_ms`.
+    pub hints: u64,
+    pub hint_min_ms: Option<u64>,
+    pub hint_max_ms: Option<u64>,
+    /// Reconnects that waited for a hint (deploy honours them), the least time past the
+    /// hint's end at which one was attempted, and attempts made before it ended (a bug
+    /// of this tool if ever above zero).
+    pub hinted_reconnects: u64,
+    pub least_slack_ms: Option<u64>,
+    pub early: u64,
+}
+
+impl ReconnectTally {
+    pub fn merge(&mut self, o: &ReconnectTally) {
+        for (mine, theirs) in [
+            (&mut self.disconnects_at, &o.disconnects_at),
+            (&mut self.attempts_at, &o.attempts_at),
+            (&mut self.resubscribed_at, &o.resubscribed_at),
+        ] {
+            for (k, v) in theirs {
+                *mine.entry(*k).or_default() += v;
+            }
+        }
+        for (k, v) in &o.clients_by_disconnects {
+            *self.clients_by_disconnects.entry(*k).or_default() += v;
+        }
+        self.hints += o.hints;
+        self.hint_min_ms = min_opt(self.hint_min_ms, o.hint_min_ms);
+        self.hint_max_ms = max_opt(self.hint_max_ms, o.hint_max_ms);
+        self.hinted_reconnects += o.hinted_reconnects;
+        self.least_slack_ms = min_opt(self.least_slack_ms, o.least_slack_ms);
+        self.early += o.early;
+    }
+
+    /// Count one event at `now_ns` in `curve`.
+    pub fn mark(curve: &mut BTreeMap<u64, u64>, now_ns: u64) {
+        *curve.entry(now_ns / BUCKET_NS).or_default() += 1;
+    }
 }
 
 /// storm --resume, per client (a client lives across its reconnections).
@@ -97,6 +156,11 @@ pub struct ResumeTally {
     pub missed_by_id: u64,
     pub checked: u64,
     pub unchecked: u64,
+    /// The other way round, over the same clients: ids received above the first
+    /// `subscribed` id that the publisher never saw acknowledged (a publish the server
+    /// ran but whose reply was lost; sent again, it arrives twice, under two ids).
+    #[serde(default)]
+    pub unacked: u64,
 }
 
 impl ResumeTally {
@@ -113,6 +177,7 @@ impl ResumeTally {
         self.missed_by_id += o.missed_by_id;
         self.checked += o.checked;
         self.unchecked += o.unchecked;
+        self.unacked += o.unacked;
     }
 
     /// Resumes that got a `subscribed` reply.
@@ -164,6 +229,7 @@ impl Tally {
         self.resubscribed += o.resubscribed;
         self.first_resubscribed_ns = min_opt(self.first_resubscribed_ns, o.first_resubscribed_ns);
         self.resume.merge(&o.resume);
+        self.reconnect.merge(&o.reconnect);
     }
 }
 

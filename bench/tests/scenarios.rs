@@ -395,6 +395,121 @@ fn storm_with_resume_misses_nothing_across_a_restart_that_keeps_state() {
 }
 
 #[test]
+fn deploy_measures_a_restart_that_keeps_state_and_misses_nothing() {
+    // One herald with --state-dir, restarted by SIGTERM: its drain tells every client when
+    // to come back, saves history, and the next herald loads it, so every client resumes
+    // where it was. A short spread and jitter keep the test short.
+    let state =
+        std::env::temp_dir().join(format!("herald-bench-deploy-state-{}", std::process::id()));
+    std::fs::create_dir_all(&state).unwrap();
+    let state_arg = format!("--state-dir {}", state.display());
+    let herald = Restartable::start(
+        "deploy",
+        &[
+            &state_arg,
+            "--drain-spread",
+            "1",
+            "--reconnect-jitter",
+            "100-600",
+        ],
+    );
+    let restart = herald.restart_command();
+    let publish_url = format!("http://127.0.0.1:{}", herald.port);
+    let r = run(
+        &herald.url(),
+        &[
+            "deploy",
+            "-n",
+            "300",
+            "--rate",
+            "20",
+            "--publish-url",
+            &publish_url,
+            "--restart",
+            &restart,
+            "--settle",
+            "1",
+            "--timeout",
+            "30",
+            "--after",
+            "1",
+        ],
+    );
+    drop(herald);
+    let _ = std::fs::remove_dir_all(&state);
+    assert_eq!(r["clients"], 300, "{r}");
+    assert_eq!(r["restart"]["exit_code"], 0, "{r}");
+    assert_eq!(r["restart"]["timed_out"], false, "{r}");
+    // Every client went once, was told when to come back, and waited for it.
+    assert_eq!(r["disconnects"], 300, "{r}");
+    assert_eq!(
+        r["clients by disconnects"],
+        serde_json::json!({"1": 300}),
+        "{r}"
+    );
+    let hints = &r["reconnect hints"];
+    assert_eq!(hints["received"], 300, "{r}");
+    assert!(
+        hints["after_ms_min"].as_u64().is_some_and(|m| m >= 100),
+        "{r}"
+    );
+    assert!(
+        hints["after_ms_max"].as_u64().is_some_and(|m| m <= 600),
+        "{r}"
+    );
+    assert!(
+        hints["hinted_reconnects"]
+            .as_u64()
+            .is_some_and(|n| n >= 300),
+        "{r}"
+    );
+    assert_eq!(hints["early"], 0, "{r}");
+    assert!(
+        r["all back within"]
+            .as_f64()
+            .is_some_and(|s| s > 0.0 && s < 30.0),
+        "{r}"
+    );
+    // The reconnect curve: every reconnection on it, and its peak/mean a finite number.
+    let curve = &r["reconnect rate"];
+    assert_eq!(curve["total"], r["reconnections"]["resubscribed"], "{r}");
+    assert_eq!(curve["total"], 300, "{r}");
+    let ratio = curve["peak_over_mean"]
+        .as_f64()
+        .expect("peak/mean reported");
+    assert!(ratio.is_finite() && ratio >= 1.0, "{r}");
+    assert_eq!(
+        curve["histogram"].as_array().map(Vec::len),
+        curve["seconds"].as_u64().map(|n| n as usize),
+        "{r}"
+    );
+    assert!(r["targets"]["peak_within_2x_mean"].is_boolean(), "{r}");
+    // The publisher retried through the restart: every publish was acknowledged in the
+    // end, and what the restart refused is counted.
+    let publishers = &r["refused, publishers"];
+    assert_eq!(publishers["never_acked"], 0, "{r}");
+    assert!(publishers["refused"].as_u64().is_some(), "{r}");
+    let acked = r["published"]["acked"].as_u64().unwrap();
+    assert!(acked > 0, "{r}");
+    assert_eq!(r["published"]["acked_ids"].as_u64(), Some(acked), "{r}");
+    assert!(
+        r["refused, subscribers"]["refused"].as_u64().is_some(),
+        "{r}"
+    );
+    // Nothing missed, nothing twice: every client checked id by id, every resume recovered.
+    assert_eq!(r["subscribed without epoch"], 0, "{r}");
+    assert_eq!(
+        r["missed, by id and by count"]["checked_clients"], 300,
+        "{r}"
+    );
+    assert_eq!(r["missed, by id and by count"]["by_id"], 0, "{r}");
+    assert_eq!(r["missed across the restart"], 0, "{r}");
+    assert_eq!(r["duplicate deliveries"], 0, "{r}");
+    assert_eq!(r["resumes"]["not_recovered"], 0, "{r}");
+    assert_eq!(r["targets"]["zero_missed"], true, "{r}");
+}
+
+#[test]
 fn capacity_reports_the_largest_n_that_met_the_bound() {
     let server = Server::start();
     let r = run(

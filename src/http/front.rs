@@ -256,9 +256,6 @@ impl Front {
                 Some(r) if r.delivery_broken() => {
                     Response::text(200, "ok (redis up, delivery broken)")
                 }
-                Some(r) if r.delivery_ok() == Some(true) => {
-                    Response::text(200, "ok (redis up, delivery ok)")
-                }
                 Some(r) if r.is_up() => Response::text(200, "ok (redis up)"),
                 Some(_) => Response::text(200, "ok (redis down)"),
             },
@@ -493,7 +490,8 @@ impl Front {
             return;
         }
         env.conns[group.conn].state = State::ReadingRequest;
-        for slot in group.slots {
+        let count = group.slots.len();
+        for (n, slot) in group.slots.into_iter().enumerate() {
             let mut response = match slot.response {
                 Some(ready) => ready,
                 None if slot.topics.iter().all(|(_, r)| matches!(r, Some(Ok(_)))) => {
@@ -506,7 +504,9 @@ impl Front {
                 }
                 None => Response::refuse(&Reject::RedisUnavailable),
             };
-            response.close |= !slot.keep_alive || env.draining;
+            // A drain that began while these waited ends the connection after the last
+            // of them, not the first: every publish Redis ran gets its answer.
+            response.close |= !slot.keep_alive || (env.draining && n + 1 == count);
             if let Next::Stop = self.respond(env, group.conn, response, slot.head_only, now) {
                 return;
             }

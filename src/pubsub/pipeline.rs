@@ -66,14 +66,18 @@ struct Waiting {
 /// Why a read was sent to Redis.
 #[derive(Debug)]
 enum Reader {
-    Subscription {
+    /// Subscriptions to `topic` waiting for one read: sent for the first of them, it
+    /// serves every later one it covers (a reconnect herd makes one read per topic, not
+    /// one per client).
+    Subscriptions {
         topic: String,
-        waiting: Waiting,
+        /// The read's position: `None` asks for the topic's position only.
+        since: Option<u64>,
+        epoch: Option<String>,
+        waiting: Vec<Waiting>,
     },
     /// `GET /history` through Redis: the front door's held response `group` waits for it.
-    Http {
-        group: u64,
-    },
+    Http { group: u64 },
 }
 
 /// Messages that arrived on a topic while reads for it were at Redis. A subscription
@@ -81,8 +85,20 @@ enum Reader {
 #[derive(Debug, Default)]
 struct Arrivals {
     reads: usize,
-    /// (id, epoch, frame), in the order they came.
-    frames: VecDeque<(u64, String, Bytes)>,
+    /// In the order they came.
+    frames: VecDeque<Arrival>,
+}
+
+/// A message that came on a channel: (id, epoch, frame).
+type Arrival = (u64, String, Bytes);
+
+/// A read's answer, shared by the subscriptions it serves.
+#[derive(Clone, Copy)]
+struct ReadAnswer<'a> {
+    stored: &'a Stored,
+    /// `stored.messages`, framed once.
+    frames: &'a [(u64, Bytes)],
+    arrived: &'a VecDeque<Arrival>,
 }
 
 /// A `/history` answer through Redis, for the front door.
@@ -321,22 +337,44 @@ impl PubSub {
     /// Ask Redis where `topic` stands (and what the client missed), now that its channel
     /// is confirmed: everything published after the read executes comes on the channel.
     fn start_read(&mut self, conns: &mut Conns, topic: &str, waiting: Waiting, now: Instant) {
+        // A read already at Redis answers this one too if it reads from no later: its
+        // reply holds everything after the position it asked for, and what arrives on
+        // the channel after it was sent is kept in `arrivals`.
+        let covering = self.reads.values_mut().find(|r| match r {
+            Reader::Subscriptions {
+                topic: t,
+                since,
+                epoch,
+                ..
+            } if t == topic => match (&waiting.from, since) {
+                (None, _) => true,
+                (Some(f), Some(s)) => *s <= f.since && epoch.as_deref() == Some(&*f.epoch),
+                (Some(_), None) => false,
+            },
+            _ => false,
+        });
+        if let Some(Reader::Subscriptions { waiting: list, .. }) = covering {
+            list.push(waiting);
+            return;
+        }
         let Some(redis) = self.redis.as_mut() else {
             return;
         };
         let tag = self.next_read;
         self.next_read += 1;
         let (since, epoch) = match &waiting.from {
-            Some(f) => (Some(f.since), Some(f.epoch.as_str())),
+            Some(f) => (Some(f.since), Some(f.epoch.clone())),
             None => (None, None),
         };
-        if !redis.read_history(topic, since, epoch, tag, now) {
+        if !redis.read_history(topic, since, epoch.as_deref(), tag, now) {
             return self.answer_unknown(conns, topic, waiting);
         }
         self.arrivals.entry(topic.to_string()).or_default().reads += 1;
-        let reader = Reader::Subscription {
+        let reader = Reader::Subscriptions {
             topic: topic.to_string(),
-            waiting,
+            since,
+            epoch,
+            waiting: vec![waiting],
         };
         self.reads.insert(tag, reader);
     }
@@ -380,7 +418,7 @@ impl PubSub {
     ) -> Option<HttpRead> {
         match self.reads.remove(&tag)? {
             Reader::Http { group } => Some(HttpRead { group, result }),
-            Reader::Subscription { topic, waiting } => {
+            Reader::Subscriptions { topic, waiting, .. } => {
                 let arrived = self.arrivals.get_mut(&topic).map(|a| {
                     a.reads -= 1;
                     if a.reads == 0 {
@@ -392,17 +430,29 @@ impl PubSub {
                 if self.arrivals.get(&topic).is_some_and(|a| a.reads == 0) {
                     self.arrivals.remove(&topic);
                 }
+                let arrived = arrived.unwrap_or_default();
                 match result {
-                    Ok(stored) => self.answer_from_redis(
-                        conns,
-                        &topic,
-                        waiting,
-                        &stored,
-                        arrived.unwrap_or_default(),
-                    ),
+                    Ok(stored) => {
+                        // Framed once for every subscription the read serves.
+                        let frames: Vec<(u64, Bytes)> = stored
+                            .messages
+                            .iter()
+                            .map(|(id, data)| (*id, hub::message_frame(&topic, *id, data).0))
+                            .collect();
+                        let read = ReadAnswer {
+                            stored: &stored,
+                            frames: &frames,
+                            arrived: &arrived,
+                        };
+                        for w in waiting {
+                            self.answer_from_redis(conns, &topic, w, &read);
+                        }
+                    }
                     Err(why) => {
                         debug!("redis: read for {topic:?} failed: {why}");
-                        self.answer_unknown(conns, &topic, waiting);
+                        for w in waiting {
+                            self.answer_unknown(conns, &topic, w);
+                        }
                     }
                 }
                 None
@@ -415,16 +465,33 @@ impl PubSub {
         conns: &mut Conns,
         topic: &str,
         waiting: Waiting,
-        stored: &Stored,
-        arrived: VecDeque<(u64, String, Bytes)>,
+        read: &ReadAnswer,
     ) {
+        let ReadAnswer {
+            stored,
+            frames,
+            arrived,
+        } = *read;
         if !self.still_subscribed(conns, &waiting, topic) {
             return;
         }
+        // This subscription's share of the read: what follows its own position.
+        let since = waiting.from.as_ref().map_or(stored.last_id, |f| f.since);
+        let from_epoch = waiting
+            .from
+            .as_ref()
+            .is_none_or(|f| f.epoch == stored.epoch);
+        let mine: &[(u64, Bytes)] = if from_epoch {
+            let start = frames.partition_point(|(id, _)| *id <= since);
+            &frames[start..]
+        } else {
+            frames
+        };
+        let ids: Vec<u64> = mine.iter().map(|(id, _)| *id).collect();
         let outcome = waiting
             .from
             .as_ref()
-            .map(|from| redis_outcome(from, stored));
+            .map(|from| redis_outcome(from, &stored.epoch, stored.last_id, &ids));
         if let Some(outcome) = outcome {
             count(&mut self.resumes, outcome);
         }
@@ -437,17 +504,17 @@ impl PubSub {
         let sub = grant_sub(conns, id);
         conns.queue(id, protocol::subscribed(topic, &at, sub.as_deref()));
         if waiting.from.is_some() {
-            for (msg_id, data) in &stored.messages {
-                conns.queue(id, hub::message_frame(topic, *msg_id, data).0);
+            for (_, frame) in mine {
+                conns.queue(id, frame.clone());
             }
         }
         // What came on the channel while the read was at Redis: the ids after its place,
         // in order. Later ones, and ones still on their way, are checked live.
         let mut last = stored.last_id;
         for (msg_id, epoch, frame) in arrived {
-            if epoch == stored.epoch && msg_id == last + 1 {
-                conns.queue(id, frame);
-                last = msg_id;
+            if *epoch == stored.epoch && *msg_id == last + 1 {
+                conns.queue(id, frame.clone());
+                last = *msg_id;
             }
         }
         self.hub.place(id, topic, &stored.epoch, last);
@@ -613,17 +680,16 @@ impl PubSub {
 
 /// Whether a resume from `from` got everything from what Redis holds: the same epoch, a
 /// position Redis issued, and every id after it still in the stream.
-fn redis_outcome(from: &LeftOff, stored: &Stored) -> Outcome {
-    if from.epoch != stored.epoch || from.since > stored.last_id {
+fn redis_outcome(from: &LeftOff, epoch: &str, last_id: u64, ids: &[u64]) -> Outcome {
+    if from.epoch != epoch || from.since > last_id {
         return Outcome::EpochChanged;
     }
-    let missed = stored.last_id - from.since;
-    let contiguous = stored
-        .messages
+    let missed = last_id - from.since;
+    let contiguous = ids
         .iter()
         .zip(from.since + 1..)
-        .all(|((id, _), want)| *id == want);
-    if contiguous && stored.messages.len() as u64 == missed {
+        .all(|(id, want)| *id == want);
+    if contiguous && ids.len() as u64 == missed {
         Outcome::Recovered
     } else {
         Outcome::Gap
@@ -660,14 +726,6 @@ mod tests {
     use super::*;
     use crate::testkit::World;
 
-    fn stored(epoch: &str, last_id: u64, ids: &[u64]) -> Stored {
-        Stored {
-            epoch: epoch.into(),
-            last_id,
-            messages: ids.iter().map(|&id| (id, id.to_string())).collect(),
-        }
-    }
-
     fn from(since: u64, epoch: &str) -> LeftOff {
         LeftOff {
             since,
@@ -678,33 +736,17 @@ mod tests {
     #[test]
     fn a_redis_resume_is_recovered_only_with_every_id_after_since() {
         let e = "e1";
-        assert_eq!(
-            redis_outcome(&from(3, e), &stored(e, 6, &[4, 5, 6])),
-            Outcome::Recovered
-        );
-        assert_eq!(
-            redis_outcome(&from(6, e), &stored(e, 6, &[])),
-            Outcome::Recovered
-        );
+        let outcome =
+            |since, epoch, last, ids: &[u64]| redis_outcome(&from(since, epoch), e, last, ids);
+        assert_eq!(outcome(3, e, 6, &[4, 5, 6]), Outcome::Recovered);
+        assert_eq!(outcome(6, e, 6, &[]), Outcome::Recovered);
         // The stream was trimmed past the client's position.
-        assert_eq!(
-            redis_outcome(&from(3, e), &stored(e, 6, &[5, 6])),
-            Outcome::Gap
-        );
+        assert_eq!(outcome(3, e, 6, &[5, 6]), Outcome::Gap);
         // Expired in the middle, or a hole: not everything.
-        assert_eq!(
-            redis_outcome(&from(3, e), &stored(e, 6, &[4, 6])),
-            Outcome::Gap
-        );
-        assert_eq!(
-            redis_outcome(&from(3, "e0"), &stored(e, 6, &[1, 2])),
-            Outcome::EpochChanged
-        );
+        assert_eq!(outcome(3, e, 6, &[4, 6]), Outcome::Gap);
+        assert_eq!(outcome(3, "e0", 6, &[1, 2]), Outcome::EpochChanged);
         // A position Redis never issued.
-        assert_eq!(
-            redis_outcome(&from(9, e), &stored(e, 6, &[])),
-            Outcome::EpochChanged
-        );
+        assert_eq!(outcome(9, e, 6, &[]), Outcome::EpochChanged);
     }
 
     #[test]

@@ -268,6 +268,9 @@ struct Probe {
     next_at: Instant,
     /// As last reported; `None` before the first verdict.
     ok: Option<bool>,
+    /// Redis confirmed our subscription to the probe channel: before that a probe could
+    /// only be lost, and would make a starting herald look broken.
+    subscribed: bool,
 }
 
 pub struct Redis {
@@ -307,6 +310,7 @@ impl Redis {
                 sent: None,
                 next_at: now,
                 ok: None,
+                subscribed: false,
             },
             counters: RedisCounters::default(),
             // Epoch candidates come from here: seeded by the clock as well as the pid, so
@@ -342,7 +346,7 @@ impl Redis {
             Some((_, at)) => at + PROBE_TIMEOUT,
             None => self.probe.next_at,
         };
-        let probe = self.up.then_some(probe);
+        let probe = (self.up && self.probe.subscribed).then_some(probe);
         retries.chain(stuck).chain(probe).min()
     }
 
@@ -378,7 +382,7 @@ impl Redis {
 
     /// Send the next probe when due; a probe overdue is a broken delivery.
     fn tick_probe(&mut self, now: Instant, events: &mut Vec<Event>) {
-        if !self.up {
+        if !self.up || !self.probe.subscribed {
             return;
         }
         if let Some((_, at)) = self.probe.sent
@@ -784,6 +788,8 @@ impl Redis {
             Role::Subscription => {
                 self.confirmed.clear();
                 self.pings = 0;
+                self.probe.subscribed = false;
+                self.probe.sent = None;
             }
         }
         self.report(events, Some(why));
@@ -938,6 +944,9 @@ impl Redis {
         };
         let is_probe = matches!(items.get(1), Some(OwnedFrame::BulkString(ch)) if *ch == self.probe.channel.as_bytes());
         if is_probe {
+            if kind == b"subscribe" {
+                self.probe.subscribed = true;
+            }
             if kind == b"message"
                 && let Some(OwnedFrame::BulkString(seq)) = items.get(2)
                 && let Some((sent, _)) = self.probe.sent

@@ -173,12 +173,14 @@ pub struct Args {
     #[arg(long, env = "HERALD_REUSE_PORT")]
     pub reuse_port: bool,
 
-    /// Messages kept per topic for clients to resume (0 turns history off)
+    /// Messages kept per topic for clients to resume (0 turns history off). Keep at
+    /// least a topic's rate times the longest a client is away in a deploy (the drain
+    /// spread, the reconnect jitter, the herd coming back)
     #[arg(
         long,
         env = "HERALD_HISTORY_SIZE",
         value_name = "N",
-        default_value_t = 100
+        default_value_t = 1000
     )]
     pub history_size: usize,
 

@@ -4,6 +4,7 @@
 //! needs, and the exact command or config line that closes a gap.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,6 +21,12 @@ const SUPERVISOR_DEFAULT_MINFDS: u64 = 1024;
 const SUPERVISOR_DEFAULT_STOPWAIT: u64 = 10;
 /// systemd's default TimeoutStopSec.
 const SYSTEMD_DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(90);
+/// HAProxy's defaults for a server's `weight` and `agent-inter`.
+const HAPROXY_DEFAULT_WEIGHT: u64 = 1;
+const HAPROXY_DEFAULT_AGENT_INTER: Duration = Duration::from_secs(2);
+/// Below this `weight`, the agent's percentages lose too much to rounding: HAProxy sets
+/// the weight to weight × N / 100 in integers, so at weight 1 anything under 100% is 0.
+const HAPROXY_MIN_AGENT_WEIGHT: u64 = 10;
 
 /// The host's limits, as read at this moment.
 #[derive(Debug, Clone, Default)]
@@ -32,6 +39,8 @@ pub struct Host {
     pub tcp_max_syn_backlog: Option<u64>,
     pub port_range: Option<(u64, u64)>,
     pub mem_available_kib: Option<u64>,
+    /// `None`: the kernel has no such setting (before Linux 5.14).
+    pub tcp_migrate_req: Option<u64>,
 }
 
 impl Host {
@@ -65,24 +74,34 @@ impl Host {
             tcp_max_syn_backlog: number("net.ipv4.tcp_max_syn_backlog"),
             port_range,
             mem_available_kib,
+            tcp_migrate_req: number("net.ipv4.tcp_migrate_req"),
         }
     }
 }
 
-/// herald's settings that the checks compare against.
+/// herald's settings that the checks compare against: one herald process as its flags,
+/// or a deployment file, run it.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
     pub drain_timeout: Duration,
+    pub drain_spread: Duration,
     pub ping_interval: Duration,
     pub backlog: u64,
+    pub listen: SocketAddr,
+    pub agent_listen: Option<SocketAddr>,
+    pub reuse_port: bool,
 }
 
 impl Settings {
     pub fn from_config(cfg: &Config) -> Settings {
         Settings {
             drain_timeout: cfg.drain_timeout,
+            drain_spread: cfg.drain_spread,
             ping_interval: cfg.ping_interval,
             backlog: cfg.backlog.max(0) as u64,
+            listen: cfg.listen,
+            agent_listen: cfg.agent_listen,
+            reuse_port: cfg.reuse_port,
         }
     }
 }
@@ -119,10 +138,13 @@ impl Finding {
         }
     }
     fn note(what: String) -> Finding {
+        Finding::note_with(what, Vec::new())
+    }
+    fn note_with(what: String, fix: Vec<String>) -> Finding {
         Finding {
             verdict: Verdict::Note,
             what,
-            fix: Vec::new(),
+            fix,
         }
     }
     fn judge(good: bool, what: String, fix: Vec<String>) -> Finding {
@@ -222,6 +244,10 @@ pub fn assess_host(host: &Host, n: u64, settings: &Settings) -> Vec<Finding> {
             ],
         ));
     }
+    out.push(assess_migrate_req(
+        host.tcp_migrate_req,
+        settings.reuse_port,
+    ));
     if let Some(kib) = host.mem_available_kib {
         let need_kib = n * BYTES_PER_CONNECTION / 1024;
         out.push(Finding::judge(
@@ -231,6 +257,35 @@ pub fn assess_host(host: &Host, n: u64, settings: &Settings) -> Vec<Finding> {
         ));
     }
     out
+}
+
+/// `net.ipv4.tcp_migrate_req`: when a `--reuse-port` process closes its listener to
+/// drain, the connections in its accept queue move to the port's other listeners (1) or
+/// are reset (0). Only rolling restarts with `--reuse-port` need it; they fail without.
+fn assess_migrate_req(value: Option<u64>, reuse_port: bool) -> Finding {
+    let fix = vec![
+        "sysctl -w net.ipv4.tcp_migrate_req=1".to_string(),
+        "and to keep it: net.ipv4.tcp_migrate_req = 1 in /etc/sysctl.d/90-herald.conf (systemd/sysctl.d/ ships it)".to_string(),
+    ];
+    let why = "a --reuse-port process that drains hands the connections waiting in its accept queue to the others";
+    match value {
+        Some(1) => Finding::ok(format!("net.ipv4.tcp_migrate_req 1: {why}")),
+        Some(v) if reuse_port => Finding::fail(
+            format!("net.ipv4.tcp_migrate_req {v} with --reuse-port: each rolling restart resets the connections waiting in the restarted process's accept queue"),
+            fix,
+        ),
+        Some(v) => Finding::note_with(
+            format!("net.ipv4.tcp_migrate_req {v}: fine without --reuse-port; with it, each rolling restart resets the connections waiting in the restarted process's accept queue"),
+            fix,
+        ),
+        None if reuse_port => Finding::fail(
+            "net.ipv4.tcp_migrate_req is missing (Linux before 5.14) and herald runs with --reuse-port: each rolling restart resets the connections in the restarted process's accept queue".into(),
+            vec!["Linux 5.14 or later, or one port per process (supervisor/herald-redis.conf) with HAProxy's agent-check".to_string()],
+        ),
+        None => Finding::note(
+            "net.ipv4.tcp_migrate_req is missing (Linux before 5.14): rolling restarts with --reuse-port would reset queued connections".into(),
+        ),
+    }
 }
 
 /// A parsed `key = value` file: supervisord's INI or a systemd unit.
@@ -295,19 +350,209 @@ fn herald_setting<'a>(command: &'a str, env: &'a str, flag: &str) -> Option<&'a 
         .map(|v| v.trim_matches('"'))
 }
 
+/// A herald switch (`--flag`, or `HERALD_FLAG` set to anything but a falsey value, as
+/// clap reads it).
+fn herald_flag(command: &str, env: &str, flag: &str) -> bool {
+    let long = format!("--{flag}");
+    if command.split_whitespace().any(|w| w == long) {
+        return true;
+    }
+    let var = format!("HERALD_{}=", flag.to_uppercase().replace('-', "_"));
+    env.split([',', ' '])
+        .find_map(|a| a.trim().trim_matches('"').strip_prefix(var.as_str()))
+        .map(|v| v.trim_matches('"').to_ascii_lowercase())
+        .is_some_and(|v| !matches!(v.as_str(), "" | "0" | "n" | "no" | "f" | "false" | "off"))
+}
+
 /// Settings as a file runs herald: its command line and environment win over ours.
 fn effective(settings: &Settings, command: &str, env: &str) -> Settings {
+    let setting = |flag: &str| herald_setting(command, env, flag);
     let secs = |flag: &str, fallback: Duration| {
-        herald_setting(command, env, flag)
+        setting(flag)
             .and_then(|v| v.parse().ok())
             .map(Duration::from_secs)
             .unwrap_or(fallback)
     };
+    let drain_timeout = secs("drain-timeout", settings.drain_timeout);
+    // herald's rule: the spread defaults to half the drain timeout.
+    let drain_spread = match setting("drain-spread").and_then(|v| v.parse::<f64>().ok()) {
+        Some(s) if (0.0..=86_400.0).contains(&s) => Duration::from_secs_f64(s),
+        _ if setting("drain-timeout").is_some() => drain_timeout / 2,
+        _ => settings.drain_spread,
+    };
+    let addr = |flag: &str| setting(flag).and_then(|v| v.parse::<SocketAddr>().ok());
     Settings {
-        drain_timeout: secs("drain-timeout", settings.drain_timeout),
+        drain_timeout,
+        drain_spread,
         ping_interval: secs("ping-interval", settings.ping_interval),
         backlog: settings.backlog,
+        listen: addr("listen").unwrap_or(settings.listen),
+        agent_listen: addr("agent-listen").or(settings.agent_listen),
+        reuse_port: herald_flag(command, env, "reuse-port") || settings.reuse_port,
     }
+}
+
+/// A supervisord `command` as the shell runs it for process `num`: `%(process_num)d`
+/// filled in, a `/bin/sh -c '...'` wrapper taken off, `${NAME:-default}`, `${NAME}` and
+/// `$((a + b))` expanded, double quotes removed. `vars` answers for `${NAME}`.
+fn shell_expand(command: &str, num: u64, vars: &dyn Fn(&str) -> Option<String>) -> String {
+    // %(process_num)d, %(process_num)02d: Python's %-format, digits only.
+    let mut text = String::new();
+    let mut rest = command;
+    while let Some(i) = rest.find("%(process_num)") {
+        text.push_str(&rest[..i]);
+        let after = &rest[i + "%(process_num)".len()..];
+        let spec_len = after
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(after.len());
+        if after[spec_len..].starts_with('d') {
+            let width: usize = after[..spec_len].parse().unwrap_or(0);
+            text.push_str(&format!("{num:0width$}"));
+            rest = &after[spec_len + 1..];
+        } else {
+            text.push_str("%(process_num)");
+            rest = after;
+        }
+    }
+    text.push_str(rest);
+    let mut text = text.trim().to_string();
+    for shell in ["/bin/sh -c ", "sh -c ", "/bin/bash -c ", "bash -c "] {
+        if let Some(script) = text.strip_prefix(shell) {
+            let script = script.trim();
+            text = script
+                .strip_prefix('\'')
+                .and_then(|s| s.strip_suffix('\''))
+                .unwrap_or(script)
+                .to_string();
+            break;
+        }
+    }
+    // ${NAME:-default} and ${NAME}.
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let Some(end) = rest[i..].find('}') else {
+            rest = &rest[i..];
+            break;
+        };
+        let inner = &rest[i + 2..i + end];
+        let (name, default) = inner.split_once(":-").unwrap_or((inner, ""));
+        let value = vars(name).filter(|v| !v.is_empty());
+        out.push_str(value.as_deref().unwrap_or(default));
+        rest = &rest[i + end + 1..];
+    }
+    out.push_str(rest);
+    // $((a + b - c)): integers only.
+    let mut text = String::new();
+    let mut rest = out.as_str();
+    while let Some(i) = rest.find("$((") {
+        text.push_str(&rest[..i]);
+        let Some(end) = rest[i..].find("))") else {
+            rest = &rest[i..];
+            break;
+        };
+        let expr = &rest[i + 3..i + end];
+        match arithmetic(expr) {
+            Some(v) => text.push_str(&v.to_string()),
+            None => text.push_str(&rest[i..i + end + 2]),
+        }
+        rest = &rest[i + end + 2..];
+    }
+    text.push_str(rest);
+    text.replace('"', "")
+}
+
+/// `8080 + 1000 + 2`: sums and differences of integers.
+fn arithmetic(expr: &str) -> Option<i64> {
+    let mut total = 0i64;
+    let mut sign = 1i64;
+    let mut number = String::new();
+    for c in expr.chars().chain(std::iter::once('+')) {
+        match c {
+            '0'..='9' => number.push(c),
+            ' ' | '\t' => {}
+            '+' | '-' => {
+                if number.is_empty() {
+                    // A sign before a number, or a second operator.
+                    if c == '-' {
+                        sign = -sign;
+                    }
+                    continue;
+                }
+                total += sign * number.parse::<i64>().ok()?;
+                number.clear();
+                sign = if c == '-' { -1 } else { 1 };
+            }
+            _ => return None,
+        }
+    }
+    Some(total)
+}
+
+/// `K="V",K2="V2"`, as supervisord's `environment=` writes it.
+fn supervisor_environment(env: &str) -> Vec<(String, String)> {
+    env.split(',')
+        .filter_map(|a| a.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
+/// The herald processes a supervisord file runs, each as its command line and
+/// environment set it (`numprocs` of them per program). `env` is supervisord's own
+/// environment, which its programs inherit.
+fn supervisor_runs(
+    text: &str,
+    settings: &Settings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Vec<Settings> {
+    let ini = Ini::parse(text);
+    let mut programs: Vec<&str> = Vec::new();
+    for (section, _, _) in &ini.entries {
+        if section.starts_with("program:") && !programs.contains(&section.as_str()) {
+            programs.push(section);
+        }
+    }
+    let mut runs = Vec::new();
+    for program in programs {
+        let here = |s: &str| s == program;
+        let Some(command) = ini.get(here, "command").filter(|c| c.contains("herald")) else {
+            continue;
+        };
+        let environment = ini.get(here, "environment").unwrap_or("");
+        let assigned = supervisor_environment(environment);
+        let vars = |name: &str| {
+            assigned
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .or_else(|| env(name))
+        };
+        let number = |key: &str, default: u64| {
+            ini.get(here, key)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let start = number("numprocs_start", 0);
+        for num in start..start + number("numprocs", 1).clamp(1, 1024) {
+            let expanded = shell_expand(command, num, &vars);
+            runs.push(effective(settings, &expanded, environment));
+        }
+    }
+    runs
+}
+
+/// The herald process a systemd unit runs.
+fn systemd_runs(text: &str, settings: &Settings) -> Vec<Settings> {
+    let ini = Ini::parse(text);
+    let Some(exec) = ini.get(|s| s == "Service", "ExecStart") else {
+        return Vec::new();
+    };
+    let env: String = ini
+        .all("Service", "Environment")
+        .collect::<Vec<_>>()
+        .join(" ");
+    vec![effective(settings, exec, &env)]
 }
 
 pub fn assess_supervisor(text: &str, n: u64, settings: &Settings) -> Vec<Finding> {
@@ -444,24 +689,138 @@ fn haproxy_value(
         .unwrap_or_default()
 }
 
+/// What a `server` or `default-server` line says about checks; `None`: not said.
+#[derive(Debug, Clone, Default)]
+struct ServerOpts {
+    agent_check: Option<bool>,
+    agent_port: Option<String>,
+    agent_addr: Option<String>,
+    agent_inter: Option<String>,
+    weight: Option<String>,
+}
+
+impl ServerOpts {
+    fn parse(
+        words: &[&str],
+        env: &dyn Fn(&str) -> Option<String>,
+        set: &[(String, String, bool)],
+    ) -> ServerOpts {
+        let mut opts = ServerOpts::default();
+        let mut it = words.iter();
+        while let Some(&w) = it.next() {
+            let mut value = || it.next().map(|v| haproxy_value(v, env, set));
+            match w {
+                "agent-check" => opts.agent_check = Some(true),
+                "no-agent-check" => opts.agent_check = Some(false),
+                "agent-port" => opts.agent_port = value(),
+                "agent-addr" => opts.agent_addr = value(),
+                "agent-inter" => opts.agent_inter = value(),
+                "weight" => opts.weight = value(),
+                _ => {}
+            }
+        }
+        opts
+    }
+
+    /// `self` with what `later` says on top.
+    fn then(&self, later: &ServerOpts) -> ServerOpts {
+        ServerOpts {
+            agent_check: later.agent_check.or(self.agent_check),
+            agent_port: later.agent_port.clone().or(self.agent_port.clone()),
+            agent_addr: later.agent_addr.clone().or(self.agent_addr.clone()),
+            agent_inter: later.agent_inter.clone().or(self.agent_inter.clone()),
+            weight: later.weight.clone().or(self.weight.clone()),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct HaServer {
+    backend: String,
+    name: String,
+    /// As written, `${VAR}` expanded: `127.0.0.1:8080`, `host:8080`.
+    addr: String,
+    opts: ServerOpts,
+}
+
+impl HaServer {
+    fn port(&self) -> Option<u16> {
+        self.addr.rsplit_once(':')?.1.parse().ok()
+    }
+}
+
+/// `.if defined(NAME)`: HAProxy's conditional blocks, as far as this file needs them (any
+/// other condition counts as true).
+fn haproxy_condition(
+    cond: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    set: &[(String, String, bool)],
+) -> bool {
+    match cond
+        .trim()
+        .strip_prefix("defined(")
+        .and_then(|c| c.strip_suffix(')'))
+    {
+        Some(name) => set.iter().any(|(n, _, _)| n == name.trim()) || env(name.trim()).is_some(),
+        None => true,
+    }
+}
+
+/// `herald`: the processes as the deployment files run them (or as herald's own flags
+/// say, when no file is given); HAProxy's server lines are checked against them.
 pub fn assess_haproxy(
     text: &str,
     n: u64,
-    settings: &Settings,
+    herald: &[Settings],
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut section = String::new();
+    let mut section_name = String::new();
     let mut tunnel: Vec<Duration> = Vec::new();
     let mut maxconn: Option<u64> = None;
     // (name, value, overrides the environment)
     let mut set: Vec<(String, String, bool)> = Vec::new();
+    let mut defaults_server = ServerOpts::default();
+    let mut backend_server = ServerOpts::default();
+    let mut servers: Vec<HaServer> = Vec::new();
+    // One entry per open `.if`: (this branch is taken, an earlier branch was).
+    let mut blocks: Vec<(bool, bool)> = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
         let words: Vec<&str> = line.split_whitespace().collect();
+        let active = blocks.iter().all(|&(taken, _)| taken);
+        match words.as_slice() {
+            [".if", ..] => {
+                let taken = active && haproxy_condition(&line[3..], env, &set);
+                blocks.push((taken, taken));
+                continue;
+            }
+            [".elif", ..] => {
+                if let Some((taken, done)) = blocks.pop() {
+                    let outer = blocks.iter().all(|&(t, _)| t);
+                    let now = outer && !done && haproxy_condition(&line[5..], env, &set);
+                    blocks.push((now, done || now || taken));
+                }
+                continue;
+            }
+            [".else"] => {
+                if let Some((_, done)) = blocks.pop() {
+                    let outer = blocks.iter().all(|&(t, _)| t);
+                    blocks.push((outer && !done, true));
+                }
+                continue;
+            }
+            [".endif"] => {
+                blocks.pop();
+                continue;
+            }
+            _ if !active => continue,
+            _ => {}
+        }
         match words.as_slice() {
             [] => {}
-            [s, ..]
+            [s, rest @ ..]
                 if matches!(
                     *s,
                     "global"
@@ -479,6 +838,11 @@ pub fn assess_haproxy(
                 ) =>
             {
                 section = s.to_string();
+                section_name = rest.first().unwrap_or(&"").to_string();
+                if section == "defaults" {
+                    defaults_server = ServerOpts::default();
+                }
+                backend_server = defaults_server.clone();
             }
             ["presetenv", name, value, ..] => {
                 set.push((name.to_string(), value.to_string(), false))
@@ -496,10 +860,33 @@ pub fn assess_haproxy(
             ["maxconn", value, ..] if section == "global" => {
                 maxconn = haproxy_value(value, env, &set).parse().ok()
             }
+            ["default-server", opts @ ..] => {
+                let opts = ServerOpts::parse(opts, env, &set);
+                if section == "defaults" {
+                    defaults_server = defaults_server.then(&opts);
+                    backend_server = defaults_server.clone();
+                } else {
+                    backend_server = backend_server.then(&opts);
+                }
+            }
+            ["server", name, addr, opts @ ..]
+                if matches!(section.as_str(), "backend" | "listen") =>
+            {
+                servers.push(HaServer {
+                    backend: section_name.clone(),
+                    name: name.to_string(),
+                    addr: haproxy_value(addr, env, &set),
+                    opts: backend_server.then(&ServerOpts::parse(opts, env, &set)),
+                })
+            }
             _ => {}
         }
     }
-    let ping = settings.ping_interval;
+    let ping = herald
+        .iter()
+        .map(|s| s.ping_interval)
+        .max()
+        .unwrap_or(Duration::from_secs(25));
     match tunnel.iter().min() {
         Some(&shortest) => out.push(Finding::judge(
             shortest >= ping * 2,
@@ -525,6 +912,184 @@ pub fn assess_haproxy(
             "HAProxy global maxconn is not set: its default depends on its fd limit and may be small".into(),
             vec![format!("maxconn {n}   (in global)")],
         )),
+    }
+    out.extend(assess_agent(&servers, herald));
+    out
+}
+
+/// HAProxy's agent-check against herald's `--agent-listen`: every server line that
+/// points at herald (in a backend named `herald...`, or at a port herald listens on)
+/// asks the agent of the process behind it, often enough, with a weight the agent's
+/// percentages can scale.
+fn assess_agent(servers: &[HaServer], herald: &[Settings]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let listens = |port: Option<u16>| herald.iter().any(|s| Some(s.listen.port()) == port);
+    let ours: Vec<&HaServer> = servers
+        .iter()
+        .filter(|s| s.backend.starts_with("herald") || listens(s.port()))
+        .collect();
+    let agents: Vec<SocketAddr> = herald.iter().filter_map(|s| s.agent_listen).collect();
+    let agent_list = || {
+        agents
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if ours.is_empty() {
+        out.push(Finding::note(
+            "no server line points at herald (no backend named herald*, no server on its --listen port): agent-check not checked".into(),
+        ));
+        return out;
+    }
+    if agents.is_empty() && ours.iter().all(|s| s.opts.agent_check != Some(true)) {
+        out.push(Finding::note_with(
+            "no agent-check, and herald runs without --agent-listen: HAProxy learns of a drain only when /health turns 503 (fall x inter later), SIGUSR1 takes nothing out of rotation, and the weights ignore herald's headroom".into(),
+            vec![
+                "herald --agent-listen 127.0.0.1:9080   (HERALD_AGENT_LISTEN; the shipped files use herald's port + 1000)".to_string(),
+                "server herald1 127.0.0.1:8080 check weight 100 agent-check agent-port 9080 agent-inter 2s".to_string(),
+            ],
+        ));
+        return out;
+    }
+    for server in ours {
+        let label = format!(
+            "server {}/{} ({})",
+            server.backend, server.name, server.addr
+        );
+        // The process behind this server line, when herald's settings say which.
+        let behind = herald
+            .iter()
+            .find(|s| Some(s.listen.port()) == server.port());
+        let expected = behind.map_or(agents.first().copied(), |s| s.agent_listen);
+        if server.opts.agent_check != Some(true) {
+            match expected {
+                Some(agent) => out.push(Finding::fail(
+                    format!("{label}: no agent-check, but herald answers one on {agent}: HAProxy never sees its drain (shutdown, SIGUSR1, no descriptors, broken Redis delivery) or its headroom"),
+                    vec![format!("server {} {} check weight 100 agent-check agent-port {} agent-inter 2s", server.name, server.addr, agent.port())],
+                )),
+                None => out.push(Finding::note(format!(
+                    "{label}: no agent-check (the herald on this port runs without --agent-listen)"
+                ))),
+            }
+            continue;
+        }
+        let Some(port_text) = &server.opts.agent_port else {
+            out.push(Finding::fail(
+                format!(
+                    "{label}: agent-check without agent-port: HAProxy refuses the configuration"
+                ),
+                vec![format!(
+                    "agent-port {}",
+                    expected.map_or("<herald's --agent-listen port>".to_string(), |a| a
+                        .port()
+                        .to_string())
+                )],
+            ));
+            continue;
+        };
+        let port: Option<u16> = port_text.parse().ok();
+        match (behind, expected) {
+            (_, None) if herald.iter().any(|s| s.reuse_port) => out.push(Finding::note(format!(
+                "{label}: agent-check on port {port_text}, but herald runs with --reuse-port and no --agent-listen: HAProxy ignores an agent it cannot reach (no harm), and behind one shared port an agent could not speak for one process anyway"
+            ))),
+            (_, None) => out.push(Finding::fail(
+                format!("{label}: agent-check on port {port_text}, but herald runs without --agent-listen: HAProxy ignores an agent it cannot reach, so drain and weights never reach it"),
+                vec![format!("herald --agent-listen 127.0.0.1:{port_text}   (HERALD_AGENT_LISTEN=127.0.0.1:{port_text})")],
+            )),
+            (Some(process), Some(agent)) => out.push(Finding::judge(
+                port == Some(agent.port()),
+                format!("{label}: agent-port {port_text} against the --agent-listen {agent} of the herald on port {}", process.listen.port()),
+                vec![format!("agent-port {}", agent.port())],
+            )),
+            (None, Some(_)) => out.push(Finding::judge(
+                agents.iter().any(|a| Some(a.port()) == port),
+                format!("{label}: agent-port {port_text} against herald's --agent-listen {}", agent_list()),
+                vec![format!(
+                    "agent-port {}",
+                    agents
+                        .iter()
+                        .map(|a| a.port().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                )],
+            )),
+        }
+        // No agent to ask: what follows is moot.
+        let Some(agent) = expected else {
+            continue;
+        };
+        // Where HAProxy connects: agent-addr, else the server's own address.
+        let host = server
+            .opts
+            .agent_addr
+            .clone()
+            .or_else(|| server.addr.rsplit_once(':').map(|(h, _)| h.to_string()));
+        let ip = host
+            .as_deref()
+            .and_then(|h| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok());
+        if let Some(ip) = ip
+            && !agent.ip().is_unspecified()
+            && ip != agent.ip()
+        {
+            out.push(Finding::fail(
+                format!(
+                    "{label}: HAProxy asks the agent at {ip}, but herald's agent listens on {agent}"
+                ),
+                vec![format!(
+                    "agent-addr {}   (or herald --agent-listen {ip}:{})",
+                    agent.ip(),
+                    agent.port()
+                )],
+            ));
+        }
+        let weight_text = server.opts.weight.clone();
+        let weight = weight_text
+            .as_deref()
+            .map_or(Some(HAPROXY_DEFAULT_WEIGHT), |w| w.parse().ok());
+        out.push(Finding::judge(
+            weight.is_some_and(|w| w >= HAPROXY_MIN_AGENT_WEIGHT),
+            format!(
+                "{label}: weight {} for the agent's percentages (HAProxy sets weight x N% in integers: at weight 1 anything under 100% is 0, no new connections)",
+                weight_text.as_deref().unwrap_or("1 (default)")
+            ),
+            vec!["weight 100".to_string()],
+        ));
+        let inter = match &server.opts.agent_inter {
+            None => Some(HAPROXY_DEFAULT_AGENT_INTER),
+            Some(t) => parse_haproxy_time(t),
+        };
+        let spread = behind
+            .map(|s| s.drain_spread)
+            .or_else(|| herald.iter().map(|s| s.drain_spread).min())
+            .unwrap_or_default();
+        match inter {
+            None => out.push(Finding::fail(
+                format!("{label}: agent-inter {}: not a duration", server.opts.agent_inter.as_deref().unwrap_or("")),
+                vec!["agent-inter 2s".to_string()],
+            )),
+            Some(inter) if spread.is_zero() => out.push(Finding::note(format!(
+                "{label}: agent-inter {}ms with --drain-spread 0: a drain closes every WebSocket at once, before HAProxy reads `drain`",
+                inter.as_millis()
+            ))),
+            Some(inter) => out.push(Finding::judge(
+                inter <= spread,
+                format!(
+                    "{label}: agent-inter {}ms against herald's --drain-spread {}ms: HAProxy should read `drain` before most of a drain's closes",
+                    inter.as_millis(),
+                    spread.as_millis()
+                ),
+                vec![format!(
+                    "agent-inter {}ms   (or a longer --drain-spread)",
+                    spread.as_millis().min(2000)
+                )],
+            )),
+        }
+        if behind.map_or(herald.iter().any(|s| s.reuse_port), |s| s.reuse_port) {
+            out.push(Finding::note(format!(
+                "{label}: herald runs with --reuse-port: the kernel, not HAProxy, picks the process behind this port, so one process's agent speaks for all of them (use one port per process for agent-check)"
+            )));
+        }
     }
     out
 }
@@ -605,32 +1170,49 @@ fn with_supervisor_includes(path: &std::path::Path, text: &str) -> Result<String
 /// Run every check that applies, print the findings; true when everything fits.
 pub fn run(args: &CheckArgs, settings: &Settings) -> Result<bool, String> {
     let n = args.connections;
-    let mut sections: Vec<(String, Vec<Finding>)> =
-        vec![("host".into(), assess_host(&Host::read(), n, settings))];
+    let env = |name: &str| std::env::var(name).ok();
     let read = |path: &PathBuf| {
         std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
     };
+    // The herald processes as the deployment files run them; herald's own flags when no
+    // file is given. The host and HAProxy are checked against these.
+    let mut runs: Vec<Settings> = Vec::new();
+    let mut files: Vec<(String, Vec<Finding>)> = Vec::new();
     if let Some(path) = &args.supervisor {
         let text = with_supervisor_includes(path, &read(path)?)?;
-        sections.push((
+        runs.extend(supervisor_runs(&text, settings, &env));
+        files.push((
             path.display().to_string(),
             assess_supervisor(&text, n, settings),
         ));
     }
     if let Some(path) = &args.systemd {
-        sections.push((
+        let text = read(path)?;
+        runs.extend(systemd_runs(&text, settings));
+        files.push((
             path.display().to_string(),
-            assess_systemd(&read(path)?, n, settings),
+            assess_systemd(&text, n, settings),
         ));
+    }
+    if runs.is_empty() {
+        runs.push(*settings);
     }
     if let Some(path) = &args.haproxy {
-        let env = |name: &str| std::env::var(name).ok();
         let text = read(path)?;
-        sections.push((
+        files.push((
             path.display().to_string(),
-            assess_haproxy(&text, n, settings, &env),
+            assess_haproxy(&text, n, &runs, &env),
         ));
     }
+    let host_settings = Settings {
+        reuse_port: runs.iter().any(|s| s.reuse_port),
+        ..*settings
+    };
+    let mut sections = vec![(
+        "host".to_string(),
+        assess_host(&Host::read(), n, &host_settings),
+    )];
+    sections.extend(files);
     println!(
         "herald check: {n} connections (drain timeout {}s, ping interval {}s, backlog {})",
         settings.drain_timeout.as_secs(),
@@ -663,9 +1245,28 @@ mod tests {
     fn settings() -> Settings {
         Settings {
             drain_timeout: Duration::from_secs(10),
+            drain_spread: Duration::from_secs(5),
             ping_interval: Duration::from_secs(25),
             backlog: 4096,
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            agent_listen: None,
+            reuse_port: false,
         }
+    }
+
+    fn with_agent(agent: &str) -> Settings {
+        Settings {
+            agent_listen: Some(agent.parse().unwrap()),
+            ..settings()
+        }
+    }
+
+    fn notes(findings: &[Finding]) -> Vec<&str> {
+        findings
+            .iter()
+            .filter(|f| f.verdict == Verdict::Note)
+            .map(|f| f.what.as_str())
+            .collect()
     }
 
     fn fails(findings: &[Finding]) -> Vec<&str> {
@@ -687,6 +1288,7 @@ mod tests {
             tcp_max_syn_backlog: Some(4096),
             port_range: Some((1024, 65535)),
             mem_available_kib: Some(16 << 20),
+            tcp_migrate_req: Some(1),
         };
         assert!(fails(&assess_host(&roomy, 50_000, &settings())).is_empty());
         let tight = Host {
@@ -748,27 +1350,27 @@ mod tests {
     fn haproxy_tunnel_timeout_and_maxconn() {
         let no_env = |_: &str| None;
         let good = "global\n  maxconn 100000\ndefaults\n  timeout tunnel 1h # long\n";
-        assert!(fails(&assess_haproxy(good, 50_000, &settings(), &no_env)).is_empty());
+        assert!(fails(&assess_haproxy(good, 50_000, &[settings()], &no_env)).is_empty());
         let bad = "global\n  maxconn 2000\ndefaults\n  timeout tunnel 30000\n";
         assert_eq!(
-            fails(&assess_haproxy(bad, 50_000, &settings(), &no_env)).len(),
+            fails(&assess_haproxy(bad, 50_000, &[settings()], &no_env)).len(),
             2
         );
         assert_eq!(
-            fails(&assess_haproxy("defaults\n", 10, &settings(), &no_env)).len(),
+            fails(&assess_haproxy("defaults\n", 10, &[settings()], &no_env)).len(),
             2
         );
         // "${VAR}": the environment wins over presetenv, setenv wins over both.
         let preset =
             "global\n  presetenv MC 100000\n  maxconn \"${MC}\"\ndefaults\n  timeout tunnel 1h\n";
-        assert!(fails(&assess_haproxy(preset, 50_000, &settings(), &no_env)).is_empty());
+        assert!(fails(&assess_haproxy(preset, 50_000, &[settings()], &no_env)).is_empty());
         let small = |name: &str| (name == "MC").then(|| "8000".to_string());
         assert_eq!(
-            fails(&assess_haproxy(preset, 50_000, &settings(), &small)).len(),
+            fails(&assess_haproxy(preset, 50_000, &[settings()], &small)).len(),
             1
         );
         let forced = preset.replace("presetenv", "setenv");
-        assert!(fails(&assess_haproxy(&forced, 50_000, &settings(), &small)).is_empty());
+        assert!(fails(&assess_haproxy(&forced, 50_000, &[settings()], &small)).is_empty());
     }
 
     /// The shipped sysctl drop-in and systemd unit give a host room for 50,000
@@ -795,6 +1397,7 @@ mod tests {
             tcp_max_syn_backlog: num("net.ipv4.tcp_max_syn_backlog"),
             port_range: Some((lo.trim().parse().unwrap(), hi.trim().parse().unwrap())),
             mem_available_kib: Some(1 << 20),
+            tcp_migrate_req: num("net.ipv4.tcp_migrate_req"),
         };
         assert!(
             host.nr_open.unwrap() >= nofile,
@@ -817,5 +1420,272 @@ mod tests {
         );
         assert_eq!(parse_systemd_time("infinity"), Some(Duration::MAX));
         assert_eq!(parse_systemd_time("soon"), None);
+    }
+    #[test]
+    fn tcp_migrate_req_matters_with_reuse_port_only() {
+        let reuse = Settings {
+            reuse_port: true,
+            ..settings()
+        };
+        let host = |v| Host {
+            nofile_hard: 1 << 20,
+            tcp_migrate_req: v,
+            ..Host::default()
+        };
+        let finding = |h: &Host, s: &Settings| {
+            assess_host(h, 100, s)
+                .into_iter()
+                .find(|f| f.what.contains("tcp_migrate_req"))
+                .unwrap()
+        };
+        let off = finding(&host(Some(0)), &reuse);
+        assert_eq!(off.verdict, Verdict::Fail, "{off}");
+        assert!(
+            off.fix
+                .iter()
+                .any(|f| f == "sysctl -w net.ipv4.tcp_migrate_req=1"),
+            "{off}"
+        );
+        // Without --reuse-port it is worth knowing, not a failure; the fix is still shown.
+        let note = finding(&host(Some(0)), &settings());
+        assert_eq!(note.verdict, Verdict::Note, "{note}");
+        assert!(!note.fix.is_empty());
+        assert_eq!(finding(&host(Some(1)), &reuse).verdict, Verdict::Ok);
+        assert_eq!(finding(&host(None), &reuse).verdict, Verdict::Fail);
+        assert_eq!(finding(&host(None), &settings()).verdict, Verdict::Note);
+    }
+
+    #[test]
+    fn supervisor_commands_expand_as_the_shell_would() {
+        let cmd = r#"/bin/sh -c 'exec herald --listen "127.0.0.1:$((${HERALD_PORT_BASE:-8080} + %(process_num)d))" --agent-listen "127.0.0.1:$((${BASE} + 1000 - 2 + %(process_num)02d))"'"#;
+        let vars = |name: &str| (name == "BASE").then(|| "8000".to_string());
+        assert_eq!(
+            shell_expand(cmd, 3, &vars),
+            "exec herald --listen 127.0.0.1:8083 --agent-listen 127.0.0.1:9001"
+        );
+        let base = |name: &str| (name == "HERALD_PORT_BASE").then(|| "7000".to_string());
+        assert!(shell_expand(cmd, 1, &base).contains("--listen 127.0.0.1:7001"));
+        assert_eq!(arithmetic("8080 + 1000 - 1"), Some(9079));
+        assert_eq!(arithmetic("8080 * 2"), None);
+        assert!(herald_flag(
+            "herald --reuse-port --redis x",
+            "",
+            "reuse-port"
+        ));
+        assert!(herald_flag(
+            "herald",
+            "HERALD_REUSE_PORT=\"true\"",
+            "reuse-port"
+        ));
+        assert!(!herald_flag("herald", "HERALD_REUSE_PORT=0", "reuse-port"));
+    }
+
+    /// The shipped supervisor files run herald's agent at its port + 1000.
+    #[test]
+    fn the_shipped_supervisor_files_run_an_agent_per_process() {
+        let no_env = |_: &str| None;
+        let one = supervisor_runs(
+            include_str!("../supervisor/herald.conf"),
+            &settings(),
+            &no_env,
+        );
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].agent_listen, Some("127.0.0.1:9080".parse().unwrap()));
+        assert_eq!(one[0].drain_spread, Duration::from_secs(5));
+        let redis = include_str!("../supervisor/herald-redis.conf");
+        let runs = supervisor_runs(redis, &settings(), &no_env);
+        let pairs: Vec<(u16, Option<u16>)> = runs
+            .iter()
+            .map(|s| (s.listen.port(), s.agent_listen.map(|a| a.port())))
+            .collect();
+        assert_eq!(pairs, vec![(8081, Some(9081)), (8082, Some(9082))]);
+        let moved = |name: &str| match name {
+            "HERALD_PORT_BASE" => Some("10000".to_string()),
+            "HERALD_AGENT_PORT_BASE" => Some("11000".to_string()),
+            _ => None,
+        };
+        let runs = supervisor_runs(redis, &settings(), &moved);
+        assert_eq!(runs[1].listen.port(), 10002);
+        assert_eq!(runs[1].agent_listen.map(|a| a.port()), Some(11002));
+        let unit = systemd_runs(include_str!("../systemd/herald.service"), &settings());
+        assert_eq!(
+            unit[0].agent_listen,
+            Some("127.0.0.1:9080".parse().unwrap())
+        );
+    }
+
+    const AGENT_CFG: &str = "global\n  maxconn 1000\n  presetenv PORT 9080\ndefaults\n  timeout tunnel 1h\nbackend herald\n  default-server weight 100 agent-check agent-inter 2s\n  server h1 127.0.0.1:8080 check agent-port \"${PORT}\"\n";
+
+    #[test]
+    fn haproxy_agent_check_matches_herald_agent_listen() {
+        let no_env = |_: &str| None;
+        let agent = [with_agent("127.0.0.1:9080")];
+        let found = assess_haproxy(AGENT_CFG, 100, &agent, &no_env);
+        assert!(fails(&found).is_empty(), "{:?}", fails(&found));
+        for what in [
+            "agent-port 9080 against",
+            "weight 100",
+            "agent-inter 2000ms",
+        ] {
+            assert!(
+                found
+                    .iter()
+                    .any(|f| f.verdict == Verdict::Ok && f.what.contains(what)),
+                "{what}: {found:?}"
+            );
+        }
+        // Another port, from the environment.
+        let other = |name: &str| (name == "PORT").then(|| "9090".to_string());
+        let found = assess_haproxy(AGENT_CFG, 100, &agent, &other);
+        let wrong = found
+            .iter()
+            .find(|f| f.verdict == Verdict::Fail)
+            .expect("a wrong agent-port fails");
+        assert!(wrong.what.contains("agent-port 9090"), "{wrong}");
+        assert_eq!(wrong.fix, vec!["agent-port 9080".to_string()]);
+        // herald without --agent-listen: the agent-check asks nobody.
+        let found = assess_haproxy(AGENT_CFG, 100, &[settings()], &no_env);
+        assert_eq!(fails(&found).len(), 1, "{found:?}");
+        assert!(fails(&found)[0].contains("without --agent-listen"));
+        // herald with an agent, HAProxy without agent-check.
+        let plain = "global\n  maxconn 1000\ndefaults\n  timeout tunnel 1h\nbackend herald\n  server h1 127.0.0.1:8080 check\n";
+        let found = assess_haproxy(plain, 100, &agent, &no_env);
+        let missing = found
+            .iter()
+            .find(|f| f.verdict == Verdict::Fail)
+            .expect("no agent-check fails");
+        assert!(
+            missing.fix[0].contains("agent-check agent-port 9080"),
+            "{missing}"
+        );
+        // Neither: a note says what is missed, nothing fails.
+        let found = assess_haproxy(plain, 100, &[settings()], &no_env);
+        assert!(fails(&found).is_empty());
+        assert!(notes(&found).iter().any(|n| n.contains("SIGUSR1")));
+    }
+
+    #[test]
+    fn haproxy_agent_weight_interval_address_and_port_are_checked() {
+        let no_env = |_: &str| None;
+        let agent = [with_agent("127.0.0.1:9080")];
+        let assess = |cfg: &str| assess_haproxy(cfg, 100, &agent, &no_env);
+        // The default weight of 1 turns every percentage below 100 into 0.
+        let found = assess(&AGENT_CFG.replace("weight 100 ", ""));
+        assert_eq!(fails(&found).len(), 1, "{found:?}");
+        assert!(fails(&found)[0].contains("weight 1 (default)"));
+        // An agent-inter longer than the drain spread (5 s).
+        let found = assess(&AGENT_CFG.replace("agent-inter 2s", "agent-inter 10s"));
+        assert_eq!(fails(&found).len(), 1, "{found:?}");
+        assert!(
+            fails(&found)[0].contains("agent-inter 10000ms against herald's --drain-spread 5000ms")
+        );
+        // The default agent-inter (2 s) against a spread of 1 s.
+        let quick = [Settings {
+            drain_spread: Duration::from_secs(1),
+            ..with_agent("127.0.0.1:9080")
+        }];
+        let found = assess_haproxy(
+            &AGENT_CFG.replace(" agent-inter 2s", ""),
+            100,
+            &quick,
+            &no_env,
+        );
+        assert_eq!(fails(&found).len(), 1, "{found:?}");
+        // agent-check with no agent-port: HAProxy refuses to start.
+        let found = assess(&AGENT_CFG.replace(" agent-port \"${PORT}\"", ""));
+        assert!(
+            fails(&found)
+                .iter()
+                .any(|f| f.contains("without agent-port")),
+            "{found:?}"
+        );
+        // The agent asked on another address than herald's agent listens on.
+        let found =
+            assess(&AGENT_CFG.replace("check agent-port", "check agent-addr 10.0.0.9 agent-port"));
+        assert!(
+            fails(&found).iter().any(|f| f.contains("10.0.0.9")),
+            "{found:?}"
+        );
+        // An agent on 0.0.0.0 answers on every address.
+        let any = [with_agent("0.0.0.0:9080")];
+        let cfg = AGENT_CFG.replace("check agent-port", "check agent-addr 10.0.0.9 agent-port");
+        assert!(fails(&assess_haproxy(&cfg, 100, &any, &no_env)).is_empty());
+        // no-agent-check on a server undoes default-server's agent-check.
+        let found =
+            assess(&AGENT_CFG.replace("check agent-port", "check no-agent-check agent-port"));
+        assert!(
+            fails(&found).iter().any(|f| f.contains("no agent-check")),
+            "{found:?}"
+        );
+        // --reuse-port without agents (one shared port): the agent-check is moot, a note.
+        let shared_port = [Settings {
+            reuse_port: true,
+            ..settings()
+        }];
+        let found = assess_haproxy(AGENT_CFG, 100, &shared_port, &no_env);
+        assert!(fails(&found).is_empty(), "{found:?}");
+        assert!(
+            notes(&found)
+                .iter()
+                .any(|n| n.contains("--reuse-port and no --agent-listen"))
+        );
+        // --reuse-port: one agent for several processes is only a note.
+        let shared = [Settings {
+            reuse_port: true,
+            ..with_agent("127.0.0.1:9080")
+        }];
+        let found = assess_haproxy(AGENT_CFG, 100, &shared, &no_env);
+        assert!(fails(&found).is_empty());
+        assert!(notes(&found).iter().any(|n| n.contains("--reuse-port")));
+    }
+
+    /// The shipped haproxy.cfg against the shipped supervisor files: one process as
+    /// shipped, two once the environment names the second (and the agent ports follow).
+    #[test]
+    fn the_shipped_haproxy_cfg_agrees_with_the_shipped_supervisor_files() {
+        let cfg = include_str!("../haproxy/haproxy.cfg");
+        let no_env = |_: &str| None;
+        let one = supervisor_runs(
+            include_str!("../supervisor/herald.conf"),
+            &settings(),
+            &no_env,
+        );
+        let found = assess_haproxy(cfg, 10_000, &one, &no_env);
+        assert!(fails(&found).is_empty(), "{:?}", fails(&found));
+        assert!(
+            !found.iter().any(|f| f.what.contains("herald2")),
+            "herald2 is inside .if defined(HERALD_BACKEND2)"
+        );
+        let two = supervisor_runs(
+            include_str!("../supervisor/herald-redis.conf"),
+            &settings(),
+            &no_env,
+        );
+        let env = |name: &str| {
+            match name {
+                "HERALD_BACKEND" => Some("127.0.0.1:8081"),
+                "HERALD_AGENT_PORT" => Some("9081"),
+                "HERALD_BACKEND2" => Some("127.0.0.1:8082"),
+                _ => None,
+            }
+            .map(str::to_string)
+        };
+        let found = assess_haproxy(cfg, 10_000, &two, &env);
+        assert!(fails(&found).is_empty(), "{:?}", fails(&found));
+        assert_eq!(
+            found
+                .iter()
+                .filter(|f| f.what.contains("agent-port 908"))
+                .count(),
+            2,
+            "{found:?}"
+        );
+        // Forgetting HERALD_AGENT_PORT leaves herald1 asking process 1's agent on 9080.
+        let forgot = |name: &str| env(name).filter(|_| name != "HERALD_AGENT_PORT");
+        let found = assess_haproxy(cfg, 10_000, &two, &forgot);
+        assert_eq!(fails(&found).len(), 1, "{found:?}");
+        assert!(
+            fails(&found)[0].contains("agent-port 9080 against the --agent-listen 127.0.0.1:9081")
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Integration tests: each runs the built `herald` binary on an ephemeral loopback port.
 
+mod agent;
 mod auth;
 mod deploy;
 mod drain;

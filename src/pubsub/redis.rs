@@ -221,6 +221,9 @@ struct Link {
     stream: Option<TcpStream>,
     phase: Phase,
     retry_at: Instant,
+    /// When the connection attempt began: a handshake unanswered for `REPLY_TIMEOUT`
+    /// resets the link.
+    since: Instant,
     attempt: u32,
     input: Vec<u8>,
     output: Vec<u8>,
@@ -235,6 +238,7 @@ impl Link {
             stream: None,
             phase: Phase::Down,
             retry_at: now,
+            since: now,
             attempt: 0,
             input: Vec::new(),
             output: Vec::new(),
@@ -339,8 +343,11 @@ impl Redis {
     pub fn next_deadline(&self) -> Option<Instant> {
         let retries = [&self.command, &self.subscription]
             .into_iter()
-            .filter(|l| l.phase == Phase::Down)
-            .map(|l| l.retry_at);
+            .filter_map(|l| match l.phase {
+                Phase::Down => Some(l.retry_at),
+                Phase::Connecting | Phase::Handshaking(_) => Some(l.since + REPLY_TIMEOUT),
+                Phase::Ready => None,
+            });
         let stuck = self.in_flight.front().map(|&(_, at)| at + REPLY_TIMEOUT);
         let probe = match self.probe.sent {
             Some((_, at)) => at + PROBE_TIMEOUT,
@@ -356,6 +363,11 @@ impl Redis {
             let link = self.link(role);
             if link.phase == Phase::Down && link.retry_at <= now {
                 self.connect(role, registry, now, events);
+            } else if matches!(link.phase, Phase::Connecting | Phase::Handshaking(_))
+                && now.duration_since(link.since) >= REPLY_TIMEOUT
+            {
+                let why = "no answer to the handshake within 5 s";
+                self.reset(role, why, registry, now, events);
             }
         }
         if self
@@ -579,7 +591,7 @@ impl Redis {
             if stream.peer_addr().is_err() {
                 return; // still connecting
             }
-            self.handshake(role, events);
+            self.handshake(role);
         }
         self.read(role, registry, now, events);
     }
@@ -663,13 +675,14 @@ impl Redis {
         let _ = stream.set_nodelay(true);
         link.stream = Some(stream);
         link.phase = Phase::Connecting;
+        link.since = now;
         link.wants_writable = true;
         link.input.clear();
         link.output.clear();
     }
 
     /// Connected: authenticate and choose the database before anything else.
-    fn handshake(&mut self, role: Role, events: &mut Vec<Event>) {
+    fn handshake(&mut self, role: Role) {
         let (user, pass, db) = (
             self.cfg.username.clone(),
             self.cfg.password.clone(),
@@ -690,10 +703,11 @@ impl Redis {
             command(&mut link.output, &[b"SELECT", db.to_string().as_bytes()]);
             expected += 1;
         }
+        // A link is ready when Redis has answered, not when TCP connected: a frozen Redis
+        // still completes connections from its kernel backlog.
+        command(&mut link.output, &[b"PING"]);
+        expected += 1;
         link.phase = Phase::Handshaking(expected);
-        if expected == 0 {
-            self.ready(role, events);
-        }
     }
 
     fn ready(&mut self, role: Role, events: &mut Vec<Event>) {
@@ -863,7 +877,7 @@ impl Redis {
     ) -> Result<(), String> {
         if let Phase::Handshaking(left) = self.link(role).phase {
             return match frame {
-                OwnedFrame::SimpleString(ref s) if s == b"OK" => {
+                OwnedFrame::SimpleString(ref s) if s == b"OK" || s == b"PONG" => {
                     self.link_mut(role).phase = Phase::Handshaking(left - 1);
                     if left == 1 {
                         self.ready(role, events);

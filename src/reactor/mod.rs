@@ -120,6 +120,9 @@ pub struct Server {
     exit: Option<i32>,
     /// `--agent-listen`: HAProxy's agent-check.
     agent: Option<TcpListener>,
+    /// A descriptor held in reserve, so the agent can still accept HAProxy's check (and
+    /// say `drain`) when the process is out of descriptors.
+    spare_fd: Option<std::fs::File>,
     /// SIGUSR1: the agent says `drain` until the next SIGUSR1.
     operator_drain: bool,
     max_memory: Option<u64>,
@@ -220,6 +223,7 @@ impl Server {
             signals,
             signalled,
             exit: None,
+            spare_fd: agent.as_ref().and_then(|_| std::fs::File::open("/dev/null").ok()),
             agent,
             operator_drain: false,
             max_memory: cfg.max_memory,
@@ -440,6 +444,15 @@ impl Server {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if net::is_resource_exhaustion(&e) && self.spare_fd.is_some() => {
+                    // Out of descriptors: the reserve one makes room to say so.
+                    self.accepting.last_failure = Some(now);
+                    self.spare_fd = None;
+                    if let Ok((stream, _)) = agent.accept() {
+                        net::refuse(stream, self.load(now).reply().as_bytes());
+                    }
+                    self.spare_fd = std::fs::File::open("/dev/null").ok();
+                }
                 Err(e) => {
                     debug!("agent accept: {e}");
                     return;

@@ -62,7 +62,9 @@ impl Asset {
                 "default-src 'self'; script-src 'self' 'unsafe-inline'; \
                  style-src 'self' 'unsafe-inline'; connect-src 'self' ws: wss:",
             ),
-            Asset::Client => response,
+            // Any page may import the client from herald's origin (an ES module across
+            // origins needs CORS); it carries no secret.
+            Asset::Client => response.header("Access-Control-Allow-Origin", "*"),
         }
     }
 }

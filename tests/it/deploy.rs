@@ -373,20 +373,25 @@ fn systemd_analyze_verifies_the_shipped_units() {
     require("mount", "mount");
     // `verify` insists that ExecStart's /usr/local/bin/herald exists. Rather than install
     // into the host, bind-mount a directory holding this build over /usr/local/bin in a
-    // private mount namespace. The template is verified through an instance name.
+    // private mount namespace. The templates are verified through instance names. A socket
+    // unit is verified with the service it activates, found beside it.
     let dir = scratch_dir("systemd");
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     std::fs::copy(env!("CARGO_BIN_EXE_herald"), dir.join("bin/herald")).unwrap();
-    std::os::unix::fs::symlink(
-        repo("systemd/herald@.service"),
-        dir.join("herald@8080.service"),
-    )
-    .unwrap();
+    for (template, instance) in [
+        ("herald@.service", "herald@8080.service"),
+        ("herald@.socket", "herald@8080.socket"),
+    ] {
+        std::os::unix::fs::symlink(repo(&format!("systemd/{template}")), dir.join(instance))
+            .unwrap();
+    }
     let script = format!(
-        "mount --bind {bin} /usr/local/bin && systemd-analyze verify {unit} {instance}",
+        "mount --bind {bin} /usr/local/bin && systemd-analyze verify {unit} {socket} {instance} {instance_socket}",
         bin = dir.join("bin").display(),
         unit = repo("systemd/herald.service").display(),
+        socket = repo("systemd/herald.socket").display(),
         instance = dir.join("herald@8080.service").display(),
+        instance_socket = dir.join("herald@8080.socket").display(),
     );
     let o = run(Command::new("unshare").args(["--mount", "sh", "-c", &script]));
     // verify exits 0 even for directives it ignores; a clean unit prints nothing.

@@ -15,6 +15,7 @@ mod liveness;
 mod overload;
 mod redis;
 mod redis_history;
+mod restarts;
 mod signals;
 mod topics;
 mod util;

@@ -76,9 +76,6 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
                 return Err(Reject::MethodNotAllowed("POST"));
             }
             authorize_publish(req, policy)?;
-            if policy.draining {
-                return Err(Reject::Draining);
-            }
             parse_publish(&req.body).map(Route::Publish)
         }
         "/history" => {

@@ -327,6 +327,11 @@ impl Redis {
         self.up
     }
 
+    /// The first connection attempt has come to an end: both links up, or one failed.
+    pub fn settled(&self) -> bool {
+        self.up || self.command.attempt > 0 || self.subscription.attempt > 0
+    }
+
     pub fn is_confirmed(&self, topic: &str) -> bool {
         self.confirmed.contains(topic)
     }

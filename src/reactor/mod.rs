@@ -489,6 +489,10 @@ impl Server {
     fn accept_due(&self, now: Instant) -> bool {
         self.accepting.ready
             && self.listener.is_some()
+            // With Redis, not before its first connection attempt has ended: connections
+            // wait in the backlog (or go to the other processes on the port) rather than
+            // have their publishes answered 503 "redis unavailable" in the first moments.
+            && self.pubsub.redis().is_none_or(redis::Redis::settled)
             && self.accepting.paused_until.is_none_or(|t| now >= t)
     }
 
@@ -909,6 +913,10 @@ impl Server {
             let conn = &self.conns[id];
             let between_requests = conn.partial.is_empty();
             match conn.state {
+                // Accepted, its first request not read yet: let it arrive (it is answered
+                // with `Connection: close`), bounded by the request timer and the drain.
+                State::ReadingRequest
+                    if between_requests && conn.timers.get(Timer::Request).is_some() => {}
                 State::ReadingRequest if between_requests && conn.out.is_empty() => {
                     self.kill(id, now)
                 }

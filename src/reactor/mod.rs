@@ -223,7 +223,9 @@ impl Server {
             signals,
             signalled,
             exit: None,
-            spare_fd: agent.as_ref().and_then(|_| std::fs::File::open("/dev/null").ok()),
+            spare_fd: agent
+                .as_ref()
+                .and_then(|_| std::fs::File::open("/dev/null").ok()),
             agent,
             operator_drain: false,
             max_memory: cfg.max_memory,

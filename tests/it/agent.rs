@@ -399,8 +399,7 @@ fn a_frozen_redis_turns_the_agent_to_drain_and_a_thawed_one_back() {
     redis.signal(libc::SIGCONT);
     assert!(
         eventually(Duration::from_secs(8), || {
-            ready(&ask(agent)).is_some()
-                && delivery(&herald) == (1.0, 1.0, "ok (redis up)".into())
+            ready(&ask(agent)).is_some() && delivery(&herald) == (1.0, 1.0, "ok (redis up)".into())
         }),
         "Redis thawed, yet: agent {:?}, {:?}",
         ask(agent),
@@ -593,8 +592,7 @@ fn a_process_whose_messages_stop_coming_back_drains_alone() {
     relay.mute.store(false, Ordering::SeqCst);
     assert!(
         eventually(Duration::from_secs(8), || {
-            ready(&ask(cut_agent)).is_some()
-                && delivery(&cut) == (1.0, 1.0, "ok (redis up)".into())
+            ready(&ask(cut_agent)).is_some() && delivery(&cut) == (1.0, 1.0, "ok (redis up)".into())
         }),
         "delivery back, yet: agent {:?}, {:?}",
         ask(cut_agent),

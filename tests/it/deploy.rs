@@ -583,6 +583,21 @@ fn supervisord_and_haproxy_run_herald_through_a_crash_and_a_deploy() {
             .status,
         403
     );
+    assert_eq!(
+        HttpConn::connect(public)
+            .exchange(b"GET /history?topic=e2e HTTP/1.1\r\nHost: site\r\n\r\n")
+            .status,
+        403
+    );
+    // The browser client comes from herald itself, importable from any page.
+    let client =
+        HttpConn::connect(public).exchange(b"GET /herald.js HTTP/1.1\r\nHost: site\r\n\r\n");
+    assert_eq!(client.status, 200);
+    assert!(
+        client.text().contains("export class Herald"),
+        "not herald.js"
+    );
+    assert_eq!(client.header("Access-Control-Allow-Origin"), Some("*"));
 
     // Crash: kill -9, supervisord restarts it, clients reconnect and receive again.
     let first = sup.herald_pid().expect("herald pid");

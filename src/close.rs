@@ -167,12 +167,10 @@ impl CloseReason {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_refusal_is_one_line_of_text() {
-        for reject in [
+impl Reject {
+    /// One of each, for tests that check every refusal.
+    pub fn examples() -> Vec<Reject> {
+        vec![
             Reject::bad_request("bad"),
             Reject::Unauthorized,
             Reject::TokenRequired("token required".into()),
@@ -186,7 +184,17 @@ mod tests {
             Reject::Draining,
             Reject::AtCapacity,
             Reject::RedisUnavailable,
-        ] {
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_is_one_line_of_text() {
+        for reject in Reject::examples() {
             let r = reject.refusal();
             assert!(!r.line.is_empty() && !r.line.contains('\n'), "{reject:?}");
             assert!(r.status >= 400, "{reject:?}");

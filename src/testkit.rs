@@ -53,18 +53,7 @@ impl World {
             .expect("test flags parse");
         let cfg = args.into_config(None, None).expect("test flags are valid");
         let now = Instant::now();
-        let rules = Rules {
-            api_key: cfg.api_key.clone(),
-            allowed_origins: cfg.allowed_origins.clone(),
-            max_message_size: cfg.max_message_size,
-            send_queue_limit: cfg.send_queue_limit,
-            handshake_timeout: cfg.handshake_timeout,
-            keepalive_timeout: cfg.keepalive_timeout,
-            require_token: cfg.require_token,
-            console: cfg.console,
-            fd_limit: 1024,
-            max_connections: 1000,
-        };
+        let rules = Rules::new(&cfg, 1024, 1000);
         World {
             conns: Conns::default(),
             front: Front::new(rules),

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use log::info;
 
 use crate::close::Reject;
+use crate::config::Config;
 use crate::conn::{ConnId, Conns, State};
 use crate::http::api::{self, Policy, Route};
 use crate::http::{Method, Parsed, Request, Response, parse};
@@ -120,6 +121,24 @@ pub struct Front {
     /// Publishes waiting for Redis, by tag.
     awaiting: HashMap<u64, Group>,
     next_tag: u64,
+}
+
+impl Rules {
+    /// The front door's share of the configuration, and the limits `/metrics` reports.
+    pub fn new(cfg: &Config, fd_limit: u64, max_connections: usize) -> Rules {
+        Rules {
+            api_key: cfg.api_key.clone(),
+            allowed_origins: cfg.allowed_origins.clone(),
+            max_message_size: cfg.max_message_size,
+            send_queue_limit: cfg.send_queue_limit,
+            handshake_timeout: cfg.handshake_timeout,
+            keepalive_timeout: cfg.keepalive_timeout,
+            require_token: cfg.require_token,
+            console: cfg.console,
+            fd_limit,
+            max_connections,
+        }
+    }
 }
 
 impl Front {
@@ -351,9 +370,7 @@ impl Front {
         now: Instant,
     ) -> Next {
         if !env.pubsub.redis_up() {
-            let mut response = Response::refuse(&Reject::RedisUnavailable);
-            response.close |= !keep_alive || env.draining;
-            return self.respond(env, id, response, head_only, now);
+            return self.redis_unavailable(env, id, (keep_alive, head_only), now);
         }
         let tag = self.group_of(env.conns, id);
         for topic in &p.topics {
@@ -367,6 +384,19 @@ impl Front {
             group.slots.push(slot);
         }
         Next::KeepReading
+    }
+
+    /// 503: what needs Redis cannot be done while it is down.
+    fn redis_unavailable(
+        &mut self,
+        env: &mut Env,
+        id: ConnId,
+        (keep_alive, head_only): (bool, bool),
+        now: Instant,
+    ) -> Next {
+        let mut response = Response::refuse(&Reject::RedisUnavailable);
+        response.close |= !keep_alive || env.draining;
+        self.respond(env, id, response, head_only, now)
     }
 
     /// The group holding `id`'s responses behind Redis, begun now if there is none.
@@ -400,9 +430,7 @@ impl Front {
         now: Instant,
     ) -> Next {
         if !env.pubsub.redis_up() {
-            let mut response = Response::refuse(&Reject::RedisUnavailable);
-            response.close |= !keep_alive || env.draining;
-            return self.respond(env, id, response, head_only, now);
+            return self.redis_unavailable(env, id, (keep_alive, head_only), now);
         }
         let tag = self.group_of(env.conns, id);
         env.pubsub

@@ -273,21 +273,7 @@ mod tests {
 
     #[test]
     fn every_refusal_is_one_line_of_text() {
-        for reject in [
-            Reject::bad_request("bad"),
-            Reject::Unauthorized,
-            Reject::TokenRequired("token required".into()),
-            Reject::Forbidden("origin not allowed"),
-            Reject::NotFound,
-            Reject::MethodNotAllowed("GET"),
-            Reject::LengthRequired,
-            Reject::PayloadTooLarge,
-            Reject::UpgradeRequired,
-            Reject::HeadersTooLarge,
-            Reject::Draining,
-            Reject::AtCapacity,
-            Reject::RedisUnavailable,
-        ] {
+        for reject in Reject::examples() {
             let r = Response::refuse(&reject);
             let body = String::from_utf8(r.body.clone()).unwrap();
             assert!(

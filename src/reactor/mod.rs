@@ -190,18 +190,7 @@ impl Server {
         for signal in [SIGTERM, SIGINT] {
             signal_hook::flag::register(signal, Arc::clone(&signalled))?;
         }
-        let rules = Rules {
-            api_key: cfg.api_key.clone(),
-            allowed_origins: cfg.allowed_origins.clone(),
-            max_message_size: cfg.max_message_size,
-            send_queue_limit: cfg.send_queue_limit,
-            handshake_timeout: cfg.handshake_timeout,
-            keepalive_timeout: cfg.keepalive_timeout,
-            require_token: cfg.require_token,
-            console: cfg.console,
-            fd_limit: nofile.soft,
-            max_connections,
-        };
+        let rules = Rules::new(&cfg, nofile.soft, max_connections);
         let now = Instant::now();
         let state_file = match (&cfg.state_dir, &cfg.redis) {
             (Some(dir), None) => Some(state::path(dir, cfg.listen.port())),

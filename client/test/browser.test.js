@@ -181,7 +181,10 @@ test("500 messages across a SIGTERM restart with --state-dir: every id once, in 
     assert.equal(s.retries[0].code, 1001);
     assert.deepEqual(s.gaps, []);
     assert.deepEqual(s.errors, []);
-    assert.deepEqual(problems, []);
+    // A reconnect that comes before the new herald listens is refused, and Chromium logs
+    // each refusal itself; anything else on the console is a problem.
+    const refused = /WebSocket connection to .* failed: .*ERR_CONNECTION_REFUSED/;
+    assert.deepEqual(problems.filter((p) => !refused.test(p)), []);
   } finally {
     await page.close();
     await stop(h);

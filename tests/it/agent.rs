@@ -693,29 +693,7 @@ impl HaProxy {
 
     /// A WebSocket through the public frontend, retrying while HAProxy finds a server.
     fn subscribe(&self, topic: &str) -> Client {
-        let start = Instant::now();
-        loop {
-            let attempt = TcpStream::connect(self.public).ok().and_then(|stream| {
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .ok()?;
-                let url = format!("ws://{}/ws?topics={topic}", self.public);
-                tungstenite::client::client(url.as_str(), stream)
-                    .ok()
-                    .map(|(ws, _)| ws)
-            });
-            if let Some(mut ws) = attempt
-                && let Ok(tungstenite::Message::Text(t)) = ws.read()
-                && t.as_str().contains("subscribed")
-            {
-                return ws;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "could not subscribe through HAProxy"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        crate::deploy::subscribe_through(self.public, topic)
     }
 }
 

@@ -309,7 +309,7 @@ fn healthy(addr: SocketAddr) -> bool {
 }
 
 /// Subscribe through the public frontend, retrying while HAProxy or herald come up.
-fn subscribe_through(public: SocketAddr, topic: &str) -> Client {
+pub(crate) fn subscribe_through(public: SocketAddr, topic: &str) -> Client {
     let start = Instant::now();
     loop {
         let attempt = TcpStream::connect(public).ok().and_then(|stream| {

@@ -56,26 +56,36 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 const SUBSCRIBE_BATCH: usize = 512;
 
 /// The epoch, set to the candidate ARGV[1] (and the stream cleared) when it is missing.
-/// KEYS: [1] id counter, [2] epoch key, [3] history stream. Shared by both scripts.
-const EPOCH_LUA: &str = "local epoch = redis.call('GET', KEYS[2]) \
+/// KEYS: [1] id counter, [2] epoch key, [3] history stream. Shared by both scripts: a
+/// macro, so each script is one literal and a publish formats none of it.
+macro_rules! epoch_lua {
+    () => {
+        "local epoch = redis.call('GET', KEYS[2]) \
      if not epoch then epoch = ARGV[1] redis.call('SET', KEYS[2], epoch) \
      redis.call('DEL', KEYS[3]) end \
-     local t = redis.call('TIME') local ms = t[1] * 1000 + math.floor(t[2] / 1000) ";
+     local t = redis.call('TIME') local ms = t[1] * 1000 + math.floor(t[2] / 1000) "
+    };
+}
 
 /// INCR the topic's id, append to its history (ARGV[3] entries at most, ARGV[4] ms), and
 /// PUBLISH "<id> <epoch> <data>" on its channel (KEYS[4]), atomically.
-const PUBLISH_LUA: &str = "local id = redis.call('INCR', KEYS[1]) \
+const PUBLISH_LUA: &str = concat!(
+    epoch_lua!(),
+    "local id = redis.call('INCR', KEYS[1]) \
      if tonumber(ARGV[3]) > 0 then \
      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], id .. '-0', 't', ms, 'd', ARGV[2]) \
      redis.call('PEXPIRE', KEYS[3], ARGV[4]) end \
      local n = redis.call('PUBLISH', KEYS[4], id .. ' ' .. epoch .. ' ' .. ARGV[2]) \
-     return {id, n}";
+     return {id, n}"
+);
 
 /// The topic's epoch and last id and, when ARGV[2] >= 0, the messages after id ARGV[2]
 /// that are younger than ARGV[3] ms (at most ARGV[4]), as a flat list of id, data. A
 /// position from another epoch (ARGV[5], when given) means nothing here: then every
 /// message the stream holds comes back.
-const READ_LUA: &str = "local last = tonumber(redis.call('GET', KEYS[1]) or '0') \
+const READ_LUA: &str = concat!(
+    epoch_lua!(),
+    "local last = tonumber(redis.call('GET', KEYS[1]) or '0') \
      local since = tonumber(ARGV[2]) local out = {} \
      if since >= 0 and ARGV[5] ~= '' and ARGV[5] ~= epoch then since = 0 end \
      if since >= 0 and since < last then \
@@ -83,7 +93,8 @@ const READ_LUA: &str = "local last = tonumber(redis.call('GET', KEYS[1]) or '0')
      local rows = redis.call('XRANGE', KEYS[3], (since + 1) .. '-0', '+', 'COUNT', ARGV[4]) \
      for _, row in ipairs(rows) do local f = row[2] \
      if tonumber(f[2]) >= oldest then out[#out + 1] = row[1] out[#out + 1] = f[4] end end end \
-     return {epoch, last, out}";
+     return {epoch, last, out}"
+);
 
 /// Where Redis is and how to speak to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -449,12 +460,11 @@ impl Redis {
         let epoch = self.fresh_epoch();
         let size = self.cfg.history_size.to_string();
         let ttl = self.cfg.history_ttl.as_millis().max(1).to_string();
-        let script = format!("{EPOCH_LUA}{PUBLISH_LUA}");
         command(
             &mut self.command.output,
             &[
                 b"EVAL",
-                script.as_bytes(),
+                PUBLISH_LUA.as_bytes(),
                 b"4",
                 id_key.as_bytes(),
                 epoch_key.as_bytes(),
@@ -490,12 +500,11 @@ impl Redis {
         let ttl = self.cfg.history_ttl.as_millis().to_string();
         // MAXLEN ~ may keep up to one stream node (100 entries) beyond the size.
         let count = (self.cfg.history_size + 100).to_string();
-        let script = format!("{EPOCH_LUA}{READ_LUA}");
         command(
             &mut self.command.output,
             &[
                 b"EVAL",
-                script.as_bytes(),
+                READ_LUA.as_bytes(),
                 b"3",
                 id_key.as_bytes(),
                 epoch_key.as_bytes(),

@@ -125,19 +125,10 @@ pub struct Pacer {
     /// Popped so far (closed, or found already gone).
     taken: usize,
     last_batch: Option<Instant>,
-    /// `--reconnect-jitter`, in ms.
-    jitter: (u64, u64),
-    rng: u64,
 }
 
 impl Pacer {
-    pub fn new(
-        start: Instant,
-        spread: Duration,
-        open: Vec<(ConnId, u64)>,
-        jitter: (u64, u64),
-        seed: u64,
-    ) -> Pacer {
+    pub fn new(start: Instant, spread: Duration, open: Vec<(ConnId, u64)>) -> Pacer {
         Pacer {
             start,
             spread,
@@ -145,9 +136,6 @@ impl Pacer {
             queue: open.into(),
             taken: 0,
             last_batch: None,
-            jitter,
-            // xorshift must not start at 0.
-            rng: seed | 1,
         }
     }
 
@@ -197,13 +185,34 @@ impl Pacer {
     pub fn total(&self) -> usize {
         self.total
     }
+}
 
-    /// A reconnect hint: milliseconds drawn uniformly from the jitter range.
-    pub fn hint(&mut self) -> u64 {
+/// Reconnect hints: milliseconds drawn uniformly from `--reconnect-jitter`, for the
+/// drain's closes and for subscribers told to resume after missed messages.
+#[derive(Debug)]
+pub struct Jitter {
+    range: (u64, u64),
+    rng: u64,
+}
+
+impl Jitter {
+    pub fn new(range: (u64, u64), seed: u64) -> Jitter {
+        // xorshift must not start at 0.
+        Jitter {
+            range,
+            rng: seed | 1,
+        }
+    }
+
+    pub fn range(&self) -> (u64, u64) {
+        self.range
+    }
+
+    pub fn draw(&mut self) -> u64 {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
-        let (min, max) = self.jitter;
+        let (min, max) = self.range;
         min + self.rng % (max - min + 1)
     }
 }
@@ -238,7 +247,7 @@ mod tests {
     #[test]
     fn closes_are_spread_evenly_not_front_loaded() {
         let t0 = Instant::now();
-        let mut p = Pacer::new(t0, Duration::from_secs(2), ids(1000), (0, 0), 1);
+        let mut p = Pacer::new(t0, Duration::from_secs(2), ids(1000));
         // Count closes per 100 ms bucket over the spread, polling as the loop would.
         let mut buckets = vec![0usize; 21];
         let mut now = t0;
@@ -259,15 +268,15 @@ mod tests {
     #[test]
     fn no_spread_closes_everything_at_once() {
         let t0 = Instant::now();
-        let mut p = Pacer::new(t0, Duration::ZERO, ids(10), (0, 0), 1);
+        let mut p = Pacer::new(t0, Duration::ZERO, ids(10));
         assert_eq!(p.due(t0).len(), 10);
         assert!(p.is_done() && p.next_deadline().is_none());
     }
 
     #[test]
     fn hints_cover_the_jitter_range_and_stay_in_it() {
-        let mut p = Pacer::new(Instant::now(), Duration::ZERO, Vec::new(), (100, 300), 7);
-        let hints: Vec<u64> = (0..2000).map(|_| p.hint()).collect();
+        let mut j = Jitter::new((100, 300), 7);
+        let hints: Vec<u64> = (0..2000).map(|_| j.draw()).collect();
         assert!(hints.iter().all(|h| (100..=300).contains(h)));
         assert!(hints.iter().any(|&h| h < 120) && hints.iter().any(|&h| h > 280));
         assert_eq!(parse_jitter("0-2000"), Ok((0, 2000)));

@@ -33,7 +33,7 @@ use signal_hook_mio::v1_0::Signals;
 use crate::close::Reject;
 use crate::config::Config;
 use crate::conn::{CLOSE_GRACE, ConnId, Conns, State};
-use crate::drain::{Drain, Finished, OnSignal, Pacer};
+use crate::drain::{Drain, Finished, Jitter, OnSignal, Pacer};
 use crate::http::Response;
 use crate::http::front::{Env, Front, Rules};
 use crate::metrics::Counters;
@@ -154,9 +154,8 @@ pub struct Server {
     /// The drain's paced closes, once they have begun.
     pacer: Option<Pacer>,
     drain_spread: Duration,
-    reconnect_jitter: (u64, u64),
-    /// For reconnect hints outside a drain.
-    rng: u64,
+    /// Reconnect hints, for the drain and for subscribers that missed messages.
+    jitter: Jitter,
     counters: Counters,
 }
 
@@ -240,8 +239,10 @@ impl Server {
             drain: Drain::Serving,
             pacer: None,
             drain_spread: cfg.drain_spread,
-            reconnect_jitter: cfg.reconnect_jitter,
-            rng: crate::pubsub::history::wall_clock_seed() | 1,
+            jitter: Jitter::new(
+                cfg.reconnect_jitter,
+                crate::pubsub::history::wall_clock_seed(),
+            ),
             counters: Counters::default(),
         })
     }
@@ -831,7 +832,7 @@ impl Server {
                         &data,
                     );
                     for lost in std::mem::take(&mut fanout.lost) {
-                        let after_ms = self.reconnect_hint();
+                        let after_ms = self.jitter.draw();
                         self.sessions.going_away(
                             &mut self.conns,
                             &mut self.pubsub,
@@ -939,12 +940,10 @@ impl Server {
             "closing {} WebSockets over {:.1} s, each told to reconnect after {}-{} ms",
             open.len(),
             self.drain_spread.as_secs_f64(),
-            self.reconnect_jitter.0,
-            self.reconnect_jitter.1
+            self.jitter.range().0,
+            self.jitter.range().1
         );
-        let seed = crate::pubsub::history::wall_clock_seed();
-        let pacer = Pacer::new(now, self.drain_spread, open, self.reconnect_jitter, seed);
-        self.pacer = Some(pacer);
+        self.pacer = Some(Pacer::new(now, self.drain_spread, open));
         self.close_due_websockets(now);
     }
 
@@ -954,10 +953,10 @@ impl Server {
             return;
         };
         let batch = pacer.due(now);
-        let hints: Vec<u64> = batch.iter().map(|_| pacer.hint()).collect();
         let was_done = pacer.is_done();
-        for (&(id, serial), after_ms) in batch.iter().zip(hints) {
+        for &(id, serial) in &batch {
             if self.conns.same(id, serial).is_some_and(|c| c.is_open()) {
+                let after_ms = self.jitter.draw();
                 self.sessions.going_away(
                     &mut self.conns,
                     &mut self.pubsub,
@@ -979,15 +978,6 @@ impl Server {
                 total as f64 / took.max(0.001)
             );
         }
-    }
-
-    /// A reconnect hint outside a drain, drawn from `--reconnect-jitter`.
-    fn reconnect_hint(&mut self) -> u64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let (min, max) = self.reconnect_jitter;
-        min + self.rng % (max - min + 1)
     }
 
     fn advance_drain(&mut self, now: Instant) -> Option<i32> {

@@ -15,6 +15,10 @@
 const TOPIC = /^[A-Za-z0-9_\-.:@/]{1,200}$/;
 const HINT_CAP = 600000; // ms: the longest reconnect hint we obey
 
+// Intervals and the hint run on a monotonic clock with sub-millisecond resolution: Date.now()
+// floors to the millisecond and jumps with the wall clock, so a hint timed by it can end early.
+const clock = () => (globalThis.performance ? globalThis.performance.now() : Date.now());
+
 const DEFAULTS = {
   minDelay: 500,
   maxDelay: 30000,
@@ -70,7 +74,7 @@ export class Herald {
   #closed = false;
   #attempt = 0;
   #retry = 0; // timer
-  #notBefore = 0; // the reconnect hint, as a wall-clock ms
+  #notBefore = 0; // the reconnect hint, on clock()
   #token;
   #tokenExp;
   #tokenAt = 0;
@@ -345,7 +349,7 @@ export class Herald {
     if (this.#closed || this.#c) return;
     clearTimeout(this.#retry);
     this.#retry = 0;
-    const wait = this.#notBefore - Date.now();
+    const wait = this.#notBefore - clock();
     if (wait > 0) {
       this.#retry = setTimeout(() => ((this.#retry = 0), this.#connect()), wait);
       return;
@@ -375,7 +379,7 @@ export class Herald {
   #onOpen(c) {
     if (this.#c !== c) return;
     clearTimeout(c.timer);
-    c.openedAt = c.last = Date.now();
+    c.openedAt = c.last = clock();
     const tick = Math.max(50, Math.min(1000, this.#o.idleTimeout / 4, this.#o.pongTimeout / 4));
     c.tick = setInterval(() => this.#checkAlive(c), tick);
     this.#ping(c, { kind: "connect" });
@@ -387,7 +391,7 @@ export class Herald {
 
   #onFrame(c, data) {
     if (this.#c !== c) return;
-    c.last = Date.now();
+    c.last = clock();
     let m;
     try {
       m = JSON.parse(typeof data === "string" ? data : String(data));
@@ -412,14 +416,14 @@ export class Herald {
         // The server is going away: never come back before after_ms.
         const after = Math.min(HINT_CAP, Math.max(0, Number(m.after_ms) || 0));
         c.hint = after;
-        this.#notBefore = Date.now() + after;
+        this.#notBefore = clock() + after;
         return;
       }
     }
   }
 
   #ping(c, entry) {
-    entry.at = Date.now();
+    entry.at = clock();
     c.pending.push(entry);
     this.#send(c, { op: "ping" });
   }
@@ -466,7 +470,7 @@ export class Herald {
 
   #checkAlive(c) {
     if (this.#c !== c) return;
-    const now = Date.now();
+    const now = clock();
     const o = this.#o;
     const oldest = c.pending[0];
     if (oldest && now - oldest.at > o.pongTimeout && now - c.last > o.pongTimeout) {
@@ -520,7 +524,7 @@ export class Herald {
       if (e.kind === "publish" && !e.failed) e.reject(new HeraldError("connection_lost", why, { topic: e.topic, op: "publish" }));
     }
     if (this.#closed) return;
-    const now = Date.now();
+    const now = clock();
     if (c.openedAt) {
       this.#stats.reconnects++;
       if (now - c.openedAt >= this.#o.stableAfter) this.#attempt = 0;

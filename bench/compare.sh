@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Reproduce the README's Performance table: herald, uWebSockets.js and Node's ws, each
-# started fresh for every scenario and pinned to core 0, with herald-bench pinned to
-# core 1. Results (one JSON object per run) go to bench/results/DATE/.
+# Reproduce the README's Performance table: herald, uWebSockets.js, native C++
+# uWebSockets (uws-native) and Node's ws, each started fresh for every scenario and pinned
+# to core 0, with herald-bench pinned to core 1. Results (one JSON object per run) go to
+# bench/results/DATE/.
 #
 #   bench/compare.sh                 # the main scenarios, every server
 #   bench/compare.sh sweep capacity  # latency against load, largest N within 500 ms
@@ -9,23 +10,29 @@
 #   SERVERS="herald" bench/compare.sh idle
 #   SERVERS="herald herald-redis" bench/compare.sh fixed publishes   # the cost of Redis
 #
-# herald-redis is herald with --redis, with a redis-server (no persistence) that this
-# script starts on port 6390, pinned to core 1 beside herald-bench.
+# Servers (ports): herald (9000), uws = uWebSockets.js (9001), ws (9002), uws-native
+# (9003) = bench/peers/uws-native/server.cpp, uWebSockets and uSockets in C++ from the
+# sources the crate libuwebsockets-sys vendors, built by bench/peers/uws-native/build.sh
+# into target/uws-native/server. herald-redis is herald with --redis, with a redis-server
+# (no persistence) that this script starts on port 6390, pinned to core 1 beside
+# herald-bench.
 #
-# Needs: a release build (done here), node + npm (bench/peers), taskset (util-linux).
+# Needs: a release build (done here), node + npm (bench/peers), g++ (installed by
+# build.sh with apt-get when missing), taskset (util-linux).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release --locked -p herald -p herald-bench
 (cd bench/peers && npm ci --no-audit --no-fund --silent)
+bench/peers/uws-native/build.sh >/dev/null
 
 SCENARIOS="${*:-idle connect broadcast fixed echo}"
-SERVERS="${SERVERS:-herald uws ws}"
+SERVERS="${SERVERS:-herald uws uws-native ws}"
 OUT="bench/results/$(date +%Y-%m-%d)"
 mkdir -p "$OUT"
 BENCH="taskset -c 1 target/release/herald-bench"
 
-port_of() { case "$1" in herald|herald-redis) echo 9000 ;; uws) echo 9001 ;; ws) echo 9002 ;; esac; }
+port_of() { case "$1" in herald|herald-redis) echo 9000 ;; uws) echo 9001 ;; ws) echo 9002 ;; uws-native) echo 9003 ;; esac; }
 REDIS_PID=""
 
 start() { # start SERVER: pinned to core 0; its PID in $PID
@@ -39,6 +46,7 @@ start() { # start SERVER: pinned to core 0; its PID in $PID
       sh -c 'echo $$ > /tmp/bench-server.pid; exec taskset -c 0 target/release/herald --listen 127.0.0.1:'"$port"' --redis redis://127.0.0.1:6390' 2>/dev/null & ;;
     uws) sh -c 'echo $$ > /tmp/bench-server.pid; exec taskset -c 0 node bench/peers/uws-server.js' 2>/dev/null & ;;
     ws) sh -c 'echo $$ > /tmp/bench-server.pid; exec taskset -c 0 node bench/peers/ws-server.js' 2>/dev/null & ;;
+    uws-native) sh -c 'echo $$ > /tmp/bench-server.pid; exec taskset -c 0 target/uws-native/server '"$port" 2>/dev/null & ;;
   esac
   for _ in $(seq 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi

@@ -1,7 +1,7 @@
 //! The connection table: every client connection's record (what it awaits, its partial
 //! input, its output queue, its timers) in one slab whose keys are the mio tokens, plus
-//! the two lists the loop works through after each pass: connections with output to
-//! write (`dirty`) and connections to remove (`reap`).
+//! the lists the loop works through after each pass: connections with output to write
+//! (`urgent` and `fanout`) and connections to remove (`reap`).
 //!
 //! Handlers change connections only through this table: they queue bytes, move a state
 //! along, arm timers, or end a connection. The sockets are not here: the reactor keeps
@@ -10,6 +10,7 @@
 //! connection only marks it `Dead` and lists it; the reactor removes it after the pass,
 //! so a slab key is never reused within one.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::ops::{Index, IndexMut};
 use std::time::{Duration, Instant};
@@ -142,8 +143,11 @@ pub struct Conns {
     slab: Slab<Conn>,
     /// Every armed deadline of every connection.
     timers: Timers,
-    /// Connections with output to write this pass.
-    dirty: Vec<ConnId>,
+    /// Connections with output to write: HTTP exchanges (a publisher's response) first,
+    /// every pass, then WebSockets in the order they were listed, a slice per pass (see
+    /// `next_fanout`), so a publish is answered before its fan-out is written.
+    urgent: Vec<ConnId>,
+    fanout: VecDeque<(ConnId, u64)>,
     /// Connections to remove after this pass.
     reap: Vec<ConnId>,
     next_serial: u64,
@@ -191,13 +195,17 @@ impl Conns {
 
     // ---- output ----------------------------------------------------------------------
 
-    /// List the connection for this pass's flush (once).
+    /// List the connection for the flush (once).
     pub fn mark_dirty(&mut self, id: ConnId) {
         if let Some(conn) = self.slab.get_mut(id.0)
             && !conn.dirty
         {
             conn.dirty = true;
-            self.dirty.push(id);
+            if conn.session().is_some() {
+                self.fanout.push_back((id, conn.serial));
+            } else {
+                self.urgent.push(id);
+            }
         }
     }
 
@@ -217,18 +225,32 @@ impl Conns {
         conn.out.push(frame.clone());
         if !conn.dirty {
             conn.dirty = true;
-            self.dirty.push(id);
+            self.fanout.push_back((id, conn.serial));
         }
         Some(conn.out.len())
     }
 
-    /// This pass's flush list; the reactor clears each connection's `dirty` as it goes.
-    pub fn take_dirty(&mut self) -> Vec<ConnId> {
-        std::mem::take(&mut self.dirty)
+    /// The HTTP connections to flush, all of them, before any WebSocket; the reactor
+    /// clears each one's `dirty` as it goes.
+    pub fn take_urgent(&mut self) -> Vec<ConnId> {
+        std::mem::take(&mut self.urgent)
+    }
+
+    /// The next WebSocket to flush, in the order they were listed. The reactor takes as
+    /// many as its time slice allows and leaves the rest for the next pass, whose poll
+    /// then reads (and answers) publishes that arrived meanwhile. An entry whose
+    /// connection ended and whose key was reused since is skipped.
+    pub fn next_fanout(&mut self) -> Option<ConnId> {
+        while let Some((id, serial)) = self.fanout.pop_front() {
+            if self.same(id, serial).is_some() {
+                return Some(id);
+            }
+        }
+        None
     }
 
     pub fn has_dirty(&self) -> bool {
-        !self.dirty.is_empty()
+        !self.urgent.is_empty() || !self.fanout.is_empty()
     }
 
     // ---- timers ----------------------------------------------------------------------

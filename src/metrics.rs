@@ -20,6 +20,8 @@ pub struct Counters {
     pub delivered: u64,
     /// writev calls to clients: with many messages per pass, far fewer than `delivered`.
     pub write_syscalls: u64,
+    /// Passes whose fan-out ran out of its time slice and went on in the next pass.
+    pub fanout_slices: u64,
     pub slow_consumers: u64,
     /// Queued bytes thrown away: a slow consumer's backlog, a dead peer's queue.
     pub undelivered_bytes: u64,
@@ -324,6 +326,12 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "counter",
         "writev calls to clients; each carries every message queued since the last one.",
         c.write_syscalls,
+    );
+    o.metric(
+        "herald_fanout_slices_total",
+        "counter",
+        "Loop passes whose writes to subscribers used up the time slice and went on in the next pass.",
+        c.fanout_slices,
     );
     o.metric(
         "herald_undelivered_bytes_total",

@@ -102,6 +102,85 @@ fn two_thousand_subscribers_each_receive_all_hundred_messages_in_order() {
         }
     }
     assert_eq!(herald.metric("herald_messages_delivered_total"), 200_000.0);
+    // 2,000 writes cannot fit one 200 µs slice: the fan-out went on over several passes,
+    // and the order above held across them.
+    assert!(herald.metric("herald_fanout_slices_total") > 0.0);
+}
+
+/// A subscriber whose receive buffer is set small before it connects, so the kernel
+/// advertises a small window and herald's writes to it block early and end mid-frame.
+fn small_window_subscriber(herald: &Herald, topic: &str) -> Client {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&herald.addr.into()).unwrap();
+    let stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let url = format!("ws://{}/ws?topics={topic}", herald.addr);
+    let (mut ws, _) = tungstenite::client::client(url.as_str(), stream).expect("handshake");
+    assert_eq!(next_json(&mut ws)["op"], "subscribed");
+    ws
+}
+
+#[test]
+fn pipelined_publishes_reach_stalled_and_reading_subscribers_whole_and_in_order() {
+    // Half the subscribers read nothing until every publish is answered, so their sockets
+    // fill and each flush ends mid-frame; the other half read as they go. Every publish
+    // is answered while the fan-out is still being written, and every subscriber gets
+    // every message, whole and in order.
+    let herald = Herald::start(&["--send-queue-limit", "16777216"]);
+    let mut subs: Vec<Client> = (0..100)
+        .map(|_| small_window_subscriber(&herald, "pipe"))
+        .chain((0..100).map(|_| herald.subscriber("pipe")))
+        .collect();
+    let padding = "x".repeat(3000);
+    let count = 300u64;
+    let mut raw = Vec::new();
+    for i in 1..=count {
+        let body = format!(r#"{{"topic":"pipe","data":[{i},"{padding}"]}}"#);
+        raw.extend_from_slice(
+            format!(
+                "POST /publish HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    let mut api = herald.http();
+    api.send(&raw);
+    let (stalled, reading) = subs.split_at_mut(100);
+    let mut next = vec![1u64; reading.len()];
+    for i in 1..=count {
+        let reply = api.response();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["id"], i);
+        // Read a little on the reading half between responses.
+        for (n, ws) in reading.iter_mut().enumerate() {
+            if next[n] <= i {
+                let m = next_json(ws);
+                assert_eq!(m["data"][0], next[n], "reading subscriber {n}");
+                next[n] += 1;
+            }
+        }
+    }
+    for (n, ws) in reading.iter_mut().enumerate() {
+        for i in next[n]..=count {
+            assert_eq!(next_json(ws)["data"][0], i, "reading subscriber {n}");
+        }
+    }
+    for (n, ws) in stalled.iter_mut().enumerate() {
+        for i in 1..=count {
+            let m = next_json(ws);
+            assert_eq!(
+                (m["id"].as_u64(), m["data"][0].as_u64()),
+                (Some(i), Some(i)),
+                "stalled subscriber {n}"
+            );
+            assert_eq!(m["data"][1].as_str().map(str::len), Some(3000));
+        }
+    }
+    assert_eq!(herald.metric("herald_slow_consumers_total"), 0.0);
 }
 
 #[test]

@@ -111,6 +111,13 @@ enum Scenario {
         /// Seconds to wait for stragglers after the last publish
         #[arg(long, default_value_t = 5.0)]
         drain: f64,
+        /// One publish at a time, as a web request handler that waits for its publish
+        /// would: the next is sent once the previous reply has come and not before it is
+        /// due, so --rate is a ceiling and a slow server lowers the rate achieved
+        /// (publishes due meanwhile, beyond the one sent when the reply comes, are
+        /// skipped and reported)
+        #[arg(long)]
+        sequential: bool,
     },
     /// C clients in a closed loop on /echo: messages/s and round trips
     Echo {
@@ -470,6 +477,7 @@ fn run(cli: &Cli) -> Result<Report, String> {
             duration,
             payload,
             drain,
+            sequential,
         } => {
             let pace = Pace {
                 from: *rate,
@@ -485,6 +493,7 @@ fn run(cli: &Cli) -> Result<Report, String> {
                 pace,
                 *payload,
                 *drain,
+                *sequential,
                 tool_start,
             )?
         }
@@ -670,6 +679,7 @@ fn broadcast(
     pace: Pace,
     payload: usize,
     drain: f64,
+    sequential: bool,
     tool_start: f64,
 ) -> Result<Report, String> {
     let workers = Workers::spawn(planner.plans(Mode::Subscribe, path, n, 0.0, false, None));
@@ -682,11 +692,15 @@ fn broadcast(
     let cpu0 = observer.sample();
     eprintln!("publishing to {subscribers} subscribers");
     let stop = Arc::new(AtomicBool::new(false));
-    let publisher = publish::spawn(
-        planner.target.addr,
-        cli.topic.clone(),
-        payload,
-        pace.clone(),
+    let publisher = publish::spawn_plan(
+        publish::Plan {
+            targets: vec![planner.target.addr],
+            topic: cli.topic.clone(),
+            payload,
+            pace: pace.clone(),
+            retry_for: None,
+            sequential,
+        },
         stop.clone(),
     );
     let start = Instant::now();
@@ -714,11 +728,31 @@ fn broadcast(
     let window = secs(last.saturating_sub(published.first_ns)).max(1e-9);
     let mut r = Report::new("broadcast");
     r.add("subscribers", subscribers.to_string(), json!(subscribers));
+    let per_second = published.acked as f64 / window;
+    let mode = if sequential {
+        format!(
+            "; sequential, {} skipped while a reply was awaited",
+            published.skipped
+        )
+    } else {
+        String::new()
+    };
     r.add(
         "published",
-        format!("{} acknowledged, {} failed, at {:.0}/s", published.acked, published.failed, published.acked as f64 / window),
-        json!({"acked": published.acked, "failed": published.failed, "per_second": published.acked as f64 / window}),
+        format!(
+            "{} acknowledged, {} failed, at {per_second:.0}/s{mode}",
+            published.acked, published.failed
+        ),
+        json!({
+            "acked": published.acked,
+            "failed": published.failed,
+            "per_second": per_second,
+            "sequential": sequential,
+            "skipped": published.skipped,
+            "max_in_flight": published.max_in_flight,
+        }),
     );
+    r.add_latency("publish response time", &published.response_us);
     r.add(
         "deliveries",
         format!("{} received of {expected} expected", t.received),
@@ -1080,6 +1114,7 @@ fn add_published(r: &mut Report, published: &publish::Published) {
             "id_resets": published.id_resets,
         }),
     );
+    r.add_latency("publish response time", &published.response_us);
 }
 
 /// Deliveries missed by resuming clients.
@@ -1482,6 +1517,7 @@ fn deploy(
                 duration: Duration::from_secs_f64(settle + 2.0 * timeout + after + 10.0),
             },
             retry_for: Some(Duration::from_secs_f64(retry_for)),
+            sequential: false,
         },
         stop.clone(),
     );

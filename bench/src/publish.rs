@@ -5,6 +5,11 @@
 //! (herald's `{"delivered":K,"id":N}`) are kept too, for storm --resume and deploy to
 //! check each client against.
 //!
+//! Every reply's response time (from writing the request to having read its whole
+//! response) goes into a histogram. Requests are pipelined on schedule (open loop), or,
+//! with `Plan::sequential`, sent one at a time as a web request handler that waits for its
+//! publish would (closed loop, capped at the pace).
+//!
 //! Two ways to treat a publish that was not acknowledged: tried once and counted as
 //! failed (broadcast, capacity, storm), or sent again until it is acknowledged or its time
 //! is up (deploy, `Plan::retry_for`), as an application that must not lose a message
@@ -18,8 +23,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
+
 use crate::ids::IdSet;
-use crate::stats::now_ns;
+use crate::stats::{Buckets, histogram, now_ns};
 
 /// How long a reply may take before its connection is given up (the reader's timeout).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,6 +57,12 @@ pub struct Plan {
     /// reply was 502/503/504, or its connection ended before the reply, until this long
     /// after it was due; then it counts as failed. `None`: each publish is tried once.
     pub retry_for: Option<Duration>,
+    /// One request at a time: the next publish is written only once the previous reply
+    /// has been read, and never before its due time. A publish due while the previous
+    /// one still waits for its reply goes out as soon as that reply comes; any further
+    /// ones due meanwhile are skipped (`Published::skipped`), so the pace is a ceiling
+    /// and a slow server lowers the rate achieved, with no catch-up burst after.
+    pub sequential: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -90,6 +103,16 @@ pub struct Published {
     pub id_resets: u64,
     /// Sum of the `delivered` (or, with Redis, process) counts in the replies.
     pub delivered: u64,
+    /// Response time of every reply read (whatever its status), in µs: from writing
+    /// the request to having read its whole response. Pipelined, it includes the wait
+    /// behind the requests ahead of it on the connection.
+    pub response_us: Buckets,
+    /// Sequential: publishes due while the one before was still unanswered, beyond the
+    /// one sent when its reply came, and those still due when the pace ended: never
+    /// sent (not failures: the server's reply time kept them from being offered).
+    pub skipped: u64,
+    /// The most requests that were ever unanswered at once, over all connections.
+    pub max_in_flight: u64,
     pub first_ns: u64,
     pub last_ns: u64,
 }
@@ -110,6 +133,7 @@ pub fn run(
             payload,
             pace: pace.clone(),
             retry_for: None,
+            sequential: false,
         },
         stop,
     )
@@ -160,23 +184,38 @@ pub fn run_plan(plan: &Plan, stop: &AtomicBool) -> Published {
     };
     p.run(stop);
     p.books.out.last_ns = now_ns();
+    p.books.out.response_us = Buckets::from(&p.books.response);
     p.books.out
 }
 
-/// One publish: when it was due, when it was first sent (its stamp), and how often.
+/// One publish: when it was due, when it was first sent (its stamp), when last written,
+/// and how often.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     due_ns: u64,
     stamp_ns: u64,
+    sent_ns: u64,
     sends: u32,
 }
 
-/// One HTTP response.
+impl Slot {
+    fn due(due_ns: u64) -> Slot {
+        Slot {
+            due_ns,
+            stamp_ns: 0,
+            sent_ns: 0,
+            sends: 0,
+        }
+    }
+}
+
+/// One HTTP response, and when its last byte was read.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Reply {
     status: u16,
     id: Option<u64>,
     delivered: u64,
+    at_ns: u64,
 }
 
 struct Conn {
@@ -191,11 +230,23 @@ struct Conn {
 }
 
 /// The counts, and the publishes waiting to be sent again.
-#[derive(Default)]
 struct Books {
     out: Published,
     pending: VecDeque<Slot>,
     max_id: Option<u64>,
+    /// Response times, µs.
+    response: Histogram<u64>,
+}
+
+impl Default for Books {
+    fn default() -> Books {
+        Books {
+            out: Published::default(),
+            pending: VecDeque::new(),
+            max_id: None,
+            response: histogram(),
+        }
+    }
 }
 
 struct Publisher<'a> {
@@ -242,12 +293,9 @@ impl Publisher<'_> {
                 };
                 // Publishes already due but not sent yet (no connection) are owed too.
                 while due(scheduled as f64) <= now && due(scheduled as f64) < end {
-                    let at = due(scheduled as f64);
-                    self.books.pending.push_back(Slot {
-                        due_ns: at,
-                        stamp_ns: 0,
-                        sends: 0,
-                    });
+                    self.books
+                        .pending
+                        .push_back(Slot::due(due(scheduled as f64)));
                     scheduled += 1;
                 }
                 wind_down = Some(now + limit.min(WIND_DOWN_NS));
@@ -265,16 +313,41 @@ impl Publisher<'_> {
                 self.wait(self.next_connect_ns);
                 continue;
             }
+            if self.plan.sequential {
+                // The previous request is still unanswered: wait for its reply.
+                if self.in_flight() > 0 {
+                    // (On a connection that is being retired, no channel to wait on.)
+                    let span = if self.conn.is_some() {
+                        50_000_000
+                    } else {
+                        1_000_000
+                    };
+                    self.wait(now + span);
+                    continue;
+                }
+                // The pace is over for a publisher that fell behind it too.
+                if wind_down.is_none() && now >= end {
+                    while due(scheduled as f64) < end {
+                        self.books.out.skipped += 1;
+                        scheduled += 1;
+                    }
+                    continue;
+                }
+                // Of the publishes that came due while it waited, the latest goes now.
+                while wind_down.is_none()
+                    && due(scheduled as f64 + 1.0) <= now
+                    && due(scheduled as f64 + 1.0) < end
+                {
+                    self.books.out.skipped += 1;
+                    scheduled += 1;
+                }
+            }
             let slot = if let Some(s) = self.books.pending.pop_front() {
                 s
             } else if wind_down.is_none() && due(scheduled as f64) <= now {
                 let at = due(scheduled as f64);
                 scheduled += 1;
-                Slot {
-                    due_ns: at,
-                    stamp_ns: 0,
-                    sends: 0,
-                }
+                Slot::due(at)
             } else {
                 let next = if wind_down.is_none() {
                     due(scheduled as f64)
@@ -341,14 +414,27 @@ impl Publisher<'_> {
             self.books.out.retries += 1;
         }
         slot.sends += 1;
+        slot.sent_ns = now_ns();
         if c.stream.write_all(request.as_bytes()).is_ok() {
             c.in_flight.push_back(slot);
+            let n = self.in_flight() as u64;
+            self.books.out.max_in_flight = self.books.out.max_in_flight.max(n);
         } else {
             self.books.lost(slot, self.retry_for_ns, now);
             if let Some(c) = self.conn.take() {
                 self.retire(c);
             }
         }
+    }
+
+    /// Requests unanswered, on every connection.
+    fn in_flight(&self) -> usize {
+        self.conn.as_ref().map_or(0, |c| c.in_flight.len())
+            + self
+                .retiring
+                .iter()
+                .map(|c| c.in_flight.len())
+                .sum::<usize>()
     }
 
     /// Open a connection: to the current target (tried once, without retrying), or to
@@ -462,6 +548,8 @@ impl Books {
         let Some(slot) = c.in_flight.pop_front() else {
             return; // a reply to nothing we sent
         };
+        let us = r.at_ns.saturating_sub(slot.sent_ns) / 1000;
+        self.response.saturating_record(us.max(1));
         match r.status {
             200 => {
                 let out = &mut self.out;
@@ -529,7 +617,8 @@ fn read_replies(stream: &mut TcpStream, tx: &Sender<Reply>) {
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        for reply in take_responses(&mut buf) {
+        let at_ns = now_ns();
+        for reply in take_responses(&mut buf, at_ns) {
             if tx.send(reply).is_err() {
                 return;
             }
@@ -541,8 +630,9 @@ fn read_replies(stream: &mut TcpStream, tx: &Sender<Reply>) {
     }
 }
 
-/// The complete responses at the start of `buf`, removed from it (`100 Continue` skipped).
-fn take_responses(buf: &mut Vec<u8>) -> Vec<Reply> {
+/// The complete responses at the start of `buf`, removed from it (`100 Continue` skipped),
+/// each stamped `at_ns` (when the bytes that completed it were read).
+fn take_responses(buf: &mut Vec<u8>, at_ns: u64) -> Vec<Reply> {
     let mut replies = Vec::new();
     let mut at = 0;
     while let Some(end) = buf[at..].windows(4).position(|w| w == b"\r\n\r\n") {
@@ -577,6 +667,7 @@ fn take_responses(buf: &mut Vec<u8>) -> Vec<Reply> {
                 } else {
                     0
                 },
+                at_ns,
             });
         }
         at = head_end + 4 + len;
@@ -624,7 +715,8 @@ mod tests {
         }
         // A partial response stays in the buffer.
         buf.extend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n{\"de");
-        let r = take_responses(&mut buf);
+        let r = take_responses(&mut buf, 5);
+        assert!(r.iter().all(|r| r.at_ns == 5));
         let statuses: Vec<u16> = r.iter().map(|r| r.status).collect();
         assert_eq!(statuses, [200, 200, 503, 200]);
         assert_eq!(
@@ -729,6 +821,7 @@ mod tests {
                 duration: Duration::from_millis(500),
             },
             retry_for: Some(Duration::from_secs(5)),
+            sequential: false,
         };
         let p = run_plan(&plan, &stop);
         let requests = server.join().unwrap();
@@ -740,6 +833,133 @@ mod tests {
         assert_eq!(p.acked_by_target, [10, 0], "{p:?}");
         assert_eq!((p.acked_ids.len(), p.id_resets), (10, 0), "{p:?}");
         assert_eq!(requests, 10 + p.retries, "{p:?}");
+    }
+
+    /// A server that answers each request `delay` after reading it (200, ids counting
+    /// up), on one connection at a time. Before answering it looks for bytes of a next
+    /// request: the requests it saw and how many arrived while one was unanswered.
+    fn slow(
+        listener: std::net::TcpListener,
+        delay: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<(u64, u64)> {
+        std::thread::spawn(move || {
+            let (mut requests, mut overlapped) = (0, 0);
+            listener.set_nonblocking(true).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                stream.set_nonblocking(false).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let mut w = stream.try_clone().unwrap();
+                let mut r = std::io::BufReader::new(stream);
+                let mut line = String::new();
+                let mut len = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    line.clear();
+                    match r.read_line(&mut line) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(_) if line.is_empty() => continue, // timeout: idle
+                        Err(e) => panic!("{e}"),
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if line != "\r\n" {
+                        continue;
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    requests += 1;
+                    std::thread::sleep(delay);
+                    let mut peek = [0u8; 1];
+                    r.get_ref().set_nonblocking(true).unwrap();
+                    let next = matches!(r.get_ref().peek(&mut peek), Ok(n) if n > 0);
+                    r.get_ref().set_nonblocking(false).unwrap();
+                    if next || !r.buffer().is_empty() {
+                        overlapped += 1;
+                    }
+                    let text = format!(r#"{{"delivered":1,"id":{requests}}}"#);
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    w.write_all(reply.as_bytes()).unwrap();
+                }
+            }
+            (requests, overlapped)
+        })
+    }
+
+    fn sequential_plan(addr: SocketAddr, rate: f64, ms: u64) -> Plan {
+        Plan {
+            targets: vec![addr],
+            topic: "t".into(),
+            payload: 64,
+            pace: Pace {
+                from: rate,
+                to: rate,
+                duration: Duration::from_millis(ms),
+            },
+            retry_for: None,
+            sequential: true,
+        }
+    }
+
+    #[test]
+    fn sequential_waits_for_each_reply_and_skips_what_came_due_meanwhile() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let server = slow(listener, Duration::from_millis(45), done.clone());
+        // 50/s for 600 ms: 30 due, 20 ms apart; each reply takes 45 ms or more.
+        let p = run_plan(&sequential_plan(addr, 50.0, 600), &AtomicBool::new(false));
+        done.store(true, Ordering::SeqCst);
+        let (requests, overlapped) = server.join().unwrap();
+        assert_eq!(
+            overlapped, 0,
+            "a request came while one was unanswered: {p:?}"
+        );
+        assert_eq!(p.max_in_flight, 1, "{p:?}");
+        assert_eq!(requests, p.acked, "{p:?}");
+        assert_eq!(p.failed, 0, "{p:?}");
+        assert!((6..=14).contains(&p.acked), "{p:?}");
+        assert!((30..=31).contains(&(p.acked + p.skipped)), "{p:?}");
+        let mut h = histogram();
+        p.response_us.add_to(&mut h);
+        assert_eq!(h.len(), p.acked, "{p:?}");
+        assert!(h.min() >= 45_000, "{}", h.min());
+    }
+
+    #[test]
+    fn sequential_to_a_fast_server_keeps_the_pace_and_no_more() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let server = slow(listener, Duration::from_millis(1), done.clone());
+        let start = std::time::Instant::now();
+        let p = run_plan(&sequential_plan(addr, 50.0, 400), &AtomicBool::new(false));
+        let took = start.elapsed();
+        done.store(true, Ordering::SeqCst);
+        let (requests, overlapped) = server.join().unwrap();
+        assert_eq!((overlapped, p.max_in_flight), (0, 1), "{p:?}");
+        // 20 due, none skipped, and none sent before its time: the last is due at 380 ms.
+        assert!((20..=21).contains(&p.acked), "{p:?}");
+        assert_eq!((requests, p.skipped, p.failed), (p.acked, 0, 0), "{p:?}");
+        assert!(took >= Duration::from_millis(380), "{took:?}");
+        let mut h = histogram();
+        p.response_us.add_to(&mut h);
+        assert_eq!(h.len(), p.acked, "{p:?}");
+        assert!(
+            h.value_at_quantile(0.5) >= 1_000,
+            "{}",
+            h.value_at_quantile(0.5)
+        );
     }
 
     #[test]

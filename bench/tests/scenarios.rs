@@ -132,8 +132,46 @@ fn broadcast_counts_every_delivery() {
         r["publish-to-receive latency"]["count"].as_u64(),
         Some(acked * 200)
     );
+    // Every reply's response time, pipelined.
+    assert_eq!(
+        r["publish response time"]["count"].as_u64(),
+        Some(acked),
+        "{r}"
+    );
+    assert_eq!(r["published"]["sequential"], false, "{r}");
     // herald's own /metrics fed the server figures.
     assert!(r["server RSS"].as_u64().is_some_and(|b| b > 0), "{r}");
+}
+
+#[test]
+fn sequential_broadcast_sends_one_publish_at_a_time() {
+    let server = Server::start();
+    let r = run(
+        &server.url,
+        &[
+            "broadcast",
+            "-n",
+            "50",
+            "--rate",
+            "50",
+            "--duration",
+            "1",
+            "--sequential",
+        ],
+    );
+    let p = &r["published"];
+    let acked = p["acked"].as_u64().unwrap();
+    assert_eq!(p["sequential"], true, "{r}");
+    assert_eq!(p["max_in_flight"], 1, "{r}");
+    // herald answers well within the 20 ms between publishes: few if any skipped.
+    assert!(
+        acked >= 40 && acked + p["skipped"].as_u64().unwrap() >= 50,
+        "{r}"
+    );
+    assert_eq!(r["lost"], 0, "{r}");
+    let t = &r["publish response time"];
+    assert_eq!(t["count"].as_u64(), Some(acked), "{r}");
+    assert!(t["p50_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{r}");
 }
 
 #[test]

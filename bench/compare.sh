@@ -9,6 +9,7 @@
 #   bench/compare.sh broadcast       # one scenario
 #   SERVERS="herald" bench/compare.sh idle
 #   SERVERS="herald herald-redis" bench/compare.sh fixed publishes   # the cost of Redis
+#   bench/compare.sh sequential sequential10k  # a publisher that waits for each reply
 #
 # Servers (ports): herald (9000), uws = uWebSockets.js (9001), ws (9002), uws-native
 # (9003) = bench/peers/uws-native/server.cpp, uWebSockets and uSockets in C++ from the
@@ -16,6 +17,11 @@
 # into target/uws-native/server. herald-redis is herald with --redis, with a redis-server
 # (no persistence) that this script starts on port 6390, pinned to core 1 beside
 # herald-bench.
+#
+# Scenarios beyond the default five: capacity, sweep, publishes (100 subscribers, 2,000
+# publishes/s), sequential and sequential10k (5,000 or 10,000 subscribers, a publisher
+# that sends the next publish only after the previous reply, at most 100/s: the report's
+# "publish response time" and published per_second show what the server allowed).
 #
 # Needs: a release build (done here), node + npm (bench/peers), g++ (installed by
 # build.sh with apt-get when missing), taskset (util-linux).
@@ -84,6 +90,8 @@ for scenario in $SCENARIOS; do
       echo) run "$server" echo echo -c 50 --size 64 --duration 10 ;;
       capacity) run "$server" capacity capacity --step 4000 --max 19000 --rate 20 --messages 40 ;;
       publishes) run "$server" publishes broadcast -n 100 --rate 2000 --duration 10 --payload 64 ;;
+      sequential) run "$server" sequential broadcast -n 5000 --rate 100 --duration 10 --payload 64 --sequential ;;
+      sequential10k) run "$server" sequential10k broadcast -n 10000 --rate 100 --duration 10 --payload 64 --sequential ;;
       sweep) for rate in 25 50 75; do
                run "$server" "sweep-$rate" broadcast -n 10000 --rate "$rate" --duration 10 --payload 64
              done ;;

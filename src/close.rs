@@ -146,24 +146,6 @@ impl CloseReason {
             CloseReason::Internal => "internal error",
         }
     }
-
-    /// What a tungstenite read error means for the peer. `None`: not the peer's fault
-    /// (would-block, or the connection is simply over).
-    pub fn from_ws_error(err: &tungstenite::Error) -> Option<CloseReason> {
-        use tungstenite::Error as E;
-        match err {
-            E::Capacity(_) => Some(CloseReason::TooBig),
-            E::Utf8(_) => Some(CloseReason::InvalidUtf8),
-            E::Protocol(_) => Some(CloseReason::Protocol),
-            E::ConnectionClosed | E::AlreadyClosed | E::Io(_) => None,
-            E::WriteBufferFull(_)
-            | E::Tls(_)
-            | E::Url(_)
-            | E::Http(_)
-            | E::HttpFormat(_)
-            | E::AttackAttempt => Some(CloseReason::Internal),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,61 +1,35 @@
-//! tungstenite, kept on a short leash. A `WebSocketContext` (read buffer size 0) applies
-//! RFC 6455: unmasking, fragmentation, UTF-8, control frames, the close handshake. It
-//! never touches the socket: it reads through `Io` from the slice the loop just read into
-//! its one shared scratch buffer, and what it writes (pongs, close frames) lands in the
-//! connection's `OutQueue`, behind any broadcast frames already there. An idle connection
-//! therefore holds no read or write buffer; tungstenite allocates one only while a frame
-//! is partial. Outgoing data frames are encoded here once and shared as `Bytes`.
+//! RFC 6455 framing, our own, on tungstenite's `FrameHeader`: unmasking, fragmentation,
+//! UTF-8, control frames, the close handshake. It never touches the socket: it reads from
+//! the slice the loop just read into its one shared scratch buffer, and what it writes
+//! (pongs, close frames) lands in the connection's `OutQueue`, behind any broadcast frames
+//! already there. An idle connection holds 16 bytes here and nothing on the heap: input
+//! that stops mid-frame, or a fragmented message, lives in a `Pending` allocated for it
+//! and freed as soon as the frame or message completes, so one large frame never leaves
+//! a large buffer behind (tungstenite's read buffer only grows). Outgoing data frames are
+//! encoded here once and shared as `Bytes`.
 
-use std::io::{self, Read, Write};
+use std::io::Cursor;
+use std::ops::Range;
 
 use bytes::Bytes;
-use tungstenite::protocol::frame::coding::{Data, OpCode};
-use tungstenite::protocol::frame::{CloseFrame, FrameHeader};
-use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
-use tungstenite::{Error, Message};
+use tungstenite::Message;
+use tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
 use crate::close::CloseReason;
 use crate::outq::OutQueue;
 
 /// An unmasked server ping with no payload (RFC 6455 §5.5.2).
 const PING: &[u8] = &[0x89, 0x00];
-
-/// The stream tungstenite sees: input from the scratch slice, output into our queue.
-struct Io<'i, 'o> {
-    input: &'i [u8],
-    out: &'o mut OutQueue,
-}
-
-impl Read for Io<'_, '_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // Never Ok(0): tungstenite would take that for the peer closing the TCP stream.
-        if self.input.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let n = buf.len().min(self.input.len());
-        buf[..n].copy_from_slice(&self.input[..n]);
-        self.input = &self.input[n..];
-        Ok(n)
-    }
-}
-
-impl Write for Io<'_, '_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out.push(Bytes::copy_from_slice(buf));
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+/// The longest payload a control frame may carry (RFC 6455 §5.5).
+const MAX_CONTROL_PAYLOAD: u64 = 125;
 
 /// What reading produced.
 #[derive(Debug)]
 pub enum WsEvent {
     /// A whole text or binary message (fragments already joined).
     Message(Message),
-    /// The input is used up; a partial frame, if any, waits inside tungstenite.
+    /// The input is used up; a partial frame, if any, waits in the codec.
     NeedMore,
     /// The close handshake is complete: flush the queue and close the TCP stream.
     Closed,
@@ -66,22 +40,55 @@ pub enum WsEvent {
 /// One WebSocket's protocol state.
 #[derive(Debug)]
 pub struct Ws {
-    ctx: WebSocketContext,
+    pending: Option<Box<Pending>>,
+    /// The largest message (and so frame) accepted, in bytes.
+    max_message_size: u32,
+    /// Our close frame is queued.
+    close_sent: bool,
+    /// The peer's close frame arrived: the handshake is over, nothing more is read.
+    close_received: bool,
+}
+
+/// What a connection holds between reads, only while it holds anything.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Input that does not make a whole frame yet, from `at` on.
+    input: Vec<u8>,
+    at: usize,
+    /// A fragmented message in progress, unmasked: its first frame's kind, its payload so
+    /// far, and (text) how much of it is known to be valid UTF-8.
+    message: Option<Fragments>,
+}
+
+#[derive(Debug)]
+struct Fragments {
+    text: bool,
+    payload: Vec<u8>,
+    valid_utf8: usize,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.at == self.input.len() && self.message.is_none()
+    }
+}
+
+/// One frame found at the start of a buffer.
+struct Frame {
+    header: FrameHeader,
+    /// Where its payload lies in the buffer; the frame ends where the payload does.
+    payload: Range<usize>,
 }
 
 impl Ws {
     /// Bytes that arrived behind the HTTP request head are frames: the caller passes them
     /// to `read` like any later input.
     pub fn new(max_message_size: usize) -> Ws {
-        let config = WebSocketConfig::default()
-            // Our scratch buffer does the reading; tungstenite grows its own buffer only
-            // to hold a partial frame (NOTES.md: 0.4 KiB per idle connection this way).
-            .read_buffer_size(0)
-            .write_buffer_size(0)
-            .max_message_size(Some(max_message_size))
-            .max_frame_size(Some(max_message_size));
         Ws {
-            ctx: WebSocketContext::new(Role::Server, Some(config)),
+            pending: None,
+            max_message_size: u32::try_from(max_message_size).unwrap_or(u32::MAX),
+            close_sent: false,
+            close_received: false,
         }
     }
 
@@ -90,45 +97,288 @@ impl Ws {
     pub fn read(&mut self, input: &mut &[u8], out: &mut OutQueue) -> WsEvent {
         // A loop, not recursion: a peer may send thousands of control frames in a row.
         loop {
-            let mut io = Io {
-                input,
-                out: &mut *out,
-            };
-            let result = self.ctx.read(&mut io);
-            *input = io.input;
-            return match result {
-                // Pings were answered and a peer's close was replied to inside tungstenite
-                // (the reply reaches our queue on the next read); pongs only prove life,
-                // which the caller already noted when bytes arrived.
-                Ok(Message::Close(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {
-                    continue;
-                }
-                Ok(msg) => WsEvent::Message(msg),
-                Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // A pong or close reply may still be waiting for its write turn.
-                    match self.ctx.flush(&mut Io { input: &[], out }) {
-                        Err(Error::ConnectionClosed) => WsEvent::Closed,
-                        _ => WsEvent::NeedMore,
+            if self.close_received {
+                *input = &[];
+                return WsEvent::Closed;
+            }
+            let step = match self.pending.as_mut() {
+                // Input left over from an earlier read: the new bytes join it.
+                Some(p) if p.at < p.input.len() => {
+                    p.input.extend_from_slice(input);
+                    *input = &[];
+                    let mut buffer = std::mem::take(&mut p.input);
+                    let at = p.at;
+                    let step = self.step(&buffer[at..], out);
+                    let p = self.pending.get_or_insert_default();
+                    match step {
+                        Step::Used(n, _) => {
+                            p.at = at + n;
+                            if p.at < buffer.len() {
+                                p.input = buffer;
+                            } else {
+                                // The buffer is all used: drop it rather than keep its size.
+                                p.at = 0;
+                            }
+                        }
+                        Step::Incomplete(need) => {
+                            buffer.drain(..at);
+                            buffer.reserve_exact(need.saturating_sub(buffer.len()));
+                            p.input = buffer;
+                            p.at = 0;
+                        }
+                        Step::Fail(_) => {}
                     }
+                    step
                 }
-                Err(Error::ConnectionClosed | Error::AlreadyClosed) => WsEvent::Closed,
-                Err(err) => match CloseReason::from_ws_error(&err) {
-                    Some(reason) => WsEvent::Fail(reason),
-                    None => WsEvent::Closed,
-                },
+                _ => {
+                    let step = self.step(input, out);
+                    match step {
+                        Step::Used(n, _) => *input = &input[n..],
+                        Step::Incomplete(need) => {
+                            if !input.is_empty() {
+                                let p = self.pending.get_or_insert_default();
+                                p.input = Vec::with_capacity(need.max(input.len()));
+                                p.input.extend_from_slice(input);
+                                p.at = 0;
+                            }
+                            *input = &[];
+                        }
+                        Step::Fail(_) => {}
+                    }
+                    step
+                }
             };
+            if self.pending.as_ref().is_some_and(|p| p.is_empty()) {
+                self.pending = None;
+            }
+            match step {
+                Step::Used(_, None) => continue,
+                Step::Used(_, Some(event)) => return event,
+                Step::Incomplete(_) => return WsEvent::NeedMore,
+                Step::Fail(reason) => return WsEvent::Fail(reason),
+            }
         }
     }
 
-    /// Queue our close frame. Later reads still accept the peer's reply.
-    pub fn close(&mut self, reason: CloseReason, out: &mut OutQueue) {
-        let frame = CloseFrame {
-            code: reason.code(),
-            reason: reason.text().into(),
+    /// Act on the frame at the start of `buf`, if it is all there.
+    fn step(&mut self, buf: &[u8], out: &mut OutQueue) -> Step {
+        let frame = match self.parse(buf) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                return Step::Incomplete(match self.parse_header(buf) {
+                    Ok(Some((hlen, len))) => hlen + len as usize,
+                    _ => 0,
+                });
+            }
+            Err(reason) => return Step::Fail(reason),
         };
-        // Writing into our queue cannot fail; an error here only means a close frame was
-        // already sent or received, and then there is nothing more to send.
-        let _ = self.ctx.close(&mut Io { input: &[], out }, Some(frame));
+        let end = frame.payload.end;
+        match self.on_frame(frame, buf, out) {
+            Ok(event) => Step::Used(end, event),
+            Err(reason) => Step::Fail(reason),
+        }
+    }
+
+    /// The header's length and the payload's, once the header is all there; an error for
+    /// a header that breaks the rules whatever follows it.
+    fn parse_header(&self, buf: &[u8]) -> Result<Option<(usize, u64)>, CloseReason> {
+        let mut cursor = Cursor::new(buf);
+        let (header, len) = match FrameHeader::parse(&mut cursor) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => return Ok(None),
+            // A reserved opcode.
+            Err(_) => return Err(CloseReason::Protocol),
+        };
+        if header.mask.is_none() || header.rsv1 || header.rsv2 || header.rsv3 {
+            return Err(CloseReason::Protocol);
+        }
+        match header.opcode {
+            OpCode::Control(_) if !header.is_final || len > MAX_CONTROL_PAYLOAD => {
+                return Err(CloseReason::Protocol);
+            }
+            OpCode::Data(_) if len > u64::from(self.max_message_size) => {
+                return Err(CloseReason::TooBig);
+            }
+            _ => {}
+        }
+        Ok(Some((cursor.position() as usize, len)))
+    }
+
+    fn parse(&self, buf: &[u8]) -> Result<Option<Frame>, CloseReason> {
+        let Some((hlen, len)) = self.parse_header(buf)? else {
+            return Ok(None);
+        };
+        // `len` is at most max_message_size (or 125) here, so it fits a usize.
+        let end = hlen + len as usize;
+        if buf.len() < end {
+            return Ok(None);
+        }
+        let mut cursor = Cursor::new(buf);
+        let Ok(Some((header, _))) = FrameHeader::parse(&mut cursor) else {
+            return Err(CloseReason::Internal);
+        };
+        Ok(Some(Frame {
+            header,
+            payload: hlen..end,
+        }))
+    }
+
+    fn on_frame(
+        &mut self,
+        frame: Frame,
+        buf: &[u8],
+        out: &mut OutQueue,
+    ) -> Result<Option<WsEvent>, CloseReason> {
+        let Frame { header, payload } = frame;
+        let mask = header.mask.unwrap_or_default();
+        let payload = &buf[payload];
+        match header.opcode {
+            OpCode::Control(Control::Ping) => {
+                if !self.close_sent {
+                    let mut pong = Vec::with_capacity(2 + payload.len());
+                    pong.extend_from_slice(&[0x8a, payload.len() as u8]);
+                    pong.extend(unmasked(payload, mask));
+                    out.push(Bytes::from(pong));
+                }
+                Ok(None)
+            }
+            // Any byte proves life, which the caller noted when the bytes arrived.
+            OpCode::Control(Control::Pong) => Ok(None),
+            OpCode::Control(Control::Close) => {
+                let payload: Vec<u8> = unmasked(payload, mask).collect();
+                self.on_close(&payload, out)
+            }
+            OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
+                Err(CloseReason::Protocol)
+            }
+            OpCode::Data(Data::Continue) => {
+                let max = self.max_message_size as usize;
+                let pending = self.pending.get_or_insert_default();
+                let Some(message) = pending.message.as_mut() else {
+                    return Err(CloseReason::Protocol);
+                };
+                if message.payload.len() + payload.len() > max {
+                    return Err(CloseReason::TooBig);
+                }
+                message.payload.extend(unmasked(payload, mask));
+                if message.text {
+                    message.valid_utf8 = check_utf8(&message.payload, message.valid_utf8)?;
+                }
+                if !header.is_final {
+                    return Ok(None);
+                }
+                let Some(message) = pending.message.take() else {
+                    return Err(CloseReason::Internal);
+                };
+                complete(message.text, message.payload).map(Some)
+            }
+            OpCode::Data(kind @ (Data::Text | Data::Binary)) => {
+                if self.pending.as_ref().is_some_and(|p| p.message.is_some()) {
+                    return Err(CloseReason::Protocol);
+                }
+                let text = kind == Data::Text;
+                let bytes: Vec<u8> = unmasked(payload, mask).collect();
+                if header.is_final {
+                    return complete(text, bytes).map(Some);
+                }
+                let valid_utf8 = if text { check_utf8(&bytes, 0)? } else { 0 };
+                self.pending.get_or_insert_default().message = Some(Fragments {
+                    text,
+                    payload: bytes,
+                    valid_utf8,
+                });
+                Ok(None)
+            }
+        }
+    }
+
+    /// The peer's close frame: check it, answer it (echoing its code) unless ours went
+    /// first, and end the handshake.
+    fn on_close(
+        &mut self,
+        payload: &[u8],
+        out: &mut OutQueue,
+    ) -> Result<Option<WsEvent>, CloseReason> {
+        let code = match payload {
+            [] => None,
+            [_] => return Err(CloseReason::Protocol),
+            [hi, lo, reason @ ..] => {
+                let code = u16::from_be_bytes([*hi, *lo]);
+                if !CloseCode::from(code).is_allowed() {
+                    return Err(CloseReason::Protocol);
+                }
+                if std::str::from_utf8(reason).is_err() {
+                    return Err(CloseReason::InvalidUtf8);
+                }
+                Some(code)
+            }
+        };
+        if !self.close_sent {
+            self.close_sent = true;
+            out.push(match code {
+                Some(code) => {
+                    let [hi, lo] = code.to_be_bytes();
+                    Bytes::from(vec![0x88, 0x02, hi, lo])
+                }
+                None => Bytes::from_static(&[0x88, 0x00]),
+            });
+        }
+        self.close_received = true;
+        self.pending = None;
+        Ok(Some(WsEvent::Closed))
+    }
+
+    /// Queue our close frame, once. Later reads still accept the peer's reply.
+    pub fn close(&mut self, reason: CloseReason, out: &mut OutQueue) {
+        if self.close_sent || self.close_received {
+            return;
+        }
+        self.close_sent = true;
+        let text = reason.text().as_bytes();
+        let code: u16 = reason.code().into();
+        let mut frame = Vec::with_capacity(4 + text.len());
+        frame.extend_from_slice(&[0x88, 2 + text.len() as u8]);
+        frame.extend_from_slice(&code.to_be_bytes());
+        frame.extend_from_slice(text);
+        out.push(Bytes::from(frame));
+    }
+}
+
+/// How one step through the input went.
+enum Step {
+    /// A whole frame of this many bytes, and what it produced (if anything yet).
+    Used(usize, Option<WsEvent>),
+    /// The frame is not all there; its whole length, when the header says it already.
+    Incomplete(usize),
+    Fail(CloseReason),
+}
+
+/// A client payload with its mask undone.
+fn unmasked(payload: &[u8], mask: [u8; 4]) -> impl Iterator<Item = u8> + '_ {
+    payload
+        .iter()
+        .enumerate()
+        .map(move |(i, b)| b ^ mask[i & 3])
+}
+
+/// How far `bytes` is valid UTF-8, checking from `from` (a char boundary): an error for a
+/// sequence no continuation can mend, but not for one cut short at the end, which the
+/// next fragment may complete.
+fn check_utf8(bytes: &[u8], from: usize) -> Result<usize, CloseReason> {
+    match std::str::from_utf8(&bytes[from..]) {
+        Ok(_) => Ok(bytes.len()),
+        Err(e) if e.error_len().is_none() => Ok(from + e.valid_up_to()),
+        Err(_) => Err(CloseReason::InvalidUtf8),
+    }
+}
+
+/// A whole message, as the session takes it.
+fn complete(text: bool, payload: Vec<u8>) -> Result<WsEvent, CloseReason> {
+    if text {
+        let text = String::from_utf8(payload).map_err(|_| CloseReason::InvalidUtf8)?;
+        Ok(WsEvent::Message(Message::text(text)))
+    } else {
+        Ok(WsEvent::Message(Message::binary(payload)))
     }
 }
 
@@ -269,6 +519,172 @@ mod tests {
             events.last(),
             Some(WsEvent::Fail(CloseReason::TooBig))
         ));
+    }
+
+    fn wire(out: &mut OutQueue) -> Vec<u8> {
+        let mut wire = Vec::new();
+        out.write_to(&mut wire, usize::MAX, &mut 0).unwrap();
+        wire
+    }
+
+    fn fails_with(bytes: &[u8], max: usize) -> Option<CloseReason> {
+        let mut ws = Ws::new(max);
+        match drain(&mut ws, bytes, &mut OutQueue::default()).last() {
+            Some(WsEvent::Fail(r)) => Some(*r),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn close_codes_are_echoed_when_allowed_and_refused_when_not() {
+        for code in [
+            1000u16, 1001, 1003, 1007, 1011, 1012, 3000, 3999, 4000, 4999,
+        ] {
+            let mut ws = Ws::new(1024);
+            let mut out = OutQueue::default();
+            let mut payload = code.to_be_bytes().to_vec();
+            payload.extend_from_slice(b"bye");
+            let events = drain(&mut ws, &client_frame(0x88, &payload), &mut out);
+            assert!(matches!(events.as_slice(), [WsEvent::Closed]), "{code}");
+            let [hi, lo] = code.to_be_bytes();
+            assert_eq!(wire(&mut out), [0x88, 0x02, hi, lo], "{code}");
+        }
+        for code in [
+            0u16, 999, 1004, 1005, 1006, 1014, 1015, 1016, 2999, 5000, 65535,
+        ] {
+            let frame = client_frame(0x88, &code.to_be_bytes());
+            assert_eq!(
+                fails_with(&frame, 1024),
+                Some(CloseReason::Protocol),
+                "{code}"
+            );
+        }
+        // A one-byte payload cannot hold a code; the reason must be UTF-8.
+        assert_eq!(
+            fails_with(&client_frame(0x88, &[0x03]), 1024),
+            Some(CloseReason::Protocol)
+        );
+        let bad_reason = client_frame(0x88, &[0x03, 0xe8, 0xff]);
+        assert_eq!(
+            fails_with(&bad_reason, 1024),
+            Some(CloseReason::InvalidUtf8)
+        );
+        // An empty close is answered with an empty close.
+        let mut ws = Ws::new(1024);
+        let mut out = OutQueue::default();
+        drain(&mut ws, &client_frame(0x88, b""), &mut out);
+        assert_eq!(wire(&mut out), [0x88, 0x00]);
+    }
+
+    #[test]
+    fn after_the_peers_close_nothing_more_is_read() {
+        let mut bytes = client_frame(0x88, &[0x03, 0xe8]);
+        bytes.extend(client_frame(0x81, b"late"));
+        bytes.extend(client_frame(0x89, b"p"));
+        let mut ws = Ws::new(1024);
+        let mut out = OutQueue::default();
+        let events = drain(&mut ws, &bytes, &mut out);
+        assert!(matches!(events.as_slice(), [WsEvent::Closed]), "{events:?}");
+        assert_eq!(wire(&mut out), [0x88, 0x02, 0x03, 0xe8]);
+        let mut input: &[u8] = &client_frame(0x81, b"more");
+        assert!(matches!(ws.read(&mut input, &mut out), WsEvent::Closed));
+    }
+
+    #[test]
+    fn after_our_close_pings_are_not_answered_and_the_peers_close_ends_it() {
+        let mut ws = Ws::new(1024);
+        let mut out = OutQueue::default();
+        ws.close(CloseReason::GoingAway, &mut out);
+        wire(&mut out);
+        let mut bytes = client_frame(0x89, b"p");
+        bytes.extend(client_frame(0x81, b"crossing"));
+        bytes.extend(client_frame(0x88, &[0x03, 0xe9]));
+        let events = drain(&mut ws, &bytes, &mut out);
+        // The text crossed our close; the session drops it. No pong, no second close.
+        assert_eq!(text(&events[0]), "crossing");
+        assert!(matches!(events[1], WsEvent::Closed));
+        assert!(wire(&mut out).is_empty());
+    }
+
+    #[test]
+    fn fragmentation_rules() {
+        // A continuation with nothing to continue; a new message inside a fragmented one.
+        assert_eq!(
+            fails_with(&client_frame(0x80, b"x"), 1024),
+            Some(CloseReason::Protocol)
+        );
+        let mut nested = client_frame(0x01, b"a");
+        nested.extend(client_frame(0x81, b"b"));
+        assert_eq!(fails_with(&nested, 1024), Some(CloseReason::Protocol));
+        // Control frames: never fragmented, at most 125 bytes, allowed between fragments.
+        assert_eq!(
+            fails_with(&client_frame(0x0a, b""), 1024),
+            Some(CloseReason::Protocol)
+        );
+        let long_ping = client_frame(0x89, &[0; 126]);
+        assert_eq!(fails_with(&long_ping, 1024), Some(CloseReason::Protocol));
+        let mut bytes = client_frame(0x02, &[1, 2]);
+        bytes.extend(client_frame(0x8a, b"pong"));
+        bytes.extend(client_frame(0x00, &[3]));
+        bytes.extend(client_frame(0x89, b""));
+        bytes.extend(client_frame(0x80, &[4]));
+        let mut ws = Ws::new(1024);
+        let mut out = OutQueue::default();
+        let events = drain(&mut ws, &bytes, &mut out);
+        assert!(
+            matches!(events.as_slice(), [WsEvent::Message(Message::Binary(b))] if b[..] == [1, 2, 3, 4]),
+            "{events:?}"
+        );
+        assert_eq!(wire(&mut out), [0x8a, 0x00]);
+        // Empty fragments are fine; the limit counts the joined message.
+        let mut bytes = client_frame(0x01, b"");
+        bytes.extend(client_frame(0x00, b""));
+        bytes.extend(client_frame(0x80, b"ok"));
+        let events = drain(&mut Ws::new(1024), &bytes, &mut OutQueue::default());
+        assert_eq!(text(&events[0]), "ok");
+        let mut big = client_frame(0x01, &[b'a'; 8]);
+        big.extend(client_frame(0x80, &[b'a'; 8]));
+        assert_eq!(fails_with(&big, 15), Some(CloseReason::TooBig));
+        assert_eq!(fails_with(&big, 16), None);
+    }
+
+    #[test]
+    fn utf8_may_split_across_fragments_and_fails_as_soon_as_it_cannot_be_mended() {
+        let word = "κόσμε".as_bytes();
+        for split in 0..=word.len() {
+            let mut bytes = client_frame(0x01, &word[..split]);
+            bytes.extend(client_frame(0x80, &word[split..]));
+            let events = drain(&mut Ws::new(1024), &bytes, &mut OutQueue::default());
+            assert_eq!(text(&events[0]), "κόσμε", "split at {split}");
+        }
+        // An impossible byte fails on its fragment, before the message is final.
+        let first = client_frame(0x01, &[b'a', 0xc0, 0xaf]);
+        assert_eq!(fails_with(&first, 1024), Some(CloseReason::InvalidUtf8));
+        // A sequence cut short at the end of the message fails at the end.
+        let mut bytes = client_frame(0x01, b"a");
+        bytes.extend(client_frame(0x80, &[0xce]));
+        assert_eq!(fails_with(&bytes, 1024), Some(CloseReason::InvalidUtf8));
+    }
+
+    #[test]
+    fn a_large_frame_leaves_no_buffer_behind() {
+        let payload = vec![b'z'; 60_000];
+        let bytes = client_frame(0x81, &payload);
+        let mut ws = Ws::new(1 << 20);
+        let mut out = OutQueue::default();
+        let mut events = Vec::new();
+        for chunk in bytes.chunks(1000) {
+            events.extend(drain(&mut ws, chunk, &mut out));
+        }
+        assert_eq!(text(&events[0]).len(), 60_000);
+        assert!(ws.pending.is_none(), "nothing held once the frame is read");
+        // Mid-frame, the pending input holds just what the frame needs.
+        drain(&mut ws, &bytes[..30_000], &mut out);
+        let held = ws.pending.as_ref().map(|p| p.input.capacity());
+        assert!(held.is_some_and(|c| c <= bytes.len()), "{held:?}");
+        drain(&mut ws, &bytes[30_000..], &mut out);
+        assert!(ws.pending.is_none());
+        assert_eq!(std::mem::size_of::<Ws>(), 16);
     }
 
     #[test]

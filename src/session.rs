@@ -392,7 +392,7 @@ impl Sessions {
             return;
         }
         ws::queue_ping(&mut conn.out);
-        if conn.timers.get(Timer::Pong).is_none() {
+        if !conn.timers.is_armed(Timer::Pong) {
             conns.arm(id, Timer::Pong, now + self.pong_timeout);
         }
         conns.arm(id, Timer::Ping, now + interval);
@@ -624,7 +624,7 @@ mod tests {
         let now = w.now;
         w.sessions.on_ping_timer(&mut w.conns, id, now);
         assert!(w.frames(id).is_empty());
-        assert!(w.conns[id].timers.get(Timer::Pong).is_none());
+        assert!(!w.conns[id].timers.is_armed(Timer::Pong));
         // Silent for a whole interval: pinged, and the pong timer runs.
         w.advance(Duration::from_secs(6));
         let now = w.now;
@@ -632,6 +632,6 @@ mod tests {
         let frames = w.frames(id);
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].opcode, 0x9);
-        assert!(w.conns[id].timers.get(Timer::Pong).is_some());
+        assert!(w.conns[id].timers.is_armed(Timer::Pong));
     }
 }

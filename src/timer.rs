@@ -6,6 +6,7 @@
 //! `now` is always passed in, never read here.
 
 use std::collections::BTreeSet;
+use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,33 +49,63 @@ impl Timer {
     }
 }
 
+/// A deadline as nanoseconds since the `Timers`' origin: 8 bytes where an `Instant` takes
+/// 16, in every connection's table and in the ordered set (which holds one entry per
+/// idle WebSocket, so this is memory per connection twice over).
+type Tick = NonZeroU64;
+
 /// One connection's armed deadlines.
 #[derive(Debug, Default)]
-pub struct TimerTable([Option<Instant>; KINDS]);
+pub struct TimerTable([Option<Tick>; KINDS]);
 
 impl TimerTable {
-    pub fn get(&self, kind: Timer) -> Option<Instant> {
-        self.0[kind.slot()]
+    pub fn is_armed(&self, kind: Timer) -> bool {
+        self.0[kind.slot()].is_some()
     }
 }
 
 /// Every armed deadline of every connection, ordered by time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Timers {
-    set: BTreeSet<(Instant, usize, Timer)>,
+    origin: Instant,
+    set: BTreeSet<(Tick, u32, Timer)>,
+}
+
+impl Default for Timers {
+    fn default() -> Timers {
+        Timers {
+            origin: Instant::now(),
+            set: BTreeSet::new(),
+        }
+    }
 }
 
 impl Timers {
+    fn tick(&self, at: Instant) -> Tick {
+        let ns = at.saturating_duration_since(self.origin).as_nanos();
+        Tick::new(u64::try_from(ns).unwrap_or(u64::MAX).max(1)).unwrap_or(Tick::MIN)
+    }
+
+    fn instant(&self, tick: Tick) -> Instant {
+        self.origin + Duration::from_nanos(tick.get())
+    }
+
+    /// Slab keys fit 32 bits: a process holds at most a few million descriptors.
+    fn key(key: usize) -> u32 {
+        u32::try_from(key).unwrap_or(u32::MAX)
+    }
+
     pub fn arm(&mut self, table: &mut TimerTable, key: usize, kind: Timer, at: Instant) {
+        let at = self.tick(at);
         if let Some(old) = table.0[kind.slot()].replace(at) {
-            self.set.remove(&(old, key, kind));
+            self.set.remove(&(old, Self::key(key), kind));
         }
-        self.set.insert((at, key, kind));
+        self.set.insert((at, Self::key(key), kind));
     }
 
     pub fn disarm(&mut self, table: &mut TimerTable, key: usize, kind: Timer) {
         if let Some(old) = table.0[kind.slot()].take() {
-            self.set.remove(&(old, key, kind));
+            self.set.remove(&(old, Self::key(key), kind));
         }
     }
 
@@ -86,7 +117,7 @@ impl Timers {
 
     /// The earliest deadline, for the poll timeout.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.set.first().map(|&(at, _, _)| at)
+        self.set.first().map(|&(at, _, _)| self.instant(at))
     }
 
     /// Take one deadline that has passed at `now`, clearing its slot in `table_of(key)`.
@@ -96,10 +127,11 @@ impl Timers {
         table_of: impl FnOnce(usize) -> Option<&'a mut TimerTable>,
     ) -> Option<(usize, Timer)> {
         let &(at, key, kind) = self.set.first()?;
-        if at > now {
+        if at > self.tick(now) {
             return None;
         }
         self.set.pop_first();
+        let key = key as usize;
         if let Some(table) = table_of(key) {
             table.0[kind.slot()] = None;
         }
@@ -127,9 +159,9 @@ mod tests {
 
     #[test]
     fn rearming_replaces_and_expiry_is_in_order() {
+        let mut timers = Timers::default();
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
-        let mut timers = Timers::default();
         let mut a = TimerTable::default();
         let mut b = TimerTable::default();
         timers.arm(&mut a, 1, Timer::Ping, t0 + 5 * s);
@@ -143,7 +175,7 @@ mod tests {
         let now = t0 + 10 * s;
         let first = timers.pop_expired(now, |k| Some(&mut tables[k]));
         assert_eq!(first, Some((2, Timer::Request)));
-        assert_eq!(tables[2].get(Timer::Request), None);
+        assert!(!tables[2].is_armed(Timer::Request));
         let second = timers.pop_expired(now, |k| Some(&mut tables[k]));
         assert_eq!(second, Some((1, Timer::Ping)));
         assert_eq!(timers.pop_expired(now, |k| Some(&mut tables[k])), None);
@@ -151,8 +183,8 @@ mod tests {
 
     #[test]
     fn disarming_all_leaves_nothing_behind() {
-        let t0 = Instant::now();
         let mut timers = Timers::default();
+        let t0 = Instant::now();
         let mut a = TimerTable::default();
         timers.arm(&mut a, 7, Timer::Ping, t0);
         timers.arm(&mut a, 7, Timer::Pong, t0);

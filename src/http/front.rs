@@ -235,7 +235,7 @@ impl Front {
         }
         conns[id].partial = rest.to_vec();
         conns.disarm(id, Timer::Idle);
-        if conns[id].timers.get(Timer::Request).is_none() {
+        if !conns[id].timers.is_armed(Timer::Request) {
             conns.arm(id, Timer::Request, now + self.rules.handshake_timeout);
         }
     }
@@ -704,8 +704,8 @@ mod tests {
         assert!(ok < missing, "{out}");
         assert!(matches!(w.conns[id].state, State::ReadingRequest));
         // Between requests only the keep-alive idle timer runs.
-        assert!(w.conns[id].timers.get(Timer::Idle).is_some());
-        assert!(w.conns[id].timers.get(Timer::Request).is_none());
+        assert!(w.conns[id].timers.is_armed(Timer::Idle));
+        assert!(!w.conns[id].timers.is_armed(Timer::Request));
     }
 
     #[test]
@@ -714,7 +714,7 @@ mod tests {
         let id = w.connect();
         w.send(id, b"GET /hea");
         assert!(w.take_output(id).is_empty());
-        assert!(w.conns[id].timers.get(Timer::Request).is_some());
+        assert!(w.conns[id].timers.is_armed(Timer::Request));
         w.send(id, b"lth HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(w.take_text(id).starts_with("HTTP/1.1 200"));
     }

@@ -931,7 +931,7 @@ impl Server {
                 // Accepted, its first request not read yet: let it arrive (it is answered
                 // with `Connection: close`), bounded by the request timer and the drain.
                 State::ReadingRequest
-                    if between_requests && conn.timers.get(Timer::Request).is_some() => {}
+                    if between_requests && conn.timers.is_armed(Timer::Request) => {}
                 State::ReadingRequest if between_requests && conn.out.is_empty() => {
                     self.kill(id, now)
                 }

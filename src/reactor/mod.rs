@@ -571,8 +571,11 @@ impl Server {
         self.counters.accepted += 1;
         self.conns
             .arm(id, Timer::Request, now + self.handshake_timeout);
-        // Edge-triggered: bytes that arrived with the connection raise no new event.
-        self.on_readable(id, now, true);
+        // Read what arrived with the connection now rather than a pass later. A short read
+        // may stop here even if a FIN waits behind the data: the socket was registered
+        // first, and epoll re-polls a registered socket at every wait, so the FIN still
+        // raises its event.
+        self.on_readable(id, now, false);
     }
 
     // ---- reading ---------------------------------------------------------------------
@@ -742,7 +745,7 @@ impl Server {
         let syscalls = &mut self.counters.write_syscalls;
         match conn
             .out
-            .write_to(&mut socket.stream, WRITE_BUDGET, syscalls)
+            .write_to(&mut net::Send(&socket.stream), WRITE_BUDGET, syscalls)
         {
             Ok(Flushed::Drained) => {
                 if matches!(conn.state, State::Finishing) {

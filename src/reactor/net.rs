@@ -1,5 +1,5 @@
-//! Socket helpers without policy: the listener with our backlog, and the immediate
-//! refusal written to a connection we will not keep.
+//! Socket helpers without policy: the listener with our backlog, the immediate refusal
+//! written to a connection we will not keep, and the `sendmsg` writer every flush uses.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -65,4 +65,23 @@ pub fn is_resource_exhaustion(err: &io::Error) -> bool {
         err.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// A socket written with `sendmsg` rather than `writev`: the same iovecs, but straight
+/// into the socket layer, past the VFS's file-position lock and dispatch (~7% of the
+/// kernel's time per delivery in a profile of a 5,000-subscriber fan-out).
+pub struct Send<'a>(pub &'a TcpStream);
+
+impl io::Write for Send<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[io::IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        socket2::SockRef::from(self.0).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }

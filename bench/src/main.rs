@@ -363,6 +363,7 @@ fn run(cli: &Cli) -> Result<Report, String> {
             rate,
             hold,
         } => {
+            let cpu_before = observer.sample();
             let workers = Workers::spawn(planner.plans(
                 Mode::Connect,
                 "/ws",
@@ -378,6 +379,8 @@ fn run(cli: &Cli) -> Result<Report, String> {
                     0.0
                 };
             workers.wait_settled(Duration::from_secs_f64(limit), "connect");
+            // The server's CPU for the handshakes alone: sampled before the hold.
+            let cpu_after = observer.sample();
             std::thread::sleep(Duration::from_secs_f64(*hold));
             let fin = workers.stop();
             let t = &fin.tally;
@@ -404,6 +407,13 @@ fn run(cli: &Cli) -> Result<Report, String> {
             };
             r.add("handshakes/s", format!("{rate:.0}"), json!(rate));
             r.add_latency("handshake latency", &t.handshake_us);
+            add_server_cpu(
+                &mut r,
+                cpu_before,
+                cpu_after,
+                t.connected as f64,
+                "handshakes",
+            );
             add_tool(&mut r, &fin, tool_start);
             r
         }

@@ -175,6 +175,7 @@ impl Server {
             }
             None => net::listen(cfg.listen, cfg.backlog, cfg.reuse_port)?,
         };
+        net::set_client_options(&listener);
         let local_addr = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -549,8 +550,6 @@ impl Server {
             net::refuse(stream, &self.at_capacity);
             return;
         }
-        // Push messages are small and latency matters more than packet count.
-        stream.set_nodelay(true).ok();
         let id = self.conns.next_id();
         if let Err(e) = self
             .poll

@@ -27,6 +27,15 @@ pub fn listen(addr: SocketAddr, backlog: i32, reuse_port: bool) -> io::Result<Tc
     Ok(TcpListener::from_std(socket.into()))
 }
 
+/// Options every client socket gets, set once on the listener: Linux copies them to each
+/// socket it accepts, which saves a system call per connection. TCP_NODELAY: push
+/// messages are small, and latency matters more than packet count.
+pub fn set_client_options(listener: &TcpListener) {
+    if let Err(e) = socket2::SockRef::from(listener).set_tcp_nodelay(true) {
+        log::warn!("TCP_NODELAY on the listener: {e}; messages may wait for Nagle's delay");
+    }
+}
+
 /// The listener systemd passed (socket activation: `LISTEN_FDS`, `LISTEN_PID`), if any.
 /// While herald restarts, the kernel keeps queueing connections on it, so none is
 /// refused.
@@ -83,5 +92,25 @@ impl io::Write for Send<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_the_listeners_client_options() {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
+        set_client_options(&listener);
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let accepted = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        assert!(accepted.nodelay().unwrap());
     }
 }

@@ -271,8 +271,7 @@ impl Sessions {
             }
             Ok(Op::Publish(topic, data)) => {
                 if !pubsub.through_redis() {
-                    let (_, fanout) = pubsub.publish_local(conns, counters, &topic, data, now);
-                    self.close_slow(conns, pubsub, counters, fanout, now);
+                    pubsub.publish_local(counters, &topic, data, now);
                     return;
                 }
                 if pubsub.publish_to_redis(&topic, data.get(), None, now) {
@@ -443,6 +442,19 @@ impl Sessions {
     }
 
     /// Close the subscribers a fan-out pushed past `--send-queue-limit` (1008).
+    /// The end of a pass's handling, once the publishers have their answers: queue this
+    /// pass's local publishes to their subscribers, and close those it made slow.
+    pub fn deliver_pending(
+        &self,
+        conns: &mut Conns,
+        pubsub: &mut PubSub,
+        counters: &mut Counters,
+        now: Instant,
+    ) {
+        let fanout = pubsub.fan_out_pending(conns, counters);
+        self.close_slow(conns, pubsub, counters, fanout, now);
+    }
+
     pub fn close_slow(
         &self,
         conns: &mut Conns,

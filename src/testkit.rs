@@ -104,6 +104,9 @@ impl World {
             ),
             State::Finishing | State::Lingering | State::Dead => {}
         }
+        // The end of the reactor's pass: the publishes' frames reach their subscribers.
+        self.sessions
+            .deliver_pending(&mut self.conns, &mut self.pubsub, &mut self.counters, now);
     }
 
     /// Everything queued to the peer so far, as the socket would have received it.

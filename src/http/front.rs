@@ -290,12 +290,9 @@ impl Front {
                 let mut ids = Vec::with_capacity(p.topics.len());
                 let mut delivered = 0;
                 for topic in p.topics {
-                    let (msg_id, fanout) =
-                        env.pubsub
-                            .publish_local(env.conns, env.counters, &topic, &p.data, now);
-                    delivered += fanout.reached;
-                    env.sessions
-                        .close_slow(env.conns, env.pubsub, env.counters, fanout, now);
+                    let (msg_id, reach) =
+                        env.pubsub.publish_local(env.counters, &topic, &p.data, now);
+                    delivered += reach;
                     ids.push((topic, msg_id));
                 }
                 api::publish_reply(&ids, delivered)

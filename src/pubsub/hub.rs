@@ -77,12 +77,13 @@ struct Membership {
     slot: usize,
 }
 
-/// A message ready for fan-out: its id, its frame, and the topic's key (none when nobody
-/// here listens).
+/// A message ready for fan-out: its id, its frame, and the topic (none when nobody here
+/// listens): its key, and its name to check the key by, since a fan-out may run after
+/// the topic lost its last subscriber and its key went to another.
 pub struct Published {
     pub id: u64,
     pub frame: Bytes,
-    topic: Option<usize>,
+    topic: Option<(usize, Rc<str>)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -213,10 +214,53 @@ impl Hub {
 
     /// A framed message, ready for fan-out to `name`'s local subscribers (if any).
     pub fn published(&self, name: &str, id: u64, frame: Bytes) -> Published {
-        Published {
-            id,
-            frame,
-            topic: self.by_name.get(name).copied(),
+        let topic = self
+            .by_name
+            .get_key_value(name)
+            .map(|(name, &key)| (key, name.clone()));
+        Published { id, frame, topic }
+    }
+
+    /// The topic's key, if it is still the topic `published` was for.
+    fn key_of(&self, published: &Published) -> Option<usize> {
+        let (key, name) = published.topic.as_ref()?;
+        self.topics
+            .get(*key)
+            .filter(|t| Rc::ptr_eq(&t.name, name))
+            .map(|_| *key)
+    }
+
+    /// How many members a local message will reach: the live ones placed before it.
+    pub fn reach(&self, published: &Published) -> usize {
+        self.key_of(published).map_or(0, |key| {
+            self.topics[key]
+                .subscribers
+                .iter()
+                .filter(|(_, m)| m.live && m.last < published.id)
+                .count()
+        })
+    }
+
+    /// Without Redis: hand `published` to `each` live member placed before it, moving
+    /// each one's place to it. A member that joined since has its place at or past the
+    /// message (its `subscribed` reply or replay covered it) and is skipped.
+    pub fn deliver(&mut self, published: &Published, mut each: impl FnMut(ConnId)) {
+        let Some(key) = self.key_of(published) else {
+            return;
+        };
+        let id = published.id;
+        for (_, m) in self.topics[key].subscribers.iter_mut() {
+            if m.live && m.last < id {
+                m.last = id;
+                each(m.conn);
+            }
+        }
+    }
+
+    /// Without Redis: `conn` has been given `name`'s messages up to `last_id`.
+    pub fn set_place(&mut self, conn: ConnId, name: &str, last_id: u64) {
+        if let Some(member) = self.member_mut(conn, name) {
+            member.last = last_id;
         }
     }
 
@@ -269,7 +313,7 @@ impl Hub {
         epoch: &str,
         mut each: impl FnMut(ConnId, Follow),
     ) {
-        let Some(key) = published.topic else {
+        let Some(key) = self.key_of(published) else {
             return;
         };
         let id = published.id;
@@ -320,8 +364,9 @@ impl Hub {
     }
 
     /// The live subscribers of the topic of `published`.
+    #[cfg(test)]
     pub fn subscribers(&self, published: &Published) -> impl Iterator<Item = ConnId> + '_ {
-        published.topic.into_iter().flat_map(|key| {
+        self.key_of(published).into_iter().flat_map(|key| {
             self.topics[key]
                 .subscribers
                 .iter()
@@ -375,6 +420,32 @@ mod tests {
         let elsewhere = hub.published("u", 1, Bytes::from_static(b"x"));
         assert_eq!(hub.subscribers(&elsewhere).count(), 0);
         assert!(hub.has_topic("t") && !hub.has_topic("u"));
+    }
+
+    #[test]
+    fn a_deferred_fan_out_skips_members_placed_past_it_and_topics_gone_since() {
+        let mut hub = Hub::default();
+        hub.subscribe(ConnId(1), "t", true).unwrap();
+        hub.set_place(ConnId(1), "t", 6);
+        let p7 = hub.published("t", 7, Bytes::from_static(b"x"));
+        assert_eq!(hub.reach(&p7), 1);
+        // Joined after 7 was published: its reply (or replay) said it is at 7.
+        hub.subscribe(ConnId(2), "t", true).unwrap();
+        hub.set_place(ConnId(2), "t", 7);
+        let mut got = Vec::new();
+        hub.deliver(&p7, |c| got.push(c));
+        assert_eq!(got, [ConnId(1)]);
+        // Delivered once only, however often asked.
+        hub.deliver(&p7, |c| got.push(c));
+        assert_eq!(got, [ConnId(1)]);
+        // The topic emptied and its key went to another topic: nothing reaches it.
+        let p8 = hub.published("t", 8, Bytes::from_static(b"x"));
+        hub.unsubscribe_all(ConnId(1));
+        hub.unsubscribe_all(ConnId(2));
+        hub.subscribe(ConnId(3), "other", true).unwrap();
+        assert_eq!(hub.reach(&p8), 0);
+        hub.deliver(&p8, |c| got.push(c));
+        assert_eq!(got, [ConnId(1)]);
     }
 
     #[test]

@@ -121,6 +121,9 @@ pub struct PubSub {
     /// `--send-queue-limit`: past it, a subscriber is a slow consumer.
     send_queue_limit: usize,
     resumes: Resumes,
+    /// Local publishes of this pass whose frames are not yet queued to their subscribers:
+    /// the reactor writes the publishers' responses first, then calls `fan_out_pending`.
+    pending: Vec<Published>,
 }
 
 impl PubSub {
@@ -135,6 +138,7 @@ impl PubSub {
             arrivals: HashMap::new(),
             send_queue_limit: cfg.send_queue_limit,
             resumes: Resumes::default(),
+            pending: Vec::new(),
         }
     }
 
@@ -144,16 +148,16 @@ impl PubSub {
         self.redis.is_some()
     }
 
-    /// Assign the topic's next id, keep the message in history, and queue the frame to
-    /// every local subscriber.
+    /// Assign the topic's next id and keep the message in history; its frame goes to the
+    /// topic's subscribers at `fan_out_pending`, after the publisher has its answer.
+    /// Returns the id and how many subscribers it will reach.
     pub fn publish_local(
         &mut self,
-        conns: &mut Conns,
         counters: &mut Counters,
         topic: &str,
         data: &RawValue,
         now: Instant,
-    ) -> (u64, Fanout) {
+    ) -> (u64, usize) {
         // Framed only when someone will read it: a subscriber here, or history.
         let wanted = self.hub.has_topic(topic) || self.history.limits().size > 0;
         let appended = self.history.append(topic, now, |id| {
@@ -165,8 +169,36 @@ impl PubSub {
         });
         counters.published += 1;
         let published = self.hub.published(topic, appended.id, appended.frame);
-        let fanout = self.fan_out(conns, counters, &published);
-        (published.id, fanout)
+        let reach = self.hub.reach(&published);
+        let id = published.id;
+        if reach > 0 {
+            self.pending.push(published);
+        }
+        (id, reach)
+    }
+
+    /// Queue this pass's local publishes to their subscribers, in publish order. A
+    /// subscriber that joined after a message was published has its place past it (its
+    /// `subscribed` reply or its replay covers it), so it gets nothing twice.
+    pub fn fan_out_pending(&mut self, conns: &mut Conns, counters: &mut Counters) -> Fanout {
+        let mut fanout = Fanout::default();
+        let limit = self.send_queue_limit;
+        for published in std::mem::take(&mut self.pending) {
+            self.hub.deliver(&published, |sub| {
+                // The hub holds open sessions only; a miss would be our bug, not a reason
+                // to die.
+                let Some(queued) = conns.queue_shared(sub, &published.frame) else {
+                    debug_assert!(false, "hub names a connection that is gone");
+                    return;
+                };
+                fanout.reached += 1;
+                if queued > limit {
+                    fanout.slow.push(sub);
+                }
+            });
+        }
+        counters.delivered += fanout.reached as u64;
+        fanout
     }
 
     /// Hand a publish to Redis; `tag` names the HTTP response waiting for its reply (none
@@ -229,24 +261,6 @@ impl PubSub {
                 fanout.lost.len()
             );
         }
-        fanout
-    }
-
-    /// Queue one framed message to every live local subscriber of its topic.
-    fn fan_out(&self, conns: &mut Conns, counters: &mut Counters, published: &Published) -> Fanout {
-        let mut fanout = Fanout::default();
-        for sub in self.hub.subscribers(published) {
-            // The hub holds open sessions only; a miss would be our bug, not a reason to die.
-            let Some(queued) = conns.queue_shared(sub, &published.frame) else {
-                debug_assert!(false, "hub names a connection that is gone");
-                continue;
-            };
-            fanout.reached += 1;
-            if queued > self.send_queue_limit {
-                fanout.slow.push(sub);
-            }
-        }
-        counters.delivered += fanout.reached as u64;
         fanout
     }
 
@@ -317,6 +331,7 @@ impl PubSub {
                 .history
                 .position(topic)
                 .unwrap_or_else(|| self.history.retain(topic));
+            self.hub.set_place(id, topic, at.last_id);
             let reply = protocol::subscribed(topic, &position(&at, None), sub.as_deref());
             conns.queue(id, reply);
             return;
@@ -327,6 +342,7 @@ impl PubSub {
             return;
         };
         count(&mut self.resumes, resume.outcome);
+        self.hub.set_place(id, topic, resume.position.last_id);
         let at = position(&resume.position, Some(resume.recovered()));
         conns.queue(id, protocol::subscribed(topic, &at, sub.as_deref()));
         for message in resume.messages {

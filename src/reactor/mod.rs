@@ -147,6 +147,10 @@ pub struct Server {
     unread: Vec<ConnId>,
     /// What Redis reported this pass, for the handlers.
     redis_events: Vec<Event>,
+    /// Messages from Redis not yet queued to their subscribers: held until the publish
+    /// responses of the pass are written (`flush_websockets`), or until an event that must see
+    /// them delivered first.
+    redis_messages: Vec<Event>,
     /// `--state-dir`'s file, where the history goes when the process ends.
     state_file: Option<PathBuf>,
 
@@ -237,6 +241,7 @@ impl Server {
             ready: Vec::with_capacity(EVENTS_CAPACITY),
             unread: Vec::new(),
             redis_events: Vec::new(),
+            redis_messages: Vec::new(),
             state_file,
             sockets: Vec::new(),
             conns: Conns::default(),
@@ -273,8 +278,9 @@ impl Server {
             self.fire_timers(now);
             self.service_redis(now);
             self.accept_connections(now);
-            self.flush_dirty(now);
+            self.flush_responses(now);
             self.flush_redis(now);
+            self.flush_websockets(now);
             self.reap_dead();
             if let Some(code) = self.advance_drain(now) {
                 break code;
@@ -708,16 +714,27 @@ impl Server {
 
     // ---- writing ---------------------------------------------------------------------
 
-    /// One writev per dirty connection: every HTTP connection first (a publisher's
-    /// response goes out before the fan-out it caused), then WebSockets for at most
-    /// `FANOUT_SLICE`. Those left wait for the next pass, which polls without sleeping,
-    /// so a publish that arrives during a long fan-out is read and answered within a
-    /// slice instead of behind thousands of writes. A connection the kernel would not
-    /// fully take asks for WRITABLE; one that used its budget is retried next pass.
-    fn flush_dirty(&mut self, now: Instant) {
+    // One vectored write per dirty connection, in three steps: every HTTP connection first
+    // (a publisher's response goes out before the fan-out it caused), then the commands to
+    // Redis (`flush_redis`), then the fan-out: this pass's messages are queued to their
+    // subscribers and WebSockets are written for at most `FANOUT_SLICE`. Those left wait
+    // for the next pass, which polls without sleeping, so a publish that arrives during a
+    // long fan-out is read and answered within a slice instead of behind thousands of
+    // writes. A connection the kernel would not fully take asks for WRITABLE; one that
+    // used its budget is retried next pass.
+
+    fn flush_responses(&mut self, now: Instant) {
         for id in self.conns.take_urgent() {
             self.flush_one(id, now);
         }
+    }
+
+    /// After the responses and the commands to Redis: queue what was published, here and
+    /// through Redis, then write to WebSockets for one slice.
+    fn flush_websockets(&mut self, now: Instant) {
+        self.sessions
+            .deliver_pending(&mut self.conns, &mut self.pubsub, &mut self.counters, now);
+        self.deliver_redis_messages(now);
         let start = Instant::now();
         let mut flushed = 0usize;
         while let Some(id) = self.conns.next_fanout() {
@@ -843,58 +860,80 @@ impl Server {
                     let (front, mut env) = self.env();
                     front.on_publish_result(&mut env, tag, result, now);
                 }
-                Event::Message {
-                    topic,
-                    id,
-                    epoch,
-                    data,
-                } => {
-                    let mut fanout = self.pubsub.deliver(
-                        &mut self.conns,
-                        &mut self.counters,
-                        &topic,
-                        (id, &epoch),
-                        &data,
-                    );
-                    for lost in std::mem::take(&mut fanout.lost) {
-                        let after_ms = self.jitter.draw();
-                        self.sessions.going_away(
-                            &mut self.conns,
-                            &mut self.pubsub,
-                            &mut self.counters,
-                            lost,
-                            after_ms,
-                            now,
-                        );
-                    }
-                    self.sessions.close_slow(
-                        &mut self.conns,
-                        &mut self.pubsub,
-                        &mut self.counters,
-                        fanout,
-                        now,
-                    );
-                }
-                Event::Confirmed { topic } => {
-                    self.pubsub.on_confirmed(&mut self.conns, &topic, now)
-                }
-                Event::SubscriptionReady => self.pubsub.resubscribe(),
-                Event::Read { tag, result } => {
-                    if let Some(read) = self.pubsub.on_read(&mut self.conns, tag, result) {
-                        let (front, mut env) = self.env();
-                        front.on_history_read(&mut env, read, now);
-                    }
-                }
-                Event::Up | Event::Delivery(_) => {}
-                Event::Down => self.pubsub.on_redis_down(&mut self.conns),
-                Event::Pong => {
-                    if self.drain.redis_wait().is_some() {
-                        self.close_all_websockets(now);
-                    }
+                // Queued to subscribers once this pass's responses are written: a publish's
+                // answer may leave before messages that arrived with it, which nothing
+                // depends on.
+                message @ Event::Message { .. } => self.redis_messages.push(message),
+                other => {
+                    // Everything else sees the messages before it delivered: a read's
+                    // reply, Redis going down, the drain's pong.
+                    self.deliver_redis_messages(now);
+                    self.on_redis_event(other, now);
                 }
             }
         }
         self.redis_events = events;
+    }
+
+    fn on_redis_event(&mut self, event: Event, now: Instant) {
+        match event {
+            Event::Published { .. } | Event::Message { .. } => {}
+            Event::Confirmed { topic } => self.pubsub.on_confirmed(&mut self.conns, &topic, now),
+            Event::SubscriptionReady => self.pubsub.resubscribe(),
+            Event::Read { tag, result } => {
+                if let Some(read) = self.pubsub.on_read(&mut self.conns, tag, result) {
+                    let (front, mut env) = self.env();
+                    front.on_history_read(&mut env, read, now);
+                }
+            }
+            Event::Up | Event::Delivery(_) => {}
+            Event::Down => self.pubsub.on_redis_down(&mut self.conns),
+            Event::Pong => {
+                if self.drain.redis_wait().is_some() {
+                    self.close_all_websockets(now);
+                }
+            }
+        }
+    }
+
+    /// Queue the held messages from Redis to their subscribers, in arrival order.
+    fn deliver_redis_messages(&mut self, now: Instant) {
+        for event in mem::take(&mut self.redis_messages) {
+            let Event::Message {
+                topic,
+                id,
+                epoch,
+                data,
+            } = event
+            else {
+                continue;
+            };
+            let mut fanout = self.pubsub.deliver(
+                &mut self.conns,
+                &mut self.counters,
+                &topic,
+                (id, &epoch),
+                &data,
+            );
+            for lost in std::mem::take(&mut fanout.lost) {
+                let after_ms = self.jitter.draw();
+                self.sessions.going_away(
+                    &mut self.conns,
+                    &mut self.pubsub,
+                    &mut self.counters,
+                    lost,
+                    after_ms,
+                    now,
+                );
+            }
+            self.sessions.close_slow(
+                &mut self.conns,
+                &mut self.pubsub,
+                &mut self.counters,
+                fanout,
+                now,
+            );
+        }
     }
 
     // ---- drain -----------------------------------------------------------------------

@@ -131,6 +131,8 @@ pub struct Server {
     max_connections: usize,
     handshake_timeout: Duration,
     drain_timeout: Duration,
+    /// `--sndbuf`, applied to every accepted socket.
+    sndbuf: net::SendBuffer,
     /// Encoded once: the answer to connections beyond `max_connections`.
     at_capacity: Bytes,
     /// The one buffer every socket is read into.
@@ -225,6 +227,7 @@ impl Server {
             max_connections,
             handshake_timeout: cfg.handshake_timeout,
             drain_timeout: cfg.drain_timeout,
+            sndbuf: net::SendBuffer::new(cfg.sndbuf),
             at_capacity: Bytes::from(Response::refuse(&Reject::AtCapacity).encode(false)),
             scratch: vec![0; SCRATCH_BYTES],
             ready: Vec::with_capacity(EVENTS_CAPACITY),
@@ -545,6 +548,7 @@ impl Server {
         }
         // Push messages are small and latency matters more than packet count.
         stream.set_nodelay(true).ok();
+        self.sndbuf.apply(&stream);
         let id = self.conns.next_id();
         if let Err(e) = self
             .poll

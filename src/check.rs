@@ -39,6 +39,12 @@ pub struct Host {
     pub tcp_max_syn_backlog: Option<u64>,
     pub port_range: Option<(u64, u64)>,
     pub mem_available_kib: Option<u64>,
+    pub mem_total_kib: Option<u64>,
+    /// `net.ipv4.tcp_wmem`: a TCP socket's send buffer (min, default, max), in bytes; the
+    /// kernel autotunes it between the last two unless SO_SNDBUF is set.
+    pub tcp_wmem: Option<(u64, u64, u64)>,
+    /// `net.core.wmem_max`: the cap on what SO_SNDBUF may ask for (before doubling).
+    pub wmem_max: Option<u64>,
     /// `None`: the kernel has no such setting (before Linux 5.14).
     pub tcp_migrate_req: Option<u64>,
 }
@@ -60,10 +66,16 @@ impl Host {
             let mut it = s.split_whitespace().map(|p| p.parse::<u64>().ok());
             Some((it.next()??, it.next()??))
         });
-        let mem_available_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let meminfo_kib = |key: &str| {
+            meminfo
+                .lines()
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        };
+        let tcp_wmem = sysctl("net.ipv4.tcp_wmem").and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u64>().ok());
+            Some((it.next()??, it.next()??, it.next()??))
         });
         Host {
             nofile_soft: if ok { lim.rlim_cur as u64 } else { 0 },
@@ -73,7 +85,10 @@ impl Host {
             somaxconn: number("net.core.somaxconn"),
             tcp_max_syn_backlog: number("net.ipv4.tcp_max_syn_backlog"),
             port_range,
-            mem_available_kib,
+            mem_available_kib: meminfo_kib("MemAvailable:"),
+            mem_total_kib: meminfo_kib("MemTotal:"),
+            tcp_wmem,
+            wmem_max: number("net.core.wmem_max"),
             tcp_migrate_req: number("net.ipv4.tcp_migrate_req"),
         }
     }
@@ -90,6 +105,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub agent_listen: Option<SocketAddr>,
     pub reuse_port: bool,
+    /// `--sndbuf`; `None`: the kernel's autotuned send buffers.
+    pub sndbuf: Option<u64>,
 }
 
 impl Settings {
@@ -102,6 +119,7 @@ impl Settings {
             listen: cfg.listen,
             agent_listen: cfg.agent_listen,
             reuse_port: cfg.reuse_port,
+            sndbuf: cfg.sndbuf.map(|b| b as u64),
         }
     }
 }
@@ -256,7 +274,80 @@ pub fn assess_host(host: &Host, n: u64, settings: &Settings) -> Vec<Finding> {
             vec!["a larger host, or more hosts sharing topics through Redis".to_string()],
         ));
     }
+    out.extend(assess_send_buffers(host, n, settings.sndbuf));
     out
+}
+
+/// The largest power of two no greater than `x` (0 for 0).
+fn power_of_two_below(x: u64) -> u64 {
+    if x == 0 { 0 } else { 1 << x.ilog2() }
+}
+
+/// Kernel send buffers: a client that stops reading leaves herald's bytes in its socket's
+/// send buffer, up to the buffer's size, before any reach herald's queue and
+/// `--send-queue-limit` starts counting. Without `--sndbuf` that is `tcp_wmem`'s maximum
+/// (autotuned up to it, 4 MiB by default); with it, twice `--sndbuf` (Linux doubles it),
+/// capped at `wmem_max` first. N slow consumers pinning more than the host's memory is a
+/// note, not a failure: it takes every client stalling at once under heavy traffic, and
+/// the kernel's `tcp_mem` ceiling puts all of TCP under pressure before memory runs out.
+fn assess_send_buffers(host: &Host, n: u64, sndbuf: Option<u64>) -> Option<Finding> {
+    let mem = host.mem_total_kib? * 1024;
+    let (per_connection, source) = match sndbuf {
+        Some(asked) => {
+            let granted = asked.min(host.wmem_max.unwrap_or(asked));
+            let capped = if granted < asked {
+                format!(", capped by net.core.wmem_max {granted}")
+            } else {
+                String::new()
+            };
+            (
+                2 * granted,
+                format!("--sndbuf {asked}, doubled by Linux{capped}"),
+            )
+        }
+        None => {
+            let (_, default, max) = host.tcp_wmem?;
+            (
+                max,
+                format!(
+                    "net.ipv4.tcp_wmem's maximum: sockets start at {} KiB and the kernel grows them up to it",
+                    default / 1024
+                ),
+            )
+        }
+    };
+    let total = n.saturating_mul(per_connection);
+    let what = format!(
+        "kernel send buffers: a client that stops reading pins up to {} KiB ({source}) before --send-queue-limit starts counting; \
+         {n} connections x {} KiB = {} MiB against the host's {} MiB",
+        per_connection / 1024,
+        per_connection / 1024,
+        total >> 20,
+        mem >> 20
+    );
+    if total <= mem {
+        return Some(Finding::ok(what));
+    }
+    // The largest --sndbuf (a power of two, 4 KiB to 64 KiB) whose doubled size fits N times.
+    let fitting = power_of_two_below(mem / n.max(1) / 2).clamp(4096, 65536);
+    let mut fix = vec![format!(
+        "herald --sndbuf {fitting}   (HERALD_SNDBUF={fitting}: at most {} KiB per connection, {} MiB for {n})",
+        2 * fitting / 1024,
+        n.saturating_mul(2 * fitting) >> 20
+    )];
+    if sndbuf.is_none()
+        && let Some((min, default, _)) = host.tcp_wmem
+    {
+        let max = power_of_two_below(mem / n.max(1)).max(min.max(4096));
+        fix.push(format!(
+            "sysctl -w net.ipv4.tcp_wmem=\"{min} {} {max}\"   (every TCP socket on the host, HAProxy's too)",
+            default.min(max)
+        ));
+    }
+    Some(Finding::note_with(
+        format!("{what}: slow consumers could pin more kernel memory than the host has"),
+        fix,
+    ))
 }
 
 /// `net.ipv4.tcp_migrate_req`: when a `--reuse-port` process closes its listener to
@@ -389,6 +480,9 @@ fn effective(settings: &Settings, command: &str, env: &str) -> Settings {
         listen: addr("listen").unwrap_or(settings.listen),
         agent_listen: addr("agent-listen").or(settings.agent_listen),
         reuse_port: herald_flag(command, env, "reuse-port") || settings.reuse_port,
+        sndbuf: setting("sndbuf")
+            .and_then(|v| v.parse().ok())
+            .or(settings.sndbuf),
     }
 }
 
@@ -1204,8 +1298,11 @@ pub fn run(args: &CheckArgs, settings: &Settings) -> Result<bool, String> {
             assess_haproxy(&text, n, &runs, &env),
         ));
     }
+    // The host holds every process's connections: one without --sndbuf autotunes.
+    let sndbuf = runs.iter().map(|s| s.sndbuf).collect::<Option<Vec<u64>>>();
     let host_settings = Settings {
         reuse_port: runs.iter().any(|s| s.reuse_port),
+        sndbuf: sndbuf.and_then(|all| all.into_iter().max()),
         ..*settings
     };
     let mut sections = vec![(
@@ -1251,6 +1348,7 @@ mod tests {
             listen: "127.0.0.1:8080".parse().unwrap(),
             agent_listen: None,
             reuse_port: false,
+            sndbuf: None,
         }
     }
 
@@ -1288,6 +1386,9 @@ mod tests {
             tcp_max_syn_backlog: Some(4096),
             port_range: Some((1024, 65535)),
             mem_available_kib: Some(16 << 20),
+            mem_total_kib: Some(16 << 20),
+            tcp_wmem: Some((4096, 16384, 4 << 20)),
+            wmem_max: Some(212_992),
             tcp_migrate_req: Some(1),
         };
         assert!(fails(&assess_host(&roomy, 50_000, &settings())).is_empty());
@@ -1313,6 +1414,83 @@ mod tests {
                 .iter()
                 .any(|x| x == "sysctl -w net.core.somaxconn=4096")
         }));
+    }
+
+    /// Issue 14: a slow consumer fills its kernel send buffer (4 MiB autotuned) before
+    /// --send-queue-limit counts; N of them may pin more than the host's memory.
+    #[test]
+    fn kernel_send_buffers_past_the_hosts_memory_are_noted_with_the_fix() {
+        let host = Host {
+            mem_total_kib: Some(24 << 20),
+            tcp_wmem: Some((4096, 16384, 4 << 20)),
+            wmem_max: Some(212_992),
+            ..Host::default()
+        };
+        // 5,000 x 4 MiB = 19.5 GiB fits in 24 GiB; 10,000 x 4 MiB does not.
+        let fits = assess_send_buffers(&host, 5_000, None).unwrap();
+        assert_eq!(fits.verdict, Verdict::Ok, "{fits}");
+        let over = assess_send_buffers(&host, 10_000, None).unwrap();
+        assert_eq!(over.verdict, Verdict::Note, "{over}");
+        assert!(over.what.contains("4096 KiB"), "{over}");
+        assert!(over.what.contains("40000 MiB"), "{over}");
+        assert_eq!(
+            over.fix,
+            vec![
+                "herald --sndbuf 65536   (HERALD_SNDBUF=65536: at most 128 KiB per connection, 1250 MiB for 10000)".to_string(),
+                "sysctl -w net.ipv4.tcp_wmem=\"4096 16384 2097152\"   (every TCP socket on the host, HAProxy's too)".to_string(),
+            ]
+        );
+        // --sndbuf: twice the value counts, not tcp_wmem.
+        let small = assess_send_buffers(&host, 10_000, Some(65536)).unwrap();
+        assert_eq!(small.verdict, Verdict::Ok, "{small}");
+        assert!(small.what.contains("128 KiB"), "{small}");
+        // ... capped at net.core.wmem_max before it is doubled: 2 x 212992 per connection.
+        let capped = assess_send_buffers(&host, 10_000, Some(8 << 20)).unwrap();
+        assert_eq!(capped.verdict, Verdict::Ok, "{capped}");
+        assert!(capped.what.contains("416 KiB"), "{capped}");
+        assert!(capped.what.contains("wmem_max 212992"), "{capped}");
+        // Too many even at 64 KiB: a smaller --sndbuf, and no sysctl (SO_SNDBUF ignores it).
+        let tight = Host {
+            mem_total_kib: Some(1 << 20),
+            ..host.clone()
+        };
+        let crowded = assess_send_buffers(&tight, 100_000, Some(65536)).unwrap();
+        assert_eq!(crowded.verdict, Verdict::Note, "{crowded}");
+        assert_eq!(crowded.fix.len(), 1, "{crowded}");
+        assert!(
+            crowded.fix[0].starts_with("herald --sndbuf 4096 "),
+            "{crowded}"
+        );
+        // Nothing known, nothing said.
+        assert!(assess_send_buffers(&Host::default(), 10_000, None).is_none());
+        let no_wmem = Host {
+            tcp_wmem: None,
+            ..host.clone()
+        };
+        assert!(assess_send_buffers(&no_wmem, 10_000, None).is_none());
+        assert!(assess_send_buffers(&no_wmem, 10_000, Some(65536)).is_some());
+        // It is a note: the host check still passes.
+        let roomy = Host {
+            nofile_hard: 1 << 20,
+            ..host
+        };
+        let found = assess_host(&roomy, 10_000, &settings());
+        assert!(fails(&found).is_empty(), "{found:?}");
+        assert!(
+            notes(&found)
+                .iter()
+                .any(|n| n.starts_with("kernel send buffers"))
+        );
+    }
+
+    #[test]
+    fn a_files_sndbuf_counts_for_the_host() {
+        let unit = "[Service]\nExecStart=/usr/local/bin/herald --sndbuf 65536\n";
+        assert_eq!(systemd_runs(unit, &settings())[0].sndbuf, Some(65536));
+        let env = "[Service]\nExecStart=/usr/local/bin/herald\nEnvironment=HERALD_SNDBUF=32768\n";
+        assert_eq!(systemd_runs(env, &settings())[0].sndbuf, Some(32768));
+        let plain = "[Service]\nExecStart=/usr/local/bin/herald\n";
+        assert_eq!(systemd_runs(plain, &settings())[0].sndbuf, None);
     }
 
     #[test]
@@ -1397,6 +1575,9 @@ mod tests {
             tcp_max_syn_backlog: num("net.ipv4.tcp_max_syn_backlog"),
             port_range: Some((lo.trim().parse().unwrap(), hi.trim().parse().unwrap())),
             mem_available_kib: Some(1 << 20),
+            mem_total_kib: Some(1 << 20),
+            tcp_wmem: None,
+            wmem_max: None,
             tcp_migrate_req: num("net.ipv4.tcp_migrate_req"),
         };
         assert!(

@@ -14,6 +14,11 @@ use crate::topic::Patterns;
 /// Default bind address when neither `--listen`, `HOST` nor `PORT` says otherwise.
 const DEFAULT_HOST: &str = "127.0.0.1";
 const DEFAULT_PORT: u16 = 8080;
+/// `--sndbuf`'s bounds. Less than a page saves nothing worth having and costs a `writev`
+/// per fragment of each frame (the kernel raises anything under ~2.3 KiB to its floor,
+/// SOCK_MIN_SNDBUF, anyway); setsockopt takes a C int.
+const MIN_SNDBUF: usize = 4096;
+const MAX_SNDBUF: usize = i32::MAX as usize;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -98,6 +103,13 @@ pub struct Args {
         default_value_t = 1_048_576
     )]
     pub send_queue_limit: usize,
+
+    /// SO_SNDBUF on every accepted socket (Linux doubles it, and caps it at
+    /// net.core.wmem_max): the most kernel memory a client that does not read can pin
+    /// before --send-queue-limit starts counting. At least 4096 [default: the kernel's,
+    /// autotuned up to net.ipv4.tcp_wmem's maximum, 4 MiB on most hosts]
+    #[arg(long, env = "HERALD_SNDBUF", value_name = "BYTES")]
+    pub sndbuf: Option<usize>,
 
     /// Longest a graceful shutdown (SIGTERM/SIGINT) may take
     #[arg(
@@ -268,6 +280,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub send_queue_limit: usize,
+    /// `--sndbuf`: SO_SNDBUF for accepted sockets; `None` leaves the kernel's autotuning.
+    pub sndbuf: Option<usize>,
     pub drain_timeout: Duration,
     pub drain_spread: Duration,
     /// Reconnect hints' range, in ms.
@@ -299,6 +313,14 @@ impl Args {
         }
         if self.send_queue_limit == 0 {
             return Err("--send-queue-limit must be at least 1".into());
+        }
+        if let Some(bytes) = self.sndbuf
+            && !(MIN_SNDBUF..=MAX_SNDBUF).contains(&bytes)
+        {
+            return Err(format!(
+                "--sndbuf {bytes}: must be between {MIN_SNDBUF} and {MAX_SNDBUF} bytes \
+                 (less than a page saves nothing and costs a write per fragment)"
+            ));
         }
         if self.max_connections == Some(0) {
             return Err("--max-connections must be at least 1".into());
@@ -414,6 +436,7 @@ impl Args {
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
             keepalive_timeout: Duration::from_secs(self.keepalive_timeout),
             send_queue_limit: self.send_queue_limit,
+            sndbuf: self.sndbuf,
             drain_timeout,
             drain_spread,
             reconnect_jitter,
@@ -513,6 +536,31 @@ mod tests {
             .into_config(None, None)
             .unwrap_err();
         assert!(err.contains("--client-publish"), "{err}");
+    }
+
+    #[test]
+    fn sndbuf_defaults_to_the_kernel_and_refuses_less_than_a_page() {
+        assert_eq!(args(&[]).into_config(None, None).unwrap().sndbuf, None);
+        let cfg = args(&["--sndbuf", "65536"])
+            .into_config(None, None)
+            .unwrap();
+        assert_eq!(cfg.sndbuf, Some(65536));
+        assert_eq!(
+            args(&["--sndbuf", "4096"])
+                .into_config(None, None)
+                .unwrap()
+                .sndbuf,
+            Some(4096)
+        );
+        for bad in ["4095", "0", "2147483648"] {
+            let err = args(&["--sndbuf", bad])
+                .into_config(None, None)
+                .unwrap_err();
+            assert!(err.contains("--sndbuf") && err.contains("4096"), "{err}");
+        }
+        // Not a number: clap refuses it, naming the flag.
+        let err = Args::try_parse_from(["herald", "--sndbuf", "64k"]).unwrap_err();
+        assert!(err.to_string().contains("--sndbuf"), "{err}");
     }
 
     #[test]

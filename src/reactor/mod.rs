@@ -179,7 +179,7 @@ impl Server {
             }
             None => net::listen(cfg.listen, cfg.backlog, cfg.reuse_port)?,
         };
-        net::set_client_options(&listener);
+        net::set_client_options(&listener, cfg.sndbuf);
         let local_addr = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;

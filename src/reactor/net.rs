@@ -1,11 +1,13 @@
-//! Socket helpers without policy: the listener with our backlog, the immediate refusal
-//! written to a connection we will not keep, and the `sendmsg` writer every flush uses.
+//! Socket helpers without policy: the listener with our backlog and the options its
+//! accepted sockets inherit (TCP_NODELAY, `--sndbuf`), the immediate refusal written to a
+//! connection we will not keep, and the `sendmsg` writer every flush uses.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
 
+use log::{info, warn};
 use mio::net::{TcpListener, TcpStream};
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 /// Bind a nonblocking listener. mio's own `bind` listens with a backlog of 128, which a
 /// reconnect storm overflows at once; the kernel still caps ours at net.core.somaxconn.
@@ -28,11 +30,39 @@ pub fn listen(addr: SocketAddr, backlog: i32, reuse_port: bool) -> io::Result<Tc
 }
 
 /// Options every client socket gets, set once on the listener: Linux copies them to each
-/// socket it accepts, which saves a system call per connection. TCP_NODELAY: push
-/// messages are small, and latency matters more than packet count.
-pub fn set_client_options(listener: &TcpListener) {
-    if let Err(e) = socket2::SockRef::from(listener).set_tcp_nodelay(true) {
-        log::warn!("TCP_NODELAY on the listener: {e}; messages may wait for Nagle's delay");
+/// socket it accepts, which saves a system call per connection. A failure is logged and
+/// not fatal: sockets then keep the kernel's behaviour.
+///
+/// - TCP_NODELAY: push messages are small, and latency matters more than packet count.
+/// - `--sndbuf`: SO_SNDBUF. Without it the kernel starts a socket at net.ipv4.tcp_wmem's
+///   default and autotunes it up to its maximum (4 MiB on most hosts), all of which a
+///   client that stops reading can fill before its bytes reach our queue and
+///   `--send-queue-limit` starts counting. Setting it turns autotuning off.
+pub fn set_client_options(listener: &TcpListener, sndbuf: Option<usize>) {
+    let socket = SockRef::from(listener);
+    if let Err(e) = socket.set_tcp_nodelay(true) {
+        warn!("TCP_NODELAY on the listener: {e}; messages may wait for Nagle's delay");
+    }
+    let Some(bytes) = sndbuf else {
+        return;
+    };
+    if let Err(e) = socket.set_send_buffer_size(bytes) {
+        warn!(
+            "--sndbuf {bytes}: setting SO_SNDBUF failed ({e}); sockets keep the kernel's send buffer"
+        );
+        return;
+    }
+    // Linux doubles the value (the bookkeeping overhead) and caps the request at
+    // net.core.wmem_max first; say what a socket really gets.
+    match socket.send_buffer_size() {
+        Ok(got) if got < 2 * bytes => warn!(
+            "--sndbuf {bytes}: the kernel gives each socket {got} bytes of send buffer, capped \
+             by net.core.wmem_max (sysctl -w net.core.wmem_max={bytes})"
+        ),
+        Ok(got) => info!(
+            "--sndbuf {bytes}: each socket gets {got} bytes of send buffer (Linux doubles it)"
+        ),
+        Err(e) => warn!("--sndbuf {bytes}: reading SO_SNDBUF back failed: {e}"),
     }
 }
 
@@ -102,7 +132,7 @@ mod tests {
     #[test]
     fn accepted_sockets_inherit_the_listeners_client_options() {
         let listener = listen("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
-        set_client_options(&listener);
+        set_client_options(&listener, Some(16384));
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let accepted = loop {
             match listener.accept() {
@@ -112,5 +142,7 @@ mod tests {
             }
         };
         assert!(accepted.nodelay().unwrap());
+        // Linux doubles SO_SNDBUF.
+        assert_eq!(SockRef::from(&accepted).send_buffer_size().unwrap(), 32768);
     }
 }

@@ -91,6 +91,7 @@ fn help_lists_every_flag_with_its_variable() {
         "handshake-timeout",
         "keepalive-timeout",
         "send-queue-limit",
+        "sndbuf",
         "drain-timeout",
         "allowed-origins",
         "client-publish",
@@ -139,4 +140,15 @@ fn bad_flags_are_refused_at_start() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--client-publish"));
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env("HERALD_SNDBUF", "1024")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--sndbuf 1024") && stderr.contains("4096"),
+        "{stderr}"
+    );
 }

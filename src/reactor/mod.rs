@@ -701,9 +701,9 @@ impl Server {
                 Timer::Pong => {
                     self.counters.pong_timeouts += 1;
                     debug!("no answer to ping: {}", self.conns[id].peer);
-                    self.kill(id, now);
+                    self.abort(id, now);
                 }
-                Timer::CloseGrace => self.kill(id, now),
+                Timer::CloseGrace => self.abort(id, now),
                 Timer::Grant => {
                     self.sessions
                         .on_grant_timer(&mut self.conns, &mut self.pubsub, id, now)
@@ -816,6 +816,20 @@ impl Server {
     /// End a connection now: it leaves its topics, and is removed after this pass.
     fn kill(&mut self, id: ConnId, now: Instant) {
         self.pubsub.leave(self.conns.kill(id), now);
+    }
+
+    /// End a connection whose peer stopped taking part (no pong, no close reply in the
+    /// grace time). If the kernel still holds bytes the peer has not taken, with a reset
+    /// rather than a FIN: a FIN would leave them in an orphaned socket until the kernel
+    /// gave up on a peer that reads nothing, up to the whole send buffer per slow
+    /// consumer, for minutes. A peer that took everything gets the ordinary close.
+    fn abort(&mut self, id: ConnId, now: Instant) {
+        if let Some(Some(socket)) = self.sockets.get(id.0)
+            && net::unacknowledged(&socket.stream) > 0
+        {
+            let _ = socket2::SockRef::from(&socket.stream).set_linger(Some(Duration::ZERO));
+        }
+        self.kill(id, now);
     }
 
     fn reap_dead(&mut self) {

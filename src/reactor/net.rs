@@ -87,6 +87,16 @@ pub fn refuse(mut stream: TcpStream, response: &[u8]) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
+/// Bytes written to the socket that the peer has not acknowledged yet (SIOCOUTQ); 0 when
+/// it cannot be read.
+pub fn unacknowledged(stream: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int through the pointer, which points at one.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut bytes) };
+    if rc == 0 { bytes.max(0) as usize } else { 0 }
+}
+
 /// Descriptors this process has open (Linux: entries of /proc/self/fd).
 pub fn open_fds() -> Option<u64> {
     // One of them is the directory handle reading it.

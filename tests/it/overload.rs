@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::util::{Herald, HttpConn, eventually, parse_metrics, raw_ws, read_raw_frame, require};
+use crate::util::{
+    Herald, HttpConn, eventually, parse_metrics, raw_ws, raw_ws_on, read_raw_frame, require,
+};
 
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -239,6 +241,54 @@ fn sndbuf_bounds_what_a_subscriber_that_never_reads_pins_before_it_is_cut_off() 
     } else {
         eprintln!("tcp_wmem's maximum is {wmem_max}: the kernel default is not compared");
     }
+}
+
+/// The state of herald's end of the TCP connection to a client at local port `client`
+/// (`/proc/net/tcp`'s hex code: 01 ESTABLISHED, 04 FIN_WAIT1, ...), if the kernel still
+/// has it.
+fn server_socket_state(herald_port: u16, client_port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let port = |field: &str| u16::from_str_radix(field.rsplit(':').next()?, 16).ok();
+        (port(f[1]) == Some(herald_port) && port(f[2]) == Some(client_port))
+            .then(|| f[3].to_string())
+    })
+}
+
+#[test]
+fn a_slow_consumer_cut_off_leaves_no_orphaned_socket_holding_its_backlog() {
+    // A FIN would leave herald's socket in FIN_WAIT1 with its full send buffer for as long
+    // as the client keeps the connection and reads nothing; after the close grace, herald
+    // resets it instead.
+    let herald = Herald::start(&["--send-queue-limit", "65536", "--sndbuf", "16384"]);
+    // A small receive window, so what herald sends stays in herald's kernel, unacknowledged.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&herald.addr.into()).unwrap();
+    let never_reads = raw_ws_on(socket.into(), "/ws?topics=stalled");
+    let client_port = never_reads.local_addr().unwrap().port();
+    let data = format!("\"{}\"", "s".repeat(4000));
+    let mut api = herald.http();
+    for _ in 0..200 {
+        if api.publish("stalled", &data)["delivered"] == 0 {
+            break;
+        }
+    }
+    assert_eq!(herald.metric("herald_slow_consumers_total"), 1.0);
+    assert_eq!(
+        server_socket_state(herald.addr.port(), client_port).as_deref(),
+        Some("01")
+    );
+    // 1008 went out (or not: the window is shut); after the 3 s grace the socket is gone.
+    assert!(
+        eventually(Duration::from_secs(8), || {
+            server_socket_state(herald.addr.port(), client_port).is_none()
+        }),
+        "herald's socket is still there: {:?}",
+        server_socket_state(herald.addr.port(), client_port)
+    );
+    drop(never_reads);
 }
 
 #[test]

@@ -126,10 +126,10 @@ fn small_window_subscriber(herald: &Herald, topic: &str) -> Client {
 #[test]
 fn pipelined_publishes_reach_stalled_and_reading_subscribers_whole_and_in_order() {
     // Half the subscribers read nothing until every publish is answered, so their sockets
-    // fill and each flush ends mid-frame; the other half read as they go. Every publish
+    // (4 KiB windows, 8 KiB send buffers) fill and flushes end mid-frame; the other half read as they go. Every publish
     // is answered while the fan-out is still being written, and every subscriber gets
     // every message, whole and in order.
-    let herald = Herald::start(&["--send-queue-limit", "16777216"]);
+    let herald = Herald::start(&["--send-queue-limit", "16777216", "--sndbuf", "4096"]);
     let mut subs: Vec<Client> = (0..100)
         .map(|_| small_window_subscriber(&herald, "pipe"))
         .chain((0..100).map(|_| herald.subscriber("pipe")))

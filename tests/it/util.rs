@@ -370,7 +370,11 @@ impl HttpConn {
 /// A WebSocket opened by hand, for sending bytes no well-behaved client would: returns
 /// the stream right after the 101 head.
 pub fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).expect("connect");
+    raw_ws_on(TcpStream::connect(addr).expect("connect"), path)
+}
+
+/// `raw_ws` on a stream connected already (with its own socket options, say).
+pub fn raw_ws_on(mut stream: TcpStream, path: &str) -> TcpStream {
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     write!(
         stream,

@@ -18,10 +18,13 @@
 # (no persistence) that this script starts on port 6390, pinned to core 1 beside
 # herald-bench.
 #
-# Scenarios beyond the default five: capacity, sweep, publishes (100 subscribers, 2,000
-# publishes/s), sequential and sequential10k (5,000 or 10,000 subscribers, a publisher
-# that sends the next publish only after the previous reply, at most 100/s: the report's
-# "publish response time" and published per_second show what the server allowed).
+# The default scenarios: idle (15,000 subscribed), connect (15,000 handshakes), broadcast
+# (10,000 subscribers, 100/s pipelined), fixed (5,000 at 100/s), delivery (5,000 at 20/s:
+# server CPU per delivery, one message per write), sequential and sequential10k (5,000
+# or 10,000 subscribers, a publisher that sends the next publish only after the previous
+# reply, at most 100/s: the report's "publish response time" and published per_second
+# show what the server allowed), echo. Beyond them: capacity, sweep, publishes (100
+# subscribers, 2,000 publishes/s).
 #
 # Needs: a release build (done here), node + npm (bench/peers), g++ (installed by
 # build.sh with apt-get when missing), taskset (util-linux).
@@ -32,7 +35,7 @@ cargo build --release --locked -p herald -p herald-bench
 (cd bench/peers && npm ci --no-audit --no-fund --silent)
 bench/peers/uws-native/build.sh >/dev/null
 
-SCENARIOS="${*:-idle connect broadcast fixed echo}"
+SCENARIOS="${*:-idle connect broadcast fixed delivery sequential sequential10k echo}"
 SERVERS="${SERVERS:-herald uws uws-native ws}"
 OUT="bench/results/$(date +%Y-%m-%d)"
 mkdir -p "$OUT"
@@ -87,6 +90,7 @@ for scenario in $SCENARIOS; do
       connect) run "$server" connect connect -n 15000 --hold 1 ;;
       broadcast) run "$server" broadcast broadcast -n 10000 --rate 100 --duration 10 --payload 64 ;;
       fixed) run "$server" fixed broadcast -n 5000 --rate 100 --duration 10 --payload 64 ;;
+      delivery) run "$server" delivery broadcast -n 5000 --rate 20 --duration 10 --payload 64 ;;
       echo) run "$server" echo echo -c 50 --size 64 --duration 10 ;;
       capacity) run "$server" capacity capacity --step 4000 --max 19000 --rate 20 --messages 40 ;;
       publishes) run "$server" publishes broadcast -n 100 --rate 2000 --duration 10 --payload 64 ;;

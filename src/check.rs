@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::config::{CheckArgs, Config};
 use crate::rlimit::FD_RESERVE;
 
-/// Memory to budget per connection: herald's own ~0.9 KiB (README, measured) plus the
+/// Memory to budget per connection: herald's own ~0.4 KiB (README, measured) plus the
 /// kernel's ~5 KiB per socket, with headroom for buffers of active connections.
 const BYTES_PER_CONNECTION: u64 = 8 * 1024;
 /// systemd's default hard RLIMIT_NOFILE for services (since v240) when a unit sets none.

@@ -29,6 +29,7 @@ use crate::pubsub::pipeline::HttpRead;
 use crate::pubsub::redis::Stored;
 use crate::session::{Opening, Sessions};
 use crate::timer::Timer;
+use crate::ws::protocol;
 
 /// Most requests one connection may have answered-but-not-sent behind a publish at
 /// Redis; past it, parsing pauses until Redis replies.
@@ -316,12 +317,20 @@ impl Front {
                 since,
                 epoch,
             }) => local_history_reply(env.pubsub.history(), &topic, since, epoch.as_deref()),
+            Ok(Route::Presence { topic }) if !env.pubsub.keeps_presence(&topic) => {
+                Response::refuse(&Reject::NoPresence)
+            }
+            Ok(Route::Presence { topic }) => {
+                let snapshot = env.pubsub.presence_snapshot(&topic);
+                Response::json(200, protocol::presence_json(None, &topic, &snapshot))
+            }
             Ok(Route::Upgrade {
                 kind,
                 accept,
                 topics,
                 resume,
                 token,
+                presence,
             }) => {
                 let grant = token.map(|t| env.sessions.verify_token(&t));
                 match (&grant, self.rules.require_token) {
@@ -332,6 +341,7 @@ impl Front {
                             topics,
                             resume,
                             grant,
+                            presence,
                         };
                         env.sessions.open(
                             env.conns,

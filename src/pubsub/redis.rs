@@ -302,6 +302,8 @@ pub struct Redis {
     probe: Probe,
     pub counters: RedisCounters,
     rng: u64,
+    /// This process among those sharing the Redis: names its presence entries.
+    instance: String,
 }
 
 impl Redis {
@@ -311,7 +313,7 @@ impl Redis {
             "redis: connecting to {} (channel prefix {:?})",
             cfg.addr, cfg.prefix
         );
-        Redis {
+        let mut redis = Redis {
             cfg,
             command: Link::new(Role::Command, COMMAND_TOKEN, now),
             subscription: Link::new(Role::Subscription, SUBSCRIPTION_TOKEN, now),
@@ -331,7 +333,16 @@ impl Redis {
             // Epoch candidates come from here: seeded by the clock as well as the pid, so
             // a restarted process cannot propose an epoch it proposed before.
             rng: (u64::from(std::process::id()) << 20 | 0x9e37) ^ clock_seed(),
-        }
+            instance: String::new(),
+        };
+        redis.instance = format!("{:012x}", redis.next_random() >> 16);
+        redis
+    }
+
+    /// This process's name among those sharing the Redis (random, not the pid: pids
+    /// repeat across hosts and restarts).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     pub fn is_up(&self) -> bool {

@@ -423,6 +423,8 @@ impl Args {
                 // With Redis, history lives there: every process reads the same streams.
                 redis.history_size = self.history_size;
                 redis.history_ttl = Duration::from_secs(self.history_ttl);
+                redis.presence_ttl = Duration::from_secs(self.presence_ttl);
+                redis.presence_max = self.presence_max_members;
                 Some(redis)
             }
             None => None,

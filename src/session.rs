@@ -1,9 +1,9 @@
 //! The WebSocket session handler: what a WebSocket's bytes and timers mean once the
-//! upgrade is done. It opens sessions (token, `?topics=`), decodes frames through the
-//! codec, executes the client's ops (subscribe, unsubscribe, publish, ping, auth), keeps
-//! each session's token grant and ends the private subscriptions a grant no longer
-//! covers, pings silent peers, and closes WebSockets from our side (drain, slow
-//! consumers, protocol errors) behind what is already queued to them.
+//! upgrade is done. It opens sessions (token, `?topics=`, `?presence=`), decodes frames
+//! through the codec, executes the client's ops (subscribe, unsubscribe, publish, ping,
+//! auth, presence), keeps each session's token grant and ends the private subscriptions
+//! a grant no longer covers, pings silent peers, and closes WebSockets from our side
+//! (drain, slow consumers, protocol errors) behind what is already queued to them.
 //!
 //! It owns the rules sessions live by (limits, private topics, who may publish, the token
 //! verifier); the sessions themselves live in the connection table, their topics in the

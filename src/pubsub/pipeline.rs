@@ -31,7 +31,7 @@ use crate::metrics::{Counters, HistoryGauges, RedisGauges, Resumes};
 use crate::pubsub::history::{self, History, Outcome};
 use crate::pubsub::hub::{self, Follow, Hub, Joined, Left, Published, SubscribeError};
 use crate::pubsub::presence::{self, Change, Presence};
-use crate::pubsub::redis::{Redis, Stored};
+use crate::pubsub::redis::{PresenceAnswer, Redis, Stored};
 use crate::ws::protocol::{self, OpError, Position, Resume};
 
 /// What a fan-out did: how many subscribers it reached, which of them it pushed past
@@ -102,6 +102,26 @@ struct ReadAnswer<'a> {
     arrived: &'a VecDeque<Arrival>,
 }
 
+/// Who waits for a presence read at Redis.
+#[derive(Debug)]
+enum PresenceReader {
+    /// The `presence` op of this WebSocket.
+    Ws {
+        conn: ConnId,
+        serial: u64,
+        topic: String,
+    },
+    /// `GET /presence`: the front door's held response `group`.
+    Http { group: u64, topic: String },
+}
+
+/// A `GET /presence` answer through Redis, for the front door.
+pub struct HttpPresence {
+    pub group: u64,
+    pub topic: String,
+    pub result: Result<presence::Snapshot, String>,
+}
+
 /// A `/history` answer through Redis, for the front door.
 pub struct HttpRead {
     pub group: u64,
@@ -129,6 +149,10 @@ pub struct PubSub {
     presence: Presence,
     /// Join/leave events of this pass, queued to their topics' watchers with the fan-out.
     presence_events: Vec<(String, Bytes)>,
+    /// Presence reads at Redis, by tag (from the reads' sequence).
+    presence_reads: HashMap<u64, PresenceReader>,
+    /// With Redis: when this process next tells Redis it is alive on its presence topics.
+    presence_beat_at: Instant,
 }
 
 impl PubSub {
@@ -146,6 +170,8 @@ impl PubSub {
             pending: Vec::new(),
             presence: Presence::new(cfg.presence.clone()),
             presence_events: Vec::new(),
+            presence_reads: HashMap::new(),
+            presence_beat_at: now,
         }
     }
 
@@ -641,7 +667,13 @@ impl PubSub {
     /// the watchers hear of it, within the cap. With Redis, Redis decides whether it is
     /// news anywhere, and the event comes back on the topic's channel.
     fn on_presence_change(&mut self, join: bool, change: Change, now: Instant) {
-        let _ = now;
+        if let Some(redis) = self.redis.as_mut() {
+            // Every connection counts there: Redis sums them over processes. Down, this
+            // is lost; the sync on reconnecting restores this process's members.
+            let delta = if join { 1 } else { -1 };
+            redis.presence_change(&change.topic, &change.member, delta, now);
+            return;
+        }
         if !change.edge {
             return;
         }
@@ -662,7 +694,6 @@ impl PubSub {
         topic: &str,
         now: Instant,
     ) -> Result<(), OpError> {
-        let _ = now;
         if !self.presence.applies(topic) {
             return Err(OpError::new(
                 "presence_off",
@@ -675,9 +706,126 @@ impl PubSub {
                 format!("only subscribers of {topic:?} may ask who is there"),
             ));
         }
-        let snapshot = self.presence.snapshot(topic);
-        conns.queue(id, protocol::presence(topic, &snapshot));
-        Ok(())
+        if self.redis.is_none() {
+            let snapshot = self.presence.snapshot(topic);
+            conns.queue(id, protocol::presence(topic, &snapshot));
+            return Ok(());
+        }
+        let reader = PresenceReader::Ws {
+            conn: id,
+            serial: conns[id].serial,
+            topic: topic.to_string(),
+        };
+        if self.presence_read(topic, reader, now) {
+            Ok(())
+        } else {
+            Err(OpError::new(
+                "unavailable",
+                "redis unavailable: presence unknown",
+            ))
+        }
+    }
+
+    fn presence_read(&mut self, topic: &str, reader: PresenceReader, now: Instant) -> bool {
+        let tag = self.next_read;
+        let sent = self
+            .redis
+            .as_mut()
+            .is_some_and(|r| r.presence_read(topic, tag, now));
+        if sent {
+            self.next_read += 1;
+            self.presence_reads.insert(tag, reader);
+        }
+        sent
+    }
+
+    /// `GET /presence` through Redis: the answer comes back from `on_presence_read` with
+    /// `group`. False when Redis is down.
+    pub fn presence_for_http(&mut self, topic: &str, group: u64, now: Instant) -> bool {
+        let reader = PresenceReader::Http {
+            group,
+            topic: topic.to_string(),
+        };
+        self.presence_read(topic, reader, now)
+    }
+
+    /// Redis answered a presence read: a WebSocket's answer goes out now; a
+    /// `GET /presence` one is handed back for the front door.
+    pub fn on_presence_read(
+        &mut self,
+        conns: &mut Conns,
+        counters: &mut Counters,
+        tag: u64,
+        result: Result<PresenceAnswer, String>,
+    ) -> Option<HttpPresence> {
+        let result = result.map(|a| presence::Snapshot {
+            count: a.count,
+            members: a.members.map(|mut m| {
+                m.sort_unstable();
+                m
+            }),
+        });
+        match self.presence_reads.remove(&tag)? {
+            PresenceReader::Http { group, topic } => Some(HttpPresence {
+                group,
+                topic,
+                result,
+            }),
+            PresenceReader::Ws {
+                conn,
+                serial,
+                topic,
+            } => {
+                if conns.same(conn, serial).is_some_and(|c| c.is_open()) {
+                    let reply = match result {
+                        Ok(snapshot) => protocol::presence(&topic, &snapshot),
+                        Err(_) => {
+                            counters.op_errors += 1;
+                            let e =
+                                OpError::new("unavailable", "redis unavailable: presence unknown");
+                            protocol::error(&e)
+                        }
+                    };
+                    conns.queue(conn, reply);
+                }
+                None
+            }
+        }
+    }
+
+    /// A join or leave came on a topic's channel from Redis: its watchers here hear of it
+    /// with this pass's fan-out.
+    pub fn on_presence_event(&mut self, topic: &str, join: bool, member: &str) {
+        if self.presence.watchers(topic).next().is_some() {
+            let frame = protocol::presence_event(join, topic, member);
+            self.presence_events.push((topic.to_string(), frame));
+        }
+    }
+
+    /// Redis is (again) up: it may have lost this process's members, or missed changes
+    /// while it was away; tell it again who is here.
+    pub fn on_redis_up(&mut self, now: Instant) {
+        let Some(redis) = self.redis.as_mut() else {
+            return;
+        };
+        for topic in self.presence.topics() {
+            redis.presence_sync(topic, self.presence.local_members(topic), now);
+        }
+        self.presence_beat_at = now + self.presence.beat_interval();
+    }
+
+    /// With Redis, every third of the TTL: this process is alive on its presence topics.
+    fn presence_beat(&mut self, now: Instant) {
+        let Some(redis) = self.redis.as_mut() else {
+            return;
+        };
+        if now < self.presence_beat_at {
+            return;
+        }
+        self.presence_beat_at = now + self.presence.beat_interval();
+        for topic in self.presence.topics() {
+            redis.presence_beat(topic, now);
+        }
     }
 
     /// Whether `topic` keeps presence (`GET /presence` refuses the others).
@@ -739,13 +887,16 @@ impl PubSub {
 
     // ---- time ------------------------------------------------------------------------
 
-    /// When history next has messages to expire.
+    /// When history next has messages to expire, or presence's heartbeat is due.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.history.next_expiry()
+        let beat = (self.redis_up() && self.presence.topics().next().is_some())
+            .then_some(self.presence_beat_at);
+        self.history.next_expiry().into_iter().chain(beat).min()
     }
 
     pub fn expire(&mut self, now: Instant) {
         self.history.expire(now);
+        self.presence_beat(now);
     }
 
     /// The history, encoded for the state file.

@@ -29,7 +29,6 @@ pub struct Settings {
     pub patterns: Patterns,
     pub max_members: usize,
     /// With Redis: how long a process's entries outlive its last heartbeat.
-    #[allow(dead_code)] // read by the Redis link, next
     pub ttl: Duration,
 }
 
@@ -88,6 +87,17 @@ impl Presence {
     /// Whether `topic` keeps presence.
     pub fn applies(&self, topic: &str) -> bool {
         self.settings.patterns.matches(topic)
+    }
+
+    /// With Redis: how often this process says it is alive, a third of the TTL, so
+    /// that two heartbeats may be lost before its members drop out.
+    pub fn beat_interval(&self) -> Duration {
+        self.settings.ttl / 3
+    }
+
+    /// The topics with local members, for the Redis heartbeat and sync.
+    pub fn topics(&self) -> impl Iterator<Item = &str> + '_ {
+        self.rooms.keys().map(|t| &**t)
     }
 
     /// Whether a count is within `--presence-max-members`.

@@ -6,7 +6,8 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
-use crate::util::{Client, Herald, eventually, next_json, send_json};
+use crate::redis::{RedisServer, herald_with};
+use crate::util::{Client, Herald, eventually, next_json, send_json, signal};
 
 const SECRET: &str = "a-test-secret-of-enough-length";
 
@@ -230,4 +231,86 @@ fn get_presence_follows_the_publish_rule() {
          Sec-WebSocket-Version: 13\r\n\r\n",
     );
     assert_eq!(r.status, 400, "{}", r.text());
+}
+
+/// The next event a watcher gets through Redis, past its own join: that one comes on the
+/// channel the watcher is still subscribing to, and may come before or not at all.
+fn next_event(ws: &mut Client, own: &str) -> Value {
+    loop {
+        let e = next_json(ws);
+        if !(e["op"] == "join" && e["sub"] == own) {
+            return e;
+        }
+    }
+}
+
+fn redis_pair(redis: &RedisServer, extra: &[&str]) -> (Herald, Herald) {
+    let mut args = vec!["--presence", "room:*", "--token-secret", SECRET];
+    args.extend_from_slice(extra);
+    (herald_with(redis, &args), herald_with(redis, &args))
+}
+
+#[test]
+fn with_redis_members_and_events_span_processes() {
+    let redis = RedisServer::start();
+    let (a, b) = redis_pair(&redis, &[]);
+    let mut watcher = join(&a, "room:1", Some("w"), true);
+    let a1 = join(&a, "room:1", Some("alice"), false);
+    let alice = json!({"op":"join","topic":"room:1","sub":"alice"});
+    assert_eq!(next_event(&mut watcher, "w"), alice);
+    // alice's second connection, on the other process: the same member, no event.
+    let b1 = join(&b, "room:1", Some("alice"), false);
+    let mut bob = join(&b, "room:1", Some("bob"), false);
+    assert_eq!(
+        next_event(&mut watcher, "w"),
+        json!({"op":"join","topic":"room:1","sub":"bob"})
+    );
+    let want = [("alice", 2), ("bob", 1), ("w", 1)];
+    assert_eq!(named(&ask(&mut bob, "room:1")), pairs(&want));
+    assert_eq!(named(&get_presence(&a, "room:1")), pairs(&want));
+    assert_eq!(get_presence(&b, "room:1")["count"], 3);
+    // alice leaves A but stays on B: no leave; bob's leave is the next event.
+    drop(a1);
+    assert!(until_named(
+        &b,
+        "room:1",
+        &[("alice", 1), ("bob", 1), ("w", 1)]
+    ));
+    drop(bob);
+    assert_eq!(
+        next_event(&mut watcher, "w"),
+        json!({"op":"leave","topic":"room:1","sub":"bob"})
+    );
+    drop(b1);
+    assert_eq!(
+        next_event(&mut watcher, "w"),
+        json!({"op":"leave","topic":"room:1","sub":"alice"})
+    );
+    assert_eq!(named(&get_presence(&b, "room:1")), pairs(&[("w", 1)]));
+}
+
+#[test]
+fn with_redis_a_killed_process_drops_its_members_within_the_ttl() {
+    let redis = RedisServer::start();
+    let (a, b) = redis_pair(&redis, &["--presence-ttl", "2"]);
+    let mut watcher = join(&a, "room:1", Some("w"), true);
+    let _bob = join(&b, "room:1", Some("bob"), false);
+    let _both = (
+        join(&a, "room:1", Some("carol"), false),
+        join(&b, "room:1", Some("carol"), false),
+    );
+    assert_eq!(next_event(&mut watcher, "w")["sub"], "bob");
+    assert_eq!(next_event(&mut watcher, "w")["sub"], "carol");
+    assert_eq!(
+        named(&get_presence(&a, "room:1")),
+        pairs(&[("bob", 1), ("carol", 2), ("w", 1)])
+    );
+    assert!(signal(b.pid(), 9), "kill -9");
+    // Gone within the TTL (2 s) and a heartbeat; carol stays with her connection on A.
+    assert!(until_named(&a, "room:1", &[("carol", 1), ("w", 1)]));
+    assert_eq!(
+        next_event(&mut watcher, "w"),
+        json!({"op":"leave","topic":"room:1","sub":"bob"})
+    );
+    nothing_pending(&mut watcher);
 }

@@ -18,6 +18,8 @@ pub enum Reject {
     /// Not allowed for this peer: a foreign `Origin`, or keyless publish from afar.
     Forbidden(&'static str),
     NotFound,
+    /// `GET /presence` for a topic that keeps none (not in `--presence`).
+    NoPresence,
     /// The path exists; the method does not. Carries the `Allow` header value.
     MethodNotAllowed(&'static str),
     /// `Transfer-Encoding` bodies; herald reads `Content-Length` bodies only.
@@ -51,6 +53,7 @@ impl Reject {
             Reject::TokenRequired(why) => (401, why, false),
             Reject::Forbidden(why) => (403, why, false),
             Reject::NotFound => (404, "no such endpoint", false),
+            Reject::NoPresence => (404, "this topic keeps no presence (see --presence)", false),
             Reject::MethodNotAllowed(_) => (405, "method not allowed here", false),
             Reject::LengthRequired => (411, "send the body with Content-Length", true),
             Reject::PayloadTooLarge => (413, "body larger than --max-message-size", true),
@@ -158,6 +161,7 @@ impl Reject {
             Reject::TokenRequired("token required".into()),
             Reject::Forbidden("origin not allowed"),
             Reject::NotFound,
+            Reject::NoPresence,
             Reject::MethodNotAllowed("GET"),
             Reject::LengthRequired,
             Reject::PayloadTooLarge,

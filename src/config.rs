@@ -149,6 +149,31 @@ pub struct Args {
     #[arg(long, env = "HERALD_PRIVATE_TOPICS", value_name = "PATTERNS")]
     pub private_topics: Option<String>,
 
+    /// Comma-separated topics (exact names or `prefix*`) that keep presence: who is
+    /// subscribed, the `presence` op, `GET /presence` and join/leave events [default: none]
+    #[arg(long, env = "HERALD_PRESENCE", value_name = "PATTERNS")]
+    pub presence: Option<String>,
+
+    /// Members a presence topic lists; past it, the topic reports its count only and
+    /// sends no join/leave events
+    #[arg(
+        long,
+        env = "HERALD_PRESENCE_MAX_MEMBERS",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub presence_max_members: usize,
+
+    /// With --redis: how long a process's presence entries outlive its last heartbeat
+    /// (heartbeats go every third of it), so a process that dies drops out within it
+    #[arg(
+        long,
+        env = "HERALD_PRESENCE_TTL",
+        value_name = "SECS",
+        default_value_t = 15
+    )]
+    pub presence_ttl: u64,
+
     /// HS256 secret that signs client tokens (at least 16 bytes)
     #[arg(
         long,
@@ -293,6 +318,7 @@ pub struct Config {
     pub redis: Option<crate::pubsub::redis::RedisConfig>,
     pub reuse_port: bool,
     pub private_topics: Patterns,
+    pub presence: crate::pubsub::presence::Settings,
     /// Set when a token key is configured.
     pub tokens: Option<std::sync::Arc<crate::auth::Verifier>>,
     pub require_token: bool,
@@ -397,6 +423,8 @@ impl Args {
                 // With Redis, history lives there: every process reads the same streams.
                 redis.history_size = self.history_size;
                 redis.history_ttl = Duration::from_secs(self.history_ttl);
+                redis.presence_ttl = Duration::from_secs(self.presence_ttl);
+                redis.presence_max = self.presence_max_members;
                 Some(redis)
             }
             None => None,
@@ -421,8 +449,20 @@ impl Args {
                     .into(),
             );
         }
+        let presence_patterns = match &self.presence {
+            Some(list) => Patterns::parse(list).map_err(|e| format!("--presence: {e}"))?,
+            None => Patterns::default(),
+        };
+        if self.presence_ttl == 0 {
+            return Err("--presence-ttl must be at least 1 second".into());
+        }
         Ok(Config {
             private_topics,
+            presence: crate::pubsub::presence::Settings {
+                patterns: presence_patterns,
+                max_members: self.presence_max_members,
+                ttl: Duration::from_secs(self.presence_ttl),
+            },
             tokens,
             require_token: self.require_token,
             redis,

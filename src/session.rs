@@ -1,9 +1,9 @@
 //! The WebSocket session handler: what a WebSocket's bytes and timers mean once the
-//! upgrade is done. It opens sessions (token, `?topics=`), decodes frames through the
-//! codec, executes the client's ops (subscribe, unsubscribe, publish, ping, auth), keeps
-//! each session's token grant and ends the private subscriptions a grant no longer
-//! covers, pings silent peers, and closes WebSockets from our side (drain, slow
-//! consumers, protocol errors) behind what is already queued to them.
+//! upgrade is done. It opens sessions (token, `?topics=`, `?presence=`), decodes frames
+//! through the codec, executes the client's ops (subscribe, unsubscribe, publish, ping,
+//! auth, presence), keeps each session's token grant and ends the private subscriptions
+//! a grant no longer covers, pings silent peers, and closes WebSockets from our side
+//! (drain, slow consumers, protocol errors) behind what is already queued to them.
 //!
 //! It owns the rules sessions live by (limits, private topics, who may publish, the token
 //! verifier); the sessions themselves live in the connection table, their topics in the
@@ -41,6 +41,8 @@ pub struct Opening {
     pub resume: Vec<(String, Resume<'static>)>,
     /// The outcome of `?token=`, if one was given.
     pub grant: Option<Result<Grant, TokenError>>,
+    /// `?presence=`: topics (among those subscribed) whose join/leave events it wants.
+    pub presence: Vec<String>,
 }
 
 /// The rules every session lives by, taken from the configuration once.
@@ -93,6 +95,7 @@ impl Sessions {
             topics,
             resume,
             grant,
+            presence,
         } = opening;
         *counters.responses.entry(101).or_default() += 1;
         conns.queue(
@@ -131,7 +134,8 @@ impl Sessions {
         }
         // `?topics=` was capped at the per-connection limit when it was parsed.
         for (topic, resume) in topics {
-            let _ = pubsub.subscribe(conns, id, &topic, resume.as_ref(), now);
+            let watch = presence.contains(&topic);
+            let _ = pubsub.subscribe(conns, id, &topic, (resume.as_ref(), watch), now);
         }
         conns.mark_dirty(id);
         if !rest.is_empty() {
@@ -232,11 +236,11 @@ impl Sessions {
             return;
         }
         let reply = match protocol::parse_op(text) {
-            Ok(Op::Subscribe(topic, _)) if !self.may_subscribe(session, &topic) => {
+            Ok(Op::Subscribe(topic, ..)) if !self.may_subscribe(session, &topic) => {
                 op_error(counters, forbidden(&topic))
             }
-            Ok(Op::Subscribe(topic, resume)) => {
-                match pubsub.subscribe(conns, id, &topic, resume.as_ref(), now) {
+            Ok(Op::Subscribe(topic, resume, watch)) => {
+                match pubsub.subscribe(conns, id, &topic, (resume.as_ref(), watch), now) {
                     Ok(()) => return,
                     Err(SubscribeError::TooManyTopics) => op_error(
                         counters,
@@ -252,6 +256,15 @@ impl Sessions {
                 protocol::unsubscribed(&topic, None)
             }
             Ok(Op::Ping) => protocol::pong(),
+            // Who is subscribed is as private as what is published: a grant is checked
+            // again, since a subscriber keeps its topic only while its grant covers it.
+            Ok(Op::Presence(topic)) if !self.may_subscribe(session, &topic) => {
+                op_error(counters, forbidden(&topic))
+            }
+            Ok(Op::Presence(topic)) => match pubsub.presence_query(conns, id, &topic, now) {
+                Ok(()) => return,
+                Err(e) => op_error(counters, e),
+            },
             Ok(Op::Auth(token)) => {
                 let token = token.into_owned();
                 self.on_auth(conns, pubsub, counters, id, &token, now);

@@ -41,6 +41,13 @@ pub enum Route {
         resume: Vec<(String, Resume<'static>)>,
         /// `?token=`: a JWT to verify (base64url and dots: nothing to decode).
         token: Option<String>,
+        /// `?presence=a,b`: topics of `topics` or `resume` whose join/leave events the
+        /// client wants.
+        presence: Vec<String>,
+    },
+    /// `GET /presence?topic=t`.
+    Presence {
+        topic: String,
     },
 }
 
@@ -107,6 +114,21 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
                 epoch,
             })
         }
+        "/presence" => {
+            if !matches!(req.method, Method::Get | Method::Head) {
+                return Err(Reject::MethodNotAllowed("GET, HEAD"));
+            }
+            // Who is subscribed to a private topic is as private as its messages: the
+            // rule that guards publishing and history guards this too.
+            authorize_publish(req, policy)?;
+            let topic = req
+                .query_param("topic")
+                .and_then(percent_decode)
+                .ok_or_else(|| Reject::bad_request("missing ?topic="))?;
+            topic::check_name(&topic)
+                .map_err(|e| Reject::bad_request(format!("?topic= {topic:?}: {e}")))?;
+            Ok(Route::Presence { topic })
+        }
         "/ws" | "/echo" => {
             let kind = if req.path == "/ws" {
                 Kind::Topics
@@ -118,7 +140,7 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
                 return Err(Reject::Draining);
             }
             let mut topics = match (kind, req.query_param("topics")) {
-                (Kind::Topics, Some(list)) => parse_topic_list(list)?,
+                (Kind::Topics, Some(list)) => parse_topic_list(list, "topics")?,
                 _ => Vec::new(),
             };
             let resume = match (kind, req.query_param("resume")) {
@@ -136,12 +158,23 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
                 .query_param("token")
                 .filter(|t| !t.is_empty())
                 .map(str::to_string);
+            let presence = match (kind, req.query_param("presence")) {
+                (Kind::Topics, Some(list)) => parse_topic_list(list, "presence")?,
+                _ => Vec::new(),
+            };
+            let asked = |p: &String| topics.contains(p) || resume.iter().any(|(r, _)| r == p);
+            if let Some(stray) = presence.iter().find(|p| !asked(p)) {
+                return Err(Reject::bad_request(format!(
+                    "?presence= names {stray:?}, which is in neither ?topics= nor ?resume="
+                )));
+            }
             Ok(Route::Upgrade {
                 kind,
                 accept,
                 topics,
                 resume,
                 token,
+                presence,
             })
         }
         _ => Err(Reject::NotFound),
@@ -220,13 +253,14 @@ fn parse_publish(body: &[u8]) -> Result<Publish, Reject> {
 }
 
 /// `?topics=a,b` (percent-encoding allowed, since browsers' encodeURIComponent uses it).
-fn parse_topic_list(list: &str) -> Result<Vec<String>, Reject> {
+/// `?topics=` or `?presence=` (`param`): comma-separated names, without duplicates.
+fn parse_topic_list(list: &str, param: &str) -> Result<Vec<String>, Reject> {
     let decoded = percent_decode(list)
-        .ok_or_else(|| Reject::bad_request("bad percent-encoding in ?topics="))?;
+        .ok_or_else(|| Reject::bad_request(format!("bad percent-encoding in ?{param}=")))?;
     let mut topics: Vec<String> = Vec::new();
     for name in decoded.split(',').filter(|s| !s.is_empty()) {
         topic::check_name(name)
-            .map_err(|e| Reject::bad_request(format!("?topics= {name:?}: {e}")))?;
+            .map_err(|e| Reject::bad_request(format!("?{param}= {name:?}: {e}")))?;
         if !topics.iter().any(|t| t == name) {
             topics.push(name.to_string());
         }
@@ -420,11 +454,11 @@ mod tests {
     #[test]
     fn query_topics_are_decoded_and_checked() {
         assert_eq!(
-            parse_topic_list("a,user%3A42,,a").unwrap(),
+            parse_topic_list("a,user%3A42,,a", "topics").unwrap(),
             ["a", "user:42"]
         );
-        assert!(parse_topic_list("a,b%20c").is_err());
-        assert!(parse_topic_list("%zz").is_err());
+        assert!(parse_topic_list("a,b%20c", "topics").is_err());
+        assert!(parse_topic_list("%zz", "topics").is_err());
     }
 
     #[test]

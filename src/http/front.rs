@@ -25,10 +25,11 @@ use crate::http::{Method, Parsed, Request, Response, parse};
 use crate::metrics::{self, Counters, Gauges};
 use crate::pubsub::PubSub;
 use crate::pubsub::history::History;
-use crate::pubsub::pipeline::HttpRead;
+use crate::pubsub::pipeline::{HttpPresence, HttpRead};
 use crate::pubsub::redis::Stored;
 use crate::session::{Opening, Sessions};
 use crate::timer::Timer;
+use crate::ws::protocol;
 
 /// Most requests one connection may have answered-but-not-sent behind a publish at
 /// Redis; past it, parsing pauses until Redis replies.
@@ -60,6 +61,8 @@ struct Slot {
     history_topic: String,
     history_since: u64,
     history_epoch: Option<String>,
+    /// A `GET /presence` read at Redis.
+    presence_pending: bool,
 }
 
 impl Slot {
@@ -74,6 +77,7 @@ impl Slot {
             history_topic: String::new(),
             history_since: 0,
             history_epoch: None,
+            presence_pending: false,
         }
     }
 }
@@ -316,12 +320,29 @@ impl Front {
                 since,
                 epoch,
             }) => local_history_reply(env.pubsub.history(), &topic, since, epoch.as_deref()),
+            Ok(Route::Presence { topic }) if !env.pubsub.keeps_presence(&topic) => {
+                Response::refuse(&Reject::NoPresence)
+            }
+            Ok(Route::Presence { topic }) if env.pubsub.through_redis() => {
+                return self.presence_through_redis(
+                    env,
+                    id,
+                    topic,
+                    (req.keep_alive, head_only),
+                    now,
+                );
+            }
+            Ok(Route::Presence { topic }) => {
+                let snapshot = env.pubsub.presence_snapshot(&topic);
+                Response::json(200, protocol::presence_json(None, &topic, &snapshot))
+            }
             Ok(Route::Upgrade {
                 kind,
                 accept,
                 topics,
                 resume,
                 token,
+                presence,
             }) => {
                 let grant = token.map(|t| env.sessions.verify_token(&t));
                 match (&grant, self.rules.require_token) {
@@ -332,6 +353,7 @@ impl Front {
                             topics,
                             resume,
                             grant,
+                            presence,
                         };
                         env.sessions.open(
                             env.conns,
@@ -443,6 +465,48 @@ impl Front {
             group.slots.push(slot);
         }
         Next::KeepReading
+    }
+
+    /// `GET /presence` through Redis: every process's members, merged there; the
+    /// response waits in the group, in request order.
+    fn presence_through_redis(
+        &mut self,
+        env: &mut Env,
+        id: ConnId,
+        topic: String,
+        (keep_alive, head_only): (bool, bool),
+        now: Instant,
+    ) -> Next {
+        if !env.pubsub.redis_up() {
+            return self.redis_unavailable(env, id, (keep_alive, head_only), now);
+        }
+        let tag = self.group_of(env.conns, id);
+        env.pubsub.presence_for_http(&topic, tag, now);
+        if let Some(group) = self.awaiting.get_mut(&tag) {
+            group.waiting += 1;
+            let mut slot = Slot::new(None, head_only, keep_alive);
+            slot.presence_pending = true;
+            group.slots.push(slot);
+        }
+        Next::KeepReading
+    }
+
+    /// Redis answered a `GET /presence` held in a group.
+    pub fn on_presence_read(&mut self, env: &mut Env, read: HttpPresence, now: Instant) {
+        let Some(group) = self.awaiting.get_mut(&read.group) else {
+            return;
+        };
+        if let Some(slot) = group.slots.iter_mut().find(|s| s.presence_pending) {
+            slot.presence_pending = false;
+            slot.response = Some(match read.result {
+                Ok(snapshot) => {
+                    Response::json(200, protocol::presence_json(None, &read.topic, &snapshot))
+                }
+                Err(_) => Response::refuse(&Reject::RedisUnavailable),
+            });
+        }
+        group.waiting = group.waiting.saturating_sub(1);
+        self.settle(env, read.group, now);
     }
 
     /// One Redis reply to a publish. Replies come in the order the publishes were sent,

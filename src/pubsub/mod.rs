@@ -1,10 +1,12 @@
 //! Publish and subscribe: the topic registry (`hub`, pure), the Redis link that shares
-//! topics and ids between processes (`redis`), and the pipeline that joins them to the
+//! topics and ids between processes (`redis`), who is subscribed where (`presence`,
+//! pure), and the pipeline that joins them to the
 //! connection table (`pipeline`).
 
 pub mod history;
 pub mod hub;
 pub mod pipeline;
+pub mod presence;
 pub mod redis;
 
 pub use pipeline::{Fanout, PubSub};

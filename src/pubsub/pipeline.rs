@@ -30,8 +30,9 @@ use crate::conn::{ConnId, Conns, Ended};
 use crate::metrics::{Counters, HistoryGauges, RedisGauges, Resumes};
 use crate::pubsub::history::{self, History, Outcome};
 use crate::pubsub::hub::{self, Follow, Hub, Joined, Left, Published, SubscribeError};
-use crate::pubsub::redis::{Redis, Stored};
-use crate::ws::protocol::{self, Position, Resume};
+use crate::pubsub::presence::{self, Change, Presence};
+use crate::pubsub::redis::{PresenceAnswer, Redis, Stored};
+use crate::ws::protocol::{self, OpError, Position, Resume};
 
 /// What a fan-out did: how many subscribers it reached, which of them it pushed past
 /// `--send-queue-limit` (to be closed as slow consumers), and which missed messages they
@@ -101,6 +102,26 @@ struct ReadAnswer<'a> {
     arrived: &'a VecDeque<Arrival>,
 }
 
+/// Who waits for a presence read at Redis.
+#[derive(Debug)]
+enum PresenceReader {
+    /// The `presence` op of this WebSocket.
+    Ws {
+        conn: ConnId,
+        serial: u64,
+        topic: String,
+    },
+    /// `GET /presence`: the front door's held response `group`.
+    Http { group: u64, topic: String },
+}
+
+/// A `GET /presence` answer through Redis, for the front door.
+pub struct HttpPresence {
+    pub group: u64,
+    pub topic: String,
+    pub result: Result<presence::Snapshot, String>,
+}
+
 /// A `/history` answer through Redis, for the front door.
 pub struct HttpRead {
     pub group: u64,
@@ -124,6 +145,14 @@ pub struct PubSub {
     /// Local publishes of this pass whose frames are not yet queued to their subscribers:
     /// the reactor writes the publishers' responses first, then calls `fan_out_pending`.
     pending: Vec<Published>,
+    /// Who is subscribed to the `--presence` topics.
+    presence: Presence,
+    /// Join/leave events of this pass, queued to their topics' watchers with the fan-out.
+    presence_events: Vec<(String, Bytes)>,
+    /// Presence reads at Redis, by tag (from the reads' sequence).
+    presence_reads: HashMap<u64, PresenceReader>,
+    /// With Redis: when this process next tells Redis it is alive on its presence topics.
+    presence_beat_at: Instant,
 }
 
 impl PubSub {
@@ -139,6 +168,10 @@ impl PubSub {
             send_queue_limit: cfg.send_queue_limit,
             resumes: Resumes::default(),
             pending: Vec::new(),
+            presence: Presence::new(cfg.presence.clone()),
+            presence_events: Vec::new(),
+            presence_reads: HashMap::new(),
+            presence_beat_at: now,
         }
     }
 
@@ -183,6 +216,15 @@ impl PubSub {
     pub fn fan_out_pending(&mut self, conns: &mut Conns, counters: &mut Counters) -> Fanout {
         let mut fanout = Fanout::default();
         let limit = self.send_queue_limit;
+        for (topic, frame) in std::mem::take(&mut self.presence_events) {
+            for watcher in self.presence.watchers(&topic) {
+                if let Some(queued) = conns.queue_shared(watcher, &frame)
+                    && queued > limit
+                {
+                    fanout.slow.push(watcher);
+                }
+            }
+        }
         for published in std::mem::take(&mut self.pending) {
             self.hub.deliver(&published, |sub| {
                 // The hub holds open sessions only; a miss would be our bug, not a reason
@@ -267,8 +309,31 @@ impl PubSub {
     // ---- subscribing -----------------------------------------------------------------
 
     /// Subscribe `id` to `topic`, from where the client left off if it says, and tell it
-    /// where the topic stands: now (from history), or once Redis has answered.
+    /// where the topic stands: now (from history), or once Redis has answered. On a
+    /// presence topic it joins as a member; `watch`: it gets the join/leave events.
     pub fn subscribe(
+        &mut self,
+        conns: &mut Conns,
+        id: ConnId,
+        topic: &str,
+        (resume, watch): (Option<&Resume>, bool),
+        now: Instant,
+    ) -> Result<(), SubscribeError> {
+        self.subscribe_topic(conns, id, topic, resume, now)?;
+        if self.presence.applies(topic) {
+            let member = presence::member_id(
+                grant_sub(conns, id).as_deref(),
+                self.anon_scope(),
+                conns[id].serial,
+            );
+            if let Some(change) = self.presence.join(id, topic, &member, watch) {
+                self.on_presence_change(true, change, now);
+            }
+        }
+        Ok(())
+    }
+
+    fn subscribe_topic(
         &mut self,
         conns: &mut Conns,
         id: ConnId,
@@ -569,6 +634,9 @@ impl PubSub {
         if self.hub.unsubscribe(id, topic) == Left::TopicFreed {
             self.forget_topics(vec![topic.to_string()], now);
         }
+        if let Some(change) = self.presence.leave(id, topic) {
+            self.on_presence_change(false, change, now);
+        }
     }
 
     /// A connection ended: if it was an open WebSocket, it leaves every topic.
@@ -582,6 +650,192 @@ impl PubSub {
     pub fn leave_all(&mut self, id: ConnId, now: Instant) {
         let freed = self.hub.unsubscribe_all(id);
         self.forget_topics(freed, now);
+        for change in self.presence.leave_all(id) {
+            self.on_presence_change(false, change, now);
+        }
+    }
+
+    // ---- presence --------------------------------------------------------------------
+
+    /// What anonymous member ids are unique within: this process, or with Redis, every
+    /// process sharing it.
+    fn anon_scope(&self) -> Option<&str> {
+        self.redis.as_ref().map(Redis::instance)
+    }
+
+    /// A member appeared here (`join`) or disappeared. Without Redis that is the news:
+    /// the watchers hear of it, within the cap. With Redis, Redis decides whether it is
+    /// news anywhere, and the event comes back on the topic's channel.
+    fn on_presence_change(&mut self, join: bool, change: Change, now: Instant) {
+        if let Some(redis) = self.redis.as_mut() {
+            // Every connection counts there: Redis sums them over processes. Down, this
+            // is lost; the sync on reconnecting restores this process's members.
+            let delta = if join { 1 } else { -1 };
+            redis.presence_change(&change.topic, &change.member, delta, now);
+            return;
+        }
+        if !change.edge {
+            return;
+        }
+        // The count within the cap before and after: `change.count` is the one after.
+        let busiest = change.count + usize::from(!join);
+        if self.presence.listed(busiest) {
+            let frame = protocol::presence_event(join, &change.topic, &change.member);
+            self.presence_events.push((change.topic.to_string(), frame));
+        }
+    }
+
+    /// The `presence` op from `id` (the session checked the grant): answered now from
+    /// what is here, or with Redis once Redis has merged every process's members.
+    pub fn presence_query(
+        &mut self,
+        conns: &mut Conns,
+        id: ConnId,
+        topic: &str,
+        now: Instant,
+    ) -> Result<(), OpError> {
+        if !self.presence.applies(topic) {
+            return Err(OpError::new(
+                "presence_off",
+                format!("{topic:?} keeps no presence (see --presence)"),
+            ));
+        }
+        if !self.hub.is_subscribed(id, topic) {
+            return Err(OpError::new(
+                "not_subscribed",
+                format!("only subscribers of {topic:?} may ask who is there"),
+            ));
+        }
+        if self.redis.is_none() {
+            let snapshot = self.presence.snapshot(topic);
+            conns.queue(id, protocol::presence(topic, &snapshot));
+            return Ok(());
+        }
+        let reader = PresenceReader::Ws {
+            conn: id,
+            serial: conns[id].serial,
+            topic: topic.to_string(),
+        };
+        if self.presence_read(topic, reader, now) {
+            Ok(())
+        } else {
+            Err(OpError::new(
+                "unavailable",
+                "redis unavailable: presence unknown",
+            ))
+        }
+    }
+
+    fn presence_read(&mut self, topic: &str, reader: PresenceReader, now: Instant) -> bool {
+        let tag = self.next_read;
+        let sent = self
+            .redis
+            .as_mut()
+            .is_some_and(|r| r.presence_read(topic, tag, now));
+        if sent {
+            self.next_read += 1;
+            self.presence_reads.insert(tag, reader);
+        }
+        sent
+    }
+
+    /// `GET /presence` through Redis: the answer comes back from `on_presence_read` with
+    /// `group`. False when Redis is down.
+    pub fn presence_for_http(&mut self, topic: &str, group: u64, now: Instant) -> bool {
+        let reader = PresenceReader::Http {
+            group,
+            topic: topic.to_string(),
+        };
+        self.presence_read(topic, reader, now)
+    }
+
+    /// Redis answered a presence read: a WebSocket's answer goes out now; a
+    /// `GET /presence` one is handed back for the front door.
+    pub fn on_presence_read(
+        &mut self,
+        conns: &mut Conns,
+        counters: &mut Counters,
+        tag: u64,
+        result: Result<PresenceAnswer, String>,
+    ) -> Option<HttpPresence> {
+        let result = result.map(|a| presence::Snapshot {
+            count: a.count,
+            members: a.members.map(|mut m| {
+                m.sort_unstable();
+                m
+            }),
+        });
+        match self.presence_reads.remove(&tag)? {
+            PresenceReader::Http { group, topic } => Some(HttpPresence {
+                group,
+                topic,
+                result,
+            }),
+            PresenceReader::Ws {
+                conn,
+                serial,
+                topic,
+            } => {
+                if conns.same(conn, serial).is_some_and(|c| c.is_open()) {
+                    let reply = match result {
+                        Ok(snapshot) => protocol::presence(&topic, &snapshot),
+                        Err(_) => {
+                            counters.op_errors += 1;
+                            let e =
+                                OpError::new("unavailable", "redis unavailable: presence unknown");
+                            protocol::error(&e)
+                        }
+                    };
+                    conns.queue(conn, reply);
+                }
+                None
+            }
+        }
+    }
+
+    /// A join or leave came on a topic's channel from Redis: its watchers here hear of it
+    /// with this pass's fan-out.
+    pub fn on_presence_event(&mut self, topic: &str, join: bool, member: &str) {
+        if self.presence.watchers(topic).next().is_some() {
+            let frame = protocol::presence_event(join, topic, member);
+            self.presence_events.push((topic.to_string(), frame));
+        }
+    }
+
+    /// Redis is (again) up: it may have lost this process's members, or missed changes
+    /// while it was away; tell it again who is here.
+    pub fn on_redis_up(&mut self, now: Instant) {
+        let Some(redis) = self.redis.as_mut() else {
+            return;
+        };
+        for topic in self.presence.topics() {
+            redis.presence_sync(topic, self.presence.local_members(topic), now);
+        }
+        self.presence_beat_at = now + self.presence.beat_interval();
+    }
+
+    /// With Redis, every third of the TTL: this process is alive on its presence topics.
+    fn presence_beat(&mut self, now: Instant) {
+        let Some(redis) = self.redis.as_mut() else {
+            return;
+        };
+        if now < self.presence_beat_at {
+            return;
+        }
+        self.presence_beat_at = now + self.presence.beat_interval();
+        for topic in self.presence.topics() {
+            redis.presence_beat(topic, now);
+        }
+    }
+
+    /// Whether `topic` keeps presence (`GET /presence` refuses the others).
+    pub fn keeps_presence(&self, topic: &str) -> bool {
+        self.presence.applies(topic)
+    }
+
+    /// `GET /presence` without Redis.
+    pub fn presence_snapshot(&self, topic: &str) -> presence::Snapshot {
+        self.presence.snapshot(topic)
     }
 
     /// The topics `id` is subscribed to.
@@ -633,13 +887,16 @@ impl PubSub {
 
     // ---- time ------------------------------------------------------------------------
 
-    /// When history next has messages to expire.
+    /// When history next has messages to expire, or presence's heartbeat is due.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.history.next_expiry()
+        let beat = (self.redis_up() && self.presence.topics().next().is_some())
+            .then_some(self.presence_beat_at);
+        self.history.next_expiry().into_iter().chain(beat).min()
     }
 
     pub fn expire(&mut self, now: Instant) {
         self.history.expire(now);
+        self.presence_beat(now);
     }
 
     /// The history, encoded for the state file.
@@ -804,6 +1061,124 @@ mod tests {
         assert_eq!(got[0]["recovered"], false);
         assert_ne!(got[0]["epoch"], "nope");
         assert_eq!(w.pubsub.resumes().epoch_changed, 1);
+    }
+
+    const SECRET: &str = "a-secret-of-32-bytes-for-tests!!";
+
+    fn token(sub: &str) -> String {
+        let claims = serde_json::json!({"sub": sub, "exp": crate::auth::unix_now() + 600});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn presence_world(max: &str) -> World {
+        World::new(&[
+            "--presence",
+            "room:*",
+            "--presence-max-members",
+            max,
+            "--token-secret",
+            SECRET,
+        ])
+    }
+
+    fn ask(w: &mut World, id: ConnId, topic: &str) -> serde_json::Value {
+        w.send_text(id, &format!(r#"{{"op":"presence","topic":"{topic}"}}"#));
+        w.messages(id).remove(0)
+    }
+
+    #[test]
+    fn presence_counts_a_sub_once_with_its_connections() {
+        let mut w = presence_world("1000");
+        let a1 = w.open(&format!("/ws?topics=room:1&token={}", token("alice")));
+        let a2 = w.open(&format!("/ws?topics=room:1&token={}", token("alice")));
+        let anon = w.open("/ws?topics=room:1");
+        for id in [a1, a2, anon] {
+            let _ = w.messages(id);
+        }
+        let got = ask(&mut w, a1, "room:1");
+        assert_eq!(got["count"], 2, "{got}");
+        let members = got["members"].as_array().unwrap();
+        assert_eq!(members[0]["sub"], "alice");
+        assert_eq!(members[0]["conns"], 2);
+        assert!(members[1]["sub"].as_str().unwrap().starts_with("anon:"));
+        w.send_text(a2, r#"{"op":"unsubscribe","topic":"room:1"}"#);
+        let got = ask(&mut w, a1, "room:1");
+        assert_eq!(got["members"][0]["conns"], 1);
+    }
+
+    #[test]
+    fn watchers_hear_of_first_joins_and_last_leaves_only() {
+        let mut w = presence_world("1000");
+        let watcher = w.open("/ws");
+        w.send_text(
+            watcher,
+            r#"{"op":"subscribe","topic":"room:1","presence":true}"#,
+        );
+        let got = w.messages(watcher);
+        assert_eq!(got[0]["op"], "subscribed");
+        // Its own arrival, as everyone's.
+        assert_eq!(got[1]["op"], "join");
+        let a1 = w.open(&format!("/ws?topics=room:1&token={}", token("alice")));
+        let got = w.messages(watcher);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got[0],
+            serde_json::json!({"op":"join","topic":"room:1","sub":"alice"})
+        );
+        let a2 = w.open(&format!("/ws?topics=room:1&token={}", token("alice")));
+        assert!(w.messages(watcher).is_empty(), "a second tab is no news");
+        let now = w.now;
+        w.pubsub.leave_all(a1, now);
+        w.sessions
+            .deliver_pending(&mut w.conns, &mut w.pubsub, &mut w.counters, now);
+        assert!(w.messages(watcher).is_empty());
+        w.send_text(a2, r#"{"op":"unsubscribe","topic":"room:1"}"#);
+        let got = w.messages(watcher);
+        assert_eq!(
+            got[0],
+            serde_json::json!({"op":"leave","topic":"room:1","sub":"alice"})
+        );
+        // A subscriber that did not ask hears nothing.
+        assert!(w.messages(a1).iter().all(|m| m["op"] != "join"));
+    }
+
+    #[test]
+    fn past_the_cap_a_topic_reports_its_count_and_sends_no_events() {
+        let mut w = presence_world("2");
+        let watcher = w.open("/ws?topics=room:1&presence=room:1");
+        let _ = w.messages(watcher);
+        let b = w.open(&format!("/ws?topics=room:1&token={}", token("bob")));
+        assert_eq!(w.messages(watcher)[0]["sub"], "bob");
+        let _c = w.open(&format!("/ws?topics=room:1&token={}", token("carol")));
+        assert!(w.messages(watcher).is_empty(), "member 3 of 2: silent");
+        let got = ask(&mut w, watcher, "room:1");
+        assert_eq!(got["count"], 3);
+        assert_eq!(got["members_omitted"], true);
+        assert!(got.get("members").is_none());
+        w.send_text(b, r#"{"op":"unsubscribe","topic":"room:1"}"#);
+        assert!(w.messages(watcher).is_empty(), "back to 2 from 3: silent");
+        assert_eq!(
+            ask(&mut w, watcher, "room:1")["members"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn only_subscribers_of_presence_topics_may_ask() {
+        let mut w = presence_world("1000");
+        let id = w.open("/ws?topics=news");
+        let _ = w.messages(id);
+        assert_eq!(ask(&mut w, id, "room:1")["error"], "not_subscribed");
+        assert_eq!(ask(&mut w, id, "news")["error"], "presence_off");
+        assert_eq!(w.pubsub.presence.topic_count(), 0, "news keeps nothing");
     }
 
     #[test]

@@ -96,6 +96,75 @@ const READ_LUA: &str = concat!(
      return {epoch, last, out}"
 );
 
+/// Presence, shared: KEYS [1] the zset of live processes (score: the ms their entries
+/// are good until), [2] the merged hash (member -> connections everywhere), [3] this
+/// process's hash (member -> its connections here). ARGV [1] this process, [2] the TTL
+/// in ms, [3] the topic's channel, [4] --presence-max-members, [5] the prefix of every
+/// process's hash key. `rebuild` sums the live processes' hashes into the merged one and
+/// publishes the joins and leaves that made, within the cap; `sweep` drops processes
+/// past their TTL (killed, or cut off), then rebuilds. The dead processes' keys are
+/// named from ARGV, so these scripts need one Redis, not a cluster.
+macro_rules! presence_lua {
+    () => {
+        "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) \
+     local ttl = tonumber(ARGV[2]) local max = tonumber(ARGV[4]) \
+     local function event(kind, m) redis.call('PUBLISH', ARGV[3], '!' .. kind .. ' ' .. m) end \
+     local function live() \
+     if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) end \
+     redis.call('ZADD', KEYS[1], now + ttl, ARGV[1]) end \
+     local function keep() for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, 2 * ttl) end end \
+     local function rebuild() \
+     local old = redis.call('HGETALL', KEYS[2]) redis.call('DEL', KEYS[2]) \
+     for _, p in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do \
+     local h = redis.call('HGETALL', ARGV[5] .. p) \
+     for i = 1, #h, 2 do redis.call('HINCRBY', KEYS[2], h[i], h[i + 1]) end end \
+     local was = {} for i = 1, #old, 2 do was[old[i]] = true end \
+     if #old / 2 <= max then for i = 1, #old, 2 do \
+     if redis.call('HEXISTS', KEYS[2], old[i]) == 0 then event('leave', old[i]) end end end \
+     if redis.call('HLEN', KEYS[2]) <= max then \
+     for _, m in ipairs(redis.call('HKEYS', KEYS[2])) do \
+     if not was[m] then event('join', m) end end end end \
+     local function sweep() \
+     local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now) \
+     for _, d in ipairs(dead) do redis.call('ZREM', KEYS[1], d) redis.call('DEL', ARGV[5] .. d) end \
+     if #dead > 0 then rebuild() end end "
+    };
+}
+
+/// One connection came (ARGV[7] = 1) or went (-1) as member ARGV[6]: a join when it
+/// is the member's first connection anywhere, a leave when its last. O(1).
+const PRESENCE_CHANGE_LUA: &str = concat!(
+    presence_lua!(),
+    "live() local m = ARGV[6] local d = tonumber(ARGV[7]) \
+     if redis.call('HINCRBY', KEYS[3], m, d) <= 0 then redis.call('HDEL', KEYS[3], m) end \
+     local before = redis.call('HLEN', KEYS[2]) \
+     local n = redis.call('HINCRBY', KEYS[2], m, d) \
+     if n <= 0 then redis.call('HDEL', KEYS[2], m) \
+     if d < 0 and before <= max then event('leave', m) end \
+     elseif n == 1 and d == 1 and before + 1 <= max then event('join', m) end \
+     keep() return 1"
+);
+
+/// The heartbeat: this process is alive for another TTL; the dead are swept.
+const PRESENCE_BEAT_LUA: &str = concat!(presence_lua!(), "live() sweep() keep() return 1");
+
+/// After a reconnect (Redis may have lost everything): this process's hash is set to
+/// ARGV[6..] (member, connections, ...), and the merged hash rebuilt.
+const PRESENCE_SYNC_LUA: &str = concat!(
+    presence_lua!(),
+    "live() redis.call('DEL', KEYS[3]) \
+     for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end \
+     sweep() rebuild() keep() return 1"
+);
+
+/// Who is there, once the dead are swept: {count, [member, conns, ...]} within the
+/// cap, {count} past it.
+const PRESENCE_READ_LUA: &str = concat!(
+    presence_lua!(),
+    "sweep() local n = redis.call('HLEN', KEYS[2]) \
+     if n <= max then return {n, redis.call('HGETALL', KEYS[2])} end return {n}"
+);
+
 /// Where Redis is and how to speak to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
@@ -109,6 +178,9 @@ pub struct RedisConfig {
     /// Messages kept per topic's stream (0: none), and for how long.
     pub history_size: usize,
     pub history_ttl: Duration,
+    /// `--presence-ttl` and `--presence-max-members`.
+    pub presence_ttl: Duration,
+    pub presence_max: usize,
 }
 
 /// `redis://[[user]:password@]host[:port][/db]`
@@ -153,6 +225,8 @@ pub fn parse_url(url: &str, prefix: &str) -> Result<RedisConfig, String> {
         prefix: prefix.to_string(),
         history_size: 0,
         history_ttl: Duration::ZERO,
+        presence_ttl: Duration::from_secs(15),
+        presence_max: 1000,
     })
 }
 
@@ -182,6 +256,17 @@ pub enum Event {
     },
     /// The subscription link is (again) ready: subscribe to every local topic.
     SubscriptionReady,
+    /// A presence read (`presence_read`) finished.
+    PresenceRead {
+        tag: u64,
+        result: Result<PresenceAnswer, String>,
+    },
+    /// A member appeared in (`join`) or disappeared from a topic, anywhere.
+    Presence {
+        topic: String,
+        join: bool,
+        member: String,
+    },
     /// Both links ready / one of them lost.
     Up,
     Down,
@@ -200,6 +285,14 @@ pub struct Stored {
     pub messages: Vec<(u64, String)>,
 }
 
+/// A presence read's answer: the member count and, within the cap, every member with
+/// its connections across processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceAnswer {
+    pub count: usize,
+    pub members: Option<Vec<(String, u64)>>,
+}
+
 /// A command on the command link awaiting its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
@@ -209,6 +302,10 @@ enum Pending {
     Read(u64),
     /// The delivery probe's PUBLISH (its reply, a count, tells nothing).
     Probe,
+    /// A presence change, heartbeat or sync (its reply tells nothing).
+    Presence,
+    /// A presence read.
+    PresenceRead(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,6 +399,8 @@ pub struct Redis {
     probe: Probe,
     pub counters: RedisCounters,
     rng: u64,
+    /// This process among those sharing the Redis: names its presence entries.
+    instance: String,
 }
 
 impl Redis {
@@ -311,7 +410,7 @@ impl Redis {
             "redis: connecting to {} (channel prefix {:?})",
             cfg.addr, cfg.prefix
         );
-        Redis {
+        let mut redis = Redis {
             cfg,
             command: Link::new(Role::Command, COMMAND_TOKEN, now),
             subscription: Link::new(Role::Subscription, SUBSCRIPTION_TOKEN, now),
@@ -331,7 +430,16 @@ impl Redis {
             // Epoch candidates come from here: seeded by the clock as well as the pid, so
             // a restarted process cannot propose an epoch it proposed before.
             rng: (u64::from(std::process::id()) << 20 | 0x9e37) ^ clock_seed(),
-        }
+            instance: String::new(),
+        };
+        redis.instance = format!("{:012x}", redis.next_random() >> 16);
+        redis
+    }
+
+    /// This process's name among those sharing the Redis (random, not the pid: pids
+    /// repeat across hosts and restarts).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     pub fn is_up(&self) -> bool {
@@ -517,6 +625,91 @@ impl Redis {
             ],
         );
         self.in_flight.push_back((Pending::Read(tag), now));
+        true
+    }
+
+    // ---- presence ----------------------------------------------------------------------
+
+    /// One connection of `member` came (`delta` 1) or went (-1) on `topic`. False when
+    /// Redis is down (the sync after reconnecting makes up for it).
+    pub fn presence_change(&mut self, topic: &str, member: &str, delta: i8, now: Instant) -> bool {
+        let delta = delta.to_string();
+        self.presence_script(
+            PRESENCE_CHANGE_LUA,
+            topic,
+            &[member, &delta],
+            Pending::Presence,
+            now,
+        )
+    }
+
+    /// This process is alive on `topic` for another TTL; sweep the dead.
+    pub fn presence_beat(&mut self, topic: &str, now: Instant) -> bool {
+        self.presence_script(PRESENCE_BEAT_LUA, topic, &[], Pending::Presence, now)
+    }
+
+    /// Replace this process's members of `topic` with `members` (after a reconnect).
+    pub fn presence_sync<'a>(
+        &mut self,
+        topic: &str,
+        members: impl Iterator<Item = (&'a str, u32)>,
+        now: Instant,
+    ) -> bool {
+        let pairs: Vec<String> = members
+            .flat_map(|(m, n)| [m.to_string(), n.to_string()])
+            .collect();
+        let args: Vec<&str> = pairs.iter().map(String::as_str).collect();
+        self.presence_script(PRESENCE_SYNC_LUA, topic, &args, Pending::Presence, now)
+    }
+
+    /// Ask who is on `topic`, across processes: `Event::PresenceRead` with `tag`.
+    pub fn presence_read(&mut self, topic: &str, tag: u64, now: Instant) -> bool {
+        self.presence_script(
+            PRESENCE_READ_LUA,
+            topic,
+            &[],
+            Pending::PresenceRead(tag),
+            now,
+        )
+    }
+
+    fn presence_script(
+        &mut self,
+        script: &str,
+        topic: &str,
+        extra: &[&str],
+        pending: Pending,
+        now: Instant,
+    ) -> bool {
+        if !self.up {
+            return false;
+        }
+        let p = &self.cfg.prefix;
+        let (live, merged) = (
+            format!("{p}presence:{topic}"),
+            format!("{p}presence-all:{topic}"),
+        );
+        let per_process = format!("{p}presence:{topic}:");
+        let mine = format!("{per_process}{}", self.instance);
+        let channel = format!("{p}{topic}");
+        let ttl = self.cfg.presence_ttl.as_millis().max(1).to_string();
+        let max = self.cfg.presence_max.to_string();
+        let mut args: Vec<&[u8]> = vec![
+            b"EVAL",
+            script.as_bytes(),
+            b"3",
+            live.as_bytes(),
+            merged.as_bytes(),
+            mine.as_bytes(),
+            self.instance.as_bytes(),
+            ttl.as_bytes(),
+            channel.as_bytes(),
+            max.as_bytes(),
+            per_process.as_bytes(),
+        ];
+        args.extend(extra.iter().map(|a| a.as_bytes()));
+        command(&mut self.command.output, &args);
+        self.in_flight.push_back((pending, now));
         true
     }
 
@@ -805,7 +998,11 @@ impl Redis {
                             tag,
                             result: Err(why()),
                         }),
-                        Pending::Publish(None) | Pending::Probe => {}
+                        Pending::Publish(None) | Pending::Probe | Pending::Presence => {}
+                        Pending::PresenceRead(tag) => events.push(Event::PresenceRead {
+                            tag,
+                            result: Err(why()),
+                        }),
                         Pending::Read(tag) => events.push(Event::Read {
                             tag,
                             result: Err(why()),
@@ -909,6 +1106,23 @@ impl Redis {
                 };
                 let tag = match pending {
                     Pending::Probe => return Ok(()),
+                    Pending::Presence => {
+                        if let OwnedFrame::Error(e) = frame {
+                            warn!("redis: presence update refused: {e}");
+                        }
+                        return Ok(());
+                    }
+                    Pending::PresenceRead(tag) => {
+                        let result = match frame {
+                            OwnedFrame::Error(e) => {
+                                warn!("redis: presence read refused: {e}");
+                                Err(e)
+                            }
+                            other => Ok(parse_presence(other)?),
+                        };
+                        events.push(Event::PresenceRead { tag, result });
+                        return Ok(());
+                    }
                     Pending::Publish(tag) => tag,
                     Pending::Read(tag) => {
                         let result = match frame {
@@ -991,6 +1205,16 @@ impl Redis {
                 let Some(OwnedFrame::BulkString(payload)) = items.get(2) else {
                     return Err("message without payload".into());
                 };
+                // A presence event, which no message payload can look like (they begin
+                // with an id's digit).
+                if let Some((join, member)) = parse_presence_event(payload)? {
+                    events.push(Event::Presence {
+                        topic,
+                        join,
+                        member,
+                    });
+                    return Ok(());
+                }
                 let (id, epoch, data) = parse_payload(payload)?;
                 events.push(Event::Message {
                     topic,
@@ -1036,6 +1260,51 @@ fn parse_payload(payload: &[u8]) -> Result<(u64, String, String), String> {
     }
     check_json(data)?;
     Ok((id, epoch.to_string(), data.to_string()))
+}
+
+/// `"!join <member>"` or `"!leave <member>"`; `None` for anything not starting `!`.
+fn parse_presence_event(payload: &[u8]) -> Result<Option<(bool, String)>, String> {
+    let Some(rest) = payload.strip_prefix(b"!") else {
+        return Ok(None);
+    };
+    let text = std::str::from_utf8(rest).map_err(|_| "presence event is not UTF-8".to_string())?;
+    match text.split_once(' ') {
+        Some(("join", m)) if !m.is_empty() => Ok(Some((true, m.to_string()))),
+        Some(("leave", m)) if !m.is_empty() => Ok(Some((false, m.to_string()))),
+        _ => Err(format!("unexpected presence event {text:?}")),
+    }
+}
+
+/// The presence read's reply: `[count, [member, conns, ...]]`, or `[count]` past the cap.
+fn parse_presence(frame: OwnedFrame) -> Result<PresenceAnswer, String> {
+    let bad = || format!("unexpected presence reply {frame:?}");
+    let OwnedFrame::Array(items) = &frame else {
+        return Err(bad());
+    };
+    let count = match items.first() {
+        Some(OwnedFrame::Integer(n)) if *n >= 0 => *n as usize,
+        _ => return Err(bad()),
+    };
+    let members = match items.get(1) {
+        None => None,
+        Some(OwnedFrame::Array(flat)) => {
+            let mut members = Vec::with_capacity(flat.len() / 2);
+            for pair in flat.chunks(2) {
+                let [OwnedFrame::BulkString(m), OwnedFrame::BulkString(n)] = pair else {
+                    return Err(bad());
+                };
+                let m = std::str::from_utf8(m).map_err(|_| bad())?;
+                let n = std::str::from_utf8(n)
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(bad)?;
+                members.push((m.to_string(), n));
+            }
+            Some(members)
+        }
+        Some(_) => return Err(bad()),
+    };
+    Ok(PresenceAnswer { count, members })
 }
 
 fn check_json(data: &str) -> Result<(), String> {
@@ -1130,6 +1399,41 @@ mod tests {
         let mut out = Vec::new();
         command(&mut out, &[b"SUBSCRIBE", b"h:news"]);
         assert_eq!(out, b"*2\r\n$9\r\nSUBSCRIBE\r\n$6\r\nh:news\r\n");
+    }
+
+    #[test]
+    fn presence_events_and_reads_parse_and_strangers_are_errors() {
+        assert_eq!(
+            parse_presence_event(b"!join 42"),
+            Ok(Some((true, "42".into())))
+        );
+        assert_eq!(
+            parse_presence_event(b"!leave anon:ab.7"),
+            Ok(Some((false, "anon:ab.7".into())))
+        );
+        assert_eq!(parse_presence_event(b"7 e1 {}"), Ok(None));
+        assert!(parse_presence_event(b"!dance 42").is_err());
+        assert!(parse_presence_event(b"!join ").is_err());
+        let bulk = |s: &str| OwnedFrame::BulkString(s.as_bytes().to_vec());
+        let listed = OwnedFrame::Array(vec![
+            OwnedFrame::Integer(1),
+            OwnedFrame::Array(vec![bulk("42"), bulk("2")]),
+        ]);
+        assert_eq!(
+            parse_presence(listed),
+            Ok(PresenceAnswer {
+                count: 1,
+                members: Some(vec![("42".into(), 2)])
+            })
+        );
+        let capped = OwnedFrame::Array(vec![OwnedFrame::Integer(5000)]);
+        assert_eq!(parse_presence(capped).unwrap().members, None);
+        let odd = OwnedFrame::Array(vec![
+            OwnedFrame::Integer(1),
+            OwnedFrame::Array(vec![bulk("42")]),
+        ]);
+        assert!(parse_presence(odd).is_err());
+        assert!(parse_presence(bulk("x")).is_err());
     }
 
     #[test]

@@ -900,7 +900,22 @@ impl Server {
                     front.on_history_read(&mut env, read, now);
                 }
             }
-            Event::Up | Event::Delivery(_) => {}
+            Event::PresenceRead { tag, result } => {
+                let answer =
+                    self.pubsub
+                        .on_presence_read(&mut self.conns, &mut self.counters, tag, result);
+                if let Some(answer) = answer {
+                    let (front, mut env) = self.env();
+                    front.on_presence_read(&mut env, answer, now);
+                }
+            }
+            Event::Presence {
+                topic,
+                join,
+                member,
+            } => self.pubsub.on_presence_event(&topic, join, &member),
+            Event::Up => self.pubsub.on_redis_up(now),
+            Event::Delivery(_) => {}
             Event::Down => self.pubsub.on_redis_down(&mut self.conns),
             Event::Pong => {
                 if self.drain.redis_wait().is_some() {

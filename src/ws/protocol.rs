@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::auth::Grant;
+use crate::pubsub::presence::Snapshot;
 use crate::topic;
 use crate::ws::codec as ws;
 
@@ -24,10 +25,13 @@ pub enum Kind {
 #[derive(Debug)]
 pub enum Op<'a> {
     /// With `Some`, a resume: everything after `since` in `epoch`, then live messages.
-    Subscribe(Cow<'a, str>, Option<Resume<'a>>),
+    /// The flag is `"presence":true`: the client wants the topic's join/leave events.
+    Subscribe(Cow<'a, str>, Option<Resume<'a>>, bool),
     Unsubscribe(Cow<'a, str>),
     Publish(Cow<'a, str>, &'a RawValue),
     Ping,
+    /// Who is subscribed to the topic (`--presence` topics only).
+    Presence(Cow<'a, str>),
     /// A (new) token: replaces the connection's grant.
     Auth(Cow<'a, str>),
 }
@@ -69,6 +73,8 @@ struct RawOp<'a> {
     since: Option<u64>,
     #[serde(borrow, default)]
     epoch: Option<Cow<'a, str>>,
+    #[serde(default)]
+    presence: bool,
 }
 
 pub fn parse_op(text: &str) -> Result<Op<'_>, OpError> {
@@ -102,7 +108,7 @@ pub fn parse_op(text: &str) -> Result<Op<'_>, OpError> {
                     return Err(OpError::new("bad_request", "\"epoch\" needs \"since\""));
                 }
             };
-            Ok(Op::Subscribe(topic()?, resume))
+            Ok(Op::Subscribe(topic()?, resume, raw.presence))
         }
         "unsubscribe" => Ok(Op::Unsubscribe(topic()?)),
         "publish" => {
@@ -112,6 +118,7 @@ pub fn parse_op(text: &str) -> Result<Op<'_>, OpError> {
             Ok(Op::Publish(topic()?, data))
         }
         "ping" => Ok(Op::Ping),
+        "presence" => Ok(Op::Presence(topic()?)),
         "auth" => match raw.token {
             Some(token) => Ok(Op::Auth(token)),
             None => Err(OpError::new("bad_request", "missing \"token\"")),
@@ -194,6 +201,55 @@ pub fn reconnect(after_ms: u64) -> Bytes {
     ws::text_frame(format!(r#"{{"op":"reconnect","after_ms":{after_ms}}}"#).as_bytes())
 }
 
+/// The answer to a `presence` query: the count, and the members within the cap (past
+/// it, `members` is left out and `members_omitted` says so).
+pub fn presence(topic: &str, snapshot: &Snapshot) -> Bytes {
+    ws::text_frame(&presence_json(Some("presence"), topic, snapshot))
+}
+
+/// The `presence` answer's JSON, shared with `GET /presence` (which has no `op`).
+pub fn presence_json(op: Option<&str>, topic: &str, snapshot: &Snapshot) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Member<'a> {
+        sub: &'a str,
+        conns: u64,
+    }
+    #[derive(Serialize)]
+    struct Answer<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        op: Option<&'a str>,
+        topic: &'a str,
+        count: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        members: Option<Vec<Member<'a>>>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        members_omitted: bool,
+    }
+    let members = snapshot.members.as_ref().map(|list| {
+        list.iter()
+            .map(|(sub, conns)| Member { sub, conns: *conns })
+            .collect()
+    });
+    let answer = Answer {
+        op,
+        topic,
+        count: snapshot.count,
+        members_omitted: members.is_none(),
+        members,
+    };
+    serde_json::to_vec(&answer).expect("serializing strings and numbers cannot fail")
+}
+
+/// A member appeared in a topic (`join: true`) or disappeared from it.
+pub fn presence_event(join: bool, topic: &str, sub: &str) -> Bytes {
+    reply(&Reply {
+        op: if join { "join" } else { "leave" },
+        topic: Some(topic),
+        sub: Some(sub),
+        ..Reply::default()
+    })
+}
+
 pub fn pong() -> Bytes {
     Bytes::from_static(b"\x81\x0d{\"op\":\"pong\"}")
 }
@@ -214,10 +270,16 @@ mod tests {
     #[test]
     fn parses_each_op() {
         assert!(
-            matches!(parse_op(r#"{"op":"subscribe","topic":"a"}"#), Ok(Op::Subscribe(t, None)) if t == "a")
+            matches!(parse_op(r#"{"op":"subscribe","topic":"a"}"#), Ok(Op::Subscribe(t, None, false)) if t == "a")
+        );
+        assert!(
+            matches!(parse_op(r#"{"op":"subscribe","topic":"a","presence":true}"#), Ok(Op::Subscribe(t, None, true)) if t == "a")
+        );
+        assert!(
+            matches!(parse_op(r#"{"op":"presence","topic":"a"}"#), Ok(Op::Presence(t)) if t == "a")
         );
         match parse_op(r#"{"op":"subscribe","topic":"a","since":41,"epoch":"e1"}"#).unwrap() {
-            Op::Subscribe(t, Some(r)) => {
+            Op::Subscribe(t, Some(r), _) => {
                 assert_eq!((t.as_ref(), r.since, r.epoch.as_ref()), ("a", 41, "e1"))
             }
             other => panic!("{other:?}"),
@@ -235,7 +297,7 @@ mod tests {
         }
         // Escapes in the topic are decoded before checking.
         assert!(
-            matches!(parse_op(r#"{"op":"subscribe","topic":"\u0061"}"#), Ok(Op::Subscribe(t, None)) if t == "a")
+            matches!(parse_op(r#"{"op":"subscribe","topic":"\u0061"}"#), Ok(Op::Subscribe(t, None, _)) if t == "a")
         );
     }
 
@@ -246,6 +308,11 @@ mod tests {
         assert_eq!(code("[1,2]"), "bad_json");
         assert_eq!(code(r#"{"op":"dance"}"#), "unknown_op");
         assert_eq!(code(r#"{"op":"subscribe"}"#), "bad_topic");
+        assert_eq!(code(r#"{"op":"presence"}"#), "bad_topic");
+        assert_eq!(
+            code(r#"{"op":"subscribe","topic":"a","presence":1}"#),
+            "bad_json"
+        );
         assert_eq!(code(r#"{"op":"subscribe","topic":"a b"}"#), "bad_topic");
         assert_eq!(code(r#"{"op":"publish","topic":"a"}"#), "bad_request");
         assert_eq!(code(r#"{"topic":"a"}"#), "bad_request");
@@ -272,5 +339,33 @@ mod tests {
         assert_eq!(v["op"], "error");
         assert_eq!(v["error"], "bad_json");
         assert_eq!(v["message"], "say \"hi\"");
+        let p = presence(
+            "t",
+            &Snapshot {
+                count: 1,
+                members: Some(vec![("42".into(), 2)]),
+            },
+        );
+        let v: serde_json::Value = serde_json::from_slice(&p[2..]).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"presence","topic":"t","count":1,"members":[{"sub":"42","conns":2}]})
+        );
+        let p = presence_json(
+            None,
+            "t",
+            &Snapshot {
+                count: 5,
+                members: None,
+            },
+        );
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"topic":"t","count":5,"members_omitted":true})
+        );
+        let e = presence_event(false, "t", "42");
+        let v: serde_json::Value = serde_json::from_slice(&e[2..]).unwrap();
+        assert_eq!(v, serde_json::json!({"op":"leave","topic":"t","sub":"42"}));
     }
 }

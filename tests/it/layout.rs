@@ -31,6 +31,7 @@ const PURE: &[&str] = &[
     "ws::protocol",
     "pubsub::hub",
     "pubsub::history",
+    "pubsub::presence",
     "pubsub::redis",
     "topic",
     "auth",

@@ -13,6 +13,7 @@ mod layout;
 mod limits;
 mod liveness;
 mod overload;
+mod presence;
 mod redis;
 mod redis_history;
 mod restarts;

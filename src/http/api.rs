@@ -14,6 +14,7 @@ use crate::http::upgrade;
 use crate::http::{Method, Request, Response};
 use crate::pubsub::hub::MAX_TOPICS_PER_CONNECTION;
 use crate::topic;
+use crate::ws::deflate::Agreement;
 use crate::ws::protocol::{Kind, Resume};
 
 /// Most topics one `/publish` may name.
@@ -41,6 +42,8 @@ pub enum Route {
         resume: Vec<(String, Resume<'static>)>,
         /// `?token=`: a JWT to verify (base64url and dots: nothing to decode).
         token: Option<String>,
+        /// The permessage-deflate offer accepted, if any.
+        deflate: Option<Agreement>,
     },
 }
 
@@ -59,6 +62,8 @@ pub struct Policy<'a> {
     pub draining: bool,
     /// `GET /` serves the console page (`--no-console` turns it off).
     pub console: bool,
+    /// permessage-deflate may be accepted (`--no-compression` turns it off).
+    pub compression: bool,
 }
 
 pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
@@ -136,12 +141,17 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
                 .query_param("token")
                 .filter(|t| !t.is_empty())
                 .map(str::to_string);
+            let deflate = match policy.compression {
+                true => upgrade::deflate(req, kind),
+                false => None,
+            };
             Ok(Route::Upgrade {
                 kind,
                 accept,
                 topics,
                 resume,
                 token,
+                deflate,
             })
         }
         _ => Err(Reject::NotFound),
@@ -329,6 +339,7 @@ mod tests {
             peer_is_loopback: loopback,
             draining: false,
             console: true,
+            compression: true,
         }
     }
 
@@ -415,6 +426,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_upgrade_accepts_deflate_only_while_compression_is_on() {
+        let upgrade = req(
+            "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+        );
+        let deflate = |p: &Policy| match route(&upgrade, p) {
+            Ok(Route::Upgrade { deflate, .. }) => deflate.map(|a| a.window.bits()),
+            other => panic!("{other:?}"),
+        };
+        let mut p = policy(None, true);
+        assert_eq!(deflate(&p), Some(15));
+        p.compression = false;
+        assert_eq!(deflate(&p), None);
     }
 
     #[test]

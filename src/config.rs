@@ -237,9 +237,18 @@ pub struct Args {
 
     /// permessage-deflate (RFC 7692) with clients that offer it, as browsers do: each
     /// published message is compressed once for all of them. On unless --no-compression
-    /// (the later of the two wins)
-    #[arg(long, env = "HERALD_COMPRESSION", overrides_with = "no_compression")]
-    pub compression: bool,
+    /// or --compression=false (of the two flags, the later wins) [default: true]
+    #[arg(
+        long,
+        env = "HERALD_COMPRESSION",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        overrides_with = "no_compression"
+    )]
+    pub compression: Option<bool>,
 
     /// Decline permessage-deflate: every frame goes uncompressed
     #[arg(long, env = "HERALD_NO_COMPRESSION", overrides_with = "compression")]
@@ -474,7 +483,7 @@ impl Args {
             },
             state_dir: self.state_dir,
             console: !self.no_console,
-            compression: !self.no_compression,
+            compression: !self.no_compression && self.compression != Some(false),
             compression_min_size: self.compression_min_size,
             agent_listen,
             max_memory: self.max_memory,
@@ -597,6 +606,9 @@ mod tests {
         assert!(!on(&["--no-compression"]));
         assert!(on(&["--no-compression", "--compression"]));
         assert!(!on(&["--compression", "--no-compression"]));
+        assert!(!on(&["--compression=false"]));
+        assert!(!on(&["--compression=no"]));
+        assert!(on(&["--compression=true"]));
         let cfg = args(&["--compression-min-size", "1024"])
             .into_config(None, None)
             .unwrap();

@@ -8,8 +8,9 @@
 //! It owns the rules sessions live by (limits, private topics, who may publish, the token
 //! verifier) and the zlib state every session shares (the one inflater of compressed
 //! client messages, the compressors of `/echo`); the sessions themselves live in the
-//! connection table, their topics in the hub. It never touches a socket: replies are queued through the table, and closing only
-//! moves a connection's state along for the loop to finish.
+//! connection table, their topics in the hub. It never touches a socket: replies are
+//! queued through the table, and closing only moves a connection's state along for the
+//! loop to finish.
 
 use std::cell::RefCell;
 use std::mem;

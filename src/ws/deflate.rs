@@ -19,8 +19,10 @@ const NAME: &str = "permessage-deflate";
 /// The LZ77 window of every frame compressed once for many subscribers: zlib's largest,
 /// the default of every client (RFC 7692 §7.1.2.1).
 pub const SHARED_WINDOW: Window = Window::MAX;
-/// zlib's default level: at about 1 KiB of JSON, faster levels save little CPU (the
-/// message is compressed once, however many receive it) and lose a few percent of size.
+/// zlib's default level. For a 1 KiB JSON message (bench/payloads/quotes-1k.json), with
+/// zlib-rs: level 1 takes 4 µs and leaves 650 bytes of 1,079, level 6 12 µs for 521,
+/// level 9 14 µs for 517. The message is compressed once however many receive it, so the
+/// bytes saved on every delivery are worth the 8 µs.
 const LEVEL: u32 = 6;
 /// What an inflater appends to a message before inflating it, and a compressor's sync
 /// flush leaves at its end, to be removed (§7.2.1, §7.2.2).

@@ -208,11 +208,20 @@ fn the_minimum_size_is_a_flag_and_no_compression_declines_every_offer() {
     assert_eq!(next_frame(&mut stream).0, 0x81, "1 KiB is under 4096 bytes");
 
     let off = Herald::start(&["--no-compression"]);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-    cmd.args(["--listen", "127.0.0.1:0"])
-        .env("HERALD_NO_COMPRESSION", "true");
-    let off_by_env = Herald::spawn(cmd);
-    for herald in [&off, &off_by_env] {
+    let off_too = Herald::start(&["--compression=false"]);
+    let by_env = |name: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.args(["--listen", "127.0.0.1:0"]).env(name, "false");
+        if name == "HERALD_NO_COMPRESSION" {
+            cmd.env(name, "true");
+        }
+        Herald::spawn(cmd)
+    };
+    let (off_by_env, off_by_env_too) = (
+        by_env("HERALD_NO_COMPRESSION"),
+        by_env("HERALD_COMPRESSION"),
+    );
+    for herald in [&off, &off_too, &off_by_env, &off_by_env_too] {
         for path in ["/ws?topics=t", "/echo"] {
             let (_, answer) = offer(herald, path, CHROMIUM);
             assert_eq!(answer, None, "{path}");

@@ -102,6 +102,10 @@ pub enum CloseReason {
     Unsupported,
     /// Text that is not UTF-8.
     InvalidUtf8,
+    /// A message marked compressed (RSV1, permessage-deflate) that does not inflate:
+    /// RFC 7692 §8 fails the connection; its payload is not what its frame says, as
+    /// with 1007's bad UTF-8.
+    BadCompression,
     /// The subscriber does not read fast enough (`--send-queue-limit`).
     SlowConsumer,
     /// A frame or message larger than `--max-message-size`.
@@ -116,7 +120,7 @@ impl CloseReason {
             CloseReason::GoingAway => CloseCode::Away,
             CloseReason::Protocol => CloseCode::Protocol,
             CloseReason::Unsupported => CloseCode::Unsupported,
-            CloseReason::InvalidUtf8 => CloseCode::Invalid,
+            CloseReason::InvalidUtf8 | CloseReason::BadCompression => CloseCode::Invalid,
             CloseReason::SlowConsumer => CloseCode::Policy,
             CloseReason::TooBig => CloseCode::Size,
             CloseReason::Internal => CloseCode::Error,
@@ -133,6 +137,7 @@ impl CloseReason {
             CloseReason::Protocol
             | CloseReason::Unsupported
             | CloseReason::InvalidUtf8
+            | CloseReason::BadCompression
             | CloseReason::TooBig => false,
         }
     }
@@ -144,6 +149,7 @@ impl CloseReason {
             CloseReason::Protocol => "protocol error",
             CloseReason::Unsupported => "binary messages are not accepted here",
             CloseReason::InvalidUtf8 => "text is not valid UTF-8",
+            CloseReason::BadCompression => "compressed message does not inflate",
             CloseReason::SlowConsumer => "slow consumer",
             CloseReason::TooBig => "message too big",
             CloseReason::Internal => "internal error",
@@ -194,6 +200,7 @@ mod tests {
             CloseReason::Protocol,
             CloseReason::Unsupported,
             CloseReason::InvalidUtf8,
+            CloseReason::BadCompression,
             CloseReason::SlowConsumer,
             CloseReason::TooBig,
             CloseReason::Internal,
@@ -201,6 +208,6 @@ mod tests {
         .iter()
         .map(|r| r.code().into())
         .collect();
-        assert_eq!(codes, [1001, 1002, 1003, 1007, 1008, 1009, 1011]);
+        assert_eq!(codes, [1001, 1002, 1003, 1007, 1007, 1008, 1009, 1011]);
     }
 }

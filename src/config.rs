@@ -260,6 +260,35 @@ pub struct Args {
     #[arg(long, env = "HERALD_NO_CONSOLE")]
     pub no_console: bool,
 
+    /// permessage-deflate (RFC 7692) with clients that offer it, as browsers do: each
+    /// published message is compressed once for all of them. On unless --no-compression
+    /// or --compression=false (of the two flags, the later wins) [default: true]
+    #[arg(
+        long,
+        env = "HERALD_COMPRESSION",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        overrides_with = "no_compression"
+    )]
+    pub compression: Option<bool>,
+
+    /// Decline permessage-deflate: every frame goes uncompressed
+    #[arg(long, env = "HERALD_NO_COMPRESSION", overrides_with = "compression")]
+    pub no_compression: bool,
+
+    /// Messages smaller than this go uncompressed (RSV1 clear), even to clients that
+    /// negotiated compression: below a few hundred bytes deflate saves little
+    #[arg(
+        long,
+        env = "HERALD_COMPRESSION_MIN_SIZE",
+        value_name = "BYTES",
+        default_value_t = 256
+    )]
+    pub compression_min_size: usize,
+
     /// Listen backlog (also capped by net.core.somaxconn)
     #[arg(long, env = "HERALD_BACKLOG", value_name = "N", default_value_t = 4096)]
     pub backlog: i32,
@@ -325,6 +354,10 @@ pub struct Config {
     pub history: Limits,
     pub state_dir: Option<PathBuf>,
     pub console: bool,
+    /// permessage-deflate is offered back to clients that ask (`--no-compression`: not).
+    pub compression: bool,
+    /// `--compression-min-size`: smaller messages go uncompressed.
+    pub compression_min_size: usize,
     pub agent_listen: Option<SocketAddr>,
     pub max_memory: Option<u64>,
 }
@@ -490,6 +523,8 @@ impl Args {
             },
             state_dir: self.state_dir,
             console: !self.no_console,
+            compression: !self.no_compression && self.compression != Some(false),
+            compression_min_size: self.compression_min_size,
             agent_listen,
             max_memory: self.max_memory,
         })
@@ -601,6 +636,30 @@ mod tests {
         // Not a number: clap refuses it, naming the flag.
         let err = Args::try_parse_from(["herald", "--sndbuf", "64k"]).unwrap_err();
         assert!(err.to_string().contains("--sndbuf"), "{err}");
+    }
+
+    #[test]
+    fn compression_is_on_unless_turned_off_and_the_last_flag_wins() {
+        let on = |extra: &[&str]| args(extra).into_config(None, None).unwrap().compression;
+        assert!(on(&[]));
+        assert!(on(&["--compression"]));
+        assert!(!on(&["--no-compression"]));
+        assert!(on(&["--no-compression", "--compression"]));
+        assert!(!on(&["--compression", "--no-compression"]));
+        assert!(!on(&["--compression=false"]));
+        assert!(!on(&["--compression=no"]));
+        assert!(on(&["--compression=true"]));
+        let cfg = args(&["--compression-min-size", "1024"])
+            .into_config(None, None)
+            .unwrap();
+        assert_eq!(cfg.compression_min_size, 1024);
+        assert_eq!(
+            args(&[])
+                .into_config(None, None)
+                .unwrap()
+                .compression_min_size,
+            256
+        );
     }
 
     #[test]

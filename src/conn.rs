@@ -189,6 +189,14 @@ impl Conns {
         self.slab.iter().filter(|(_, c)| c.is_open()).count()
     }
 
+    /// Open WebSockets that negotiated permessage-deflate.
+    pub fn websockets_deflate(&self) -> usize {
+        self.slab
+            .iter()
+            .filter(|(_, c)| c.is_open() && c.session().is_some_and(|s| s.ws.deflates()))
+            .count()
+    }
+
     pub fn queued_bytes(&self) -> usize {
         self.slab.iter().map(|(_, c)| c.out.len()).sum()
     }

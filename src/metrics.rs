@@ -18,6 +18,10 @@ pub struct Counters {
     pub published: u64,
     /// Message frames queued to subscribers.
     pub delivered: u64,
+    /// Published messages compressed (once each) for permessage-deflate subscribers.
+    pub compressed: u64,
+    /// Of `delivered`, the frames that went compressed.
+    pub delivered_compressed: u64,
     /// writev calls to clients: with many messages per pass, far fewer than `delivered`.
     pub write_syscalls: u64,
     /// Passes whose fan-out ran out of its time slice and went on in the next pass.
@@ -75,6 +79,8 @@ pub struct Resumes {
 pub struct Gauges {
     pub connections: usize,
     pub websockets: usize,
+    /// Of those, the ones that negotiated permessage-deflate.
+    pub websockets_deflate: usize,
     pub topics: usize,
     pub queued_bytes: usize,
     pub fd_limit: u64,
@@ -156,6 +162,12 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "gauge",
         "Open WebSocket connections.",
         g.websockets,
+    );
+    o.metric(
+        "herald_websockets_deflate",
+        "gauge",
+        "Open WebSocket connections that negotiated permessage-deflate.",
+        g.websockets_deflate,
     );
     o.metric(
         "herald_topics",
@@ -314,6 +326,18 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "counter",
         "Message frames queued to subscribers.",
         c.delivered,
+    );
+    o.metric(
+        "herald_messages_compressed_total",
+        "counter",
+        "Published messages compressed for permessage-deflate subscribers (once each).",
+        c.compressed,
+    );
+    o.metric(
+        "herald_deliveries_compressed_total",
+        "counter",
+        "Message frames queued to subscribers compressed (part of messages_delivered).",
+        c.delivered_compressed,
     );
     o.metric(
         "herald_slow_consumers_total",

@@ -6,10 +6,13 @@
 //! (drain, slow consumers, protocol errors) behind what is already queued to them.
 //!
 //! It owns the rules sessions live by (limits, private topics, who may publish, the token
-//! verifier); the sessions themselves live in the connection table, their topics in the
-//! hub. It never touches a socket: replies are queued through the table, and closing only
-//! moves a connection's state along for the loop to finish.
+//! verifier) and the zlib state every session shares (the one inflater of compressed
+//! client messages, the compressors of `/echo`); the sessions themselves live in the
+//! connection table, their topics in the hub. It never touches a socket: replies are
+//! queued through the table, and closing only moves a connection's state along for the
+//! loop to finish.
 
+use std::cell::RefCell;
 use std::mem;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +32,7 @@ use crate::pubsub::pipeline::PubSub;
 use crate::timer::Timer;
 use crate::topic::Patterns;
 use crate::ws::codec::{self as ws, Ws, WsEvent};
+use crate::ws::deflate::{Agreement, Deflater, Inflater};
 use crate::ws::protocol::{self, Kind, Op, OpError, Resume};
 
 /// A WebSocket handshake that was accepted: what it asked for.
@@ -43,6 +47,8 @@ pub struct Opening {
     pub grant: Option<Result<Grant, TokenError>>,
     /// `?presence=`: topics (among those subscribed) whose join/leave events it wants.
     pub presence: Vec<String>,
+    /// The permessage-deflate offer accepted, if any.
+    pub deflate: Option<Agreement>,
 }
 
 /// The rules every session lives by, taken from the configuration once.
@@ -53,6 +59,17 @@ pub struct Sessions {
     private_topics: Patterns,
     client_publish: Patterns,
     tokens: Option<Arc<Verifier>>,
+    /// Shared by every session, borrowed for one call at a time (never across another).
+    zlib: RefCell<Zlib>,
+}
+
+/// The zlib streams of all sessions: no context is taken over between messages (RFC 7692
+/// §7.1.1), so no session needs its own.
+struct Zlib {
+    /// Every compressed client message, on any connection, is inflated here.
+    inflater: Inflater,
+    /// `/echo`'s compressed replies (published messages are compressed in the pipeline).
+    deflater: Deflater,
 }
 
 impl Sessions {
@@ -64,6 +81,10 @@ impl Sessions {
             private_topics: cfg.private_topics.clone(),
             client_publish: cfg.client_publish.clone(),
             tokens: cfg.tokens.clone(),
+            zlib: RefCell::new(Zlib {
+                inflater: Inflater::default(),
+                deflater: Deflater::new(cfg.compression_min_size),
+            }),
         }
     }
 
@@ -96,15 +117,16 @@ impl Sessions {
             resume,
             grant,
             presence,
+            deflate,
         } = opening;
         *counters.responses.entry(101).or_default() += 1;
-        conns.queue(
-            id,
-            Bytes::from(crate::http::upgrade::switching_protocols(accept).encode(false)),
-        );
+        let extensions = deflate.as_ref().map(|a| a.response.as_str());
+        let response = crate::http::upgrade::switching_protocols(accept, extensions);
+        conns.queue(id, Bytes::from(response.encode(false)));
         conns.disarm(id, Timer::Request);
         conns.disarm(id, Timer::Idle);
-        let mut session = Session::new(Ws::new(self.max_message_size), kind, now);
+        let ws = Ws::new(self.max_message_size, deflate.map(|a| a.window));
+        let mut session = Session::new(ws, kind, now);
         let mut notes = Vec::new();
         match grant {
             Some(Ok(g)) => {
@@ -159,13 +181,17 @@ impl Sessions {
         conns.disarm(id, Timer::Pong);
         loop {
             let conn = &mut conns[id];
-            let (event, open) = match &mut conn.state {
-                State::Open(s) => {
-                    s.last_seen = now;
-                    (s.ws.read(&mut input, &mut conn.out), true)
+            let (event, open) = {
+                // Released before the event is acted on (an echo borrows it again).
+                let inflater = &mut self.zlib.borrow_mut().inflater;
+                match &mut conn.state {
+                    State::Open(s) => {
+                        s.last_seen = now;
+                        (s.ws.read(&mut input, &mut conn.out, inflater), true)
+                    }
+                    State::Closing(s) => (s.ws.read(&mut input, &mut conn.out, inflater), false),
+                    _ => return,
                 }
-                State::Closing(s) => (s.ws.read(&mut input, &mut conn.out), false),
-                _ => return,
             };
             match event {
                 WsEvent::NeedMore => break,
@@ -214,7 +240,12 @@ impl Sessions {
             return;
         };
         match session.kind {
-            Kind::Echo => conns.queue(id, ws::binary_frame(data)),
+            Kind::Echo => {
+                let frame = session
+                    .ws
+                    .frame(false, data, &mut self.zlib.borrow_mut().deflater);
+                conns.queue(id, frame);
+            }
             Kind::Topics => self.close(conns, pubsub, counters, id, CloseReason::Unsupported, now),
         }
     }
@@ -232,7 +263,11 @@ impl Sessions {
             return;
         };
         if session.kind == Kind::Echo {
-            conns.queue(id, ws::text_frame(text.as_bytes()));
+            let frame =
+                session
+                    .ws
+                    .frame(true, text.as_bytes(), &mut self.zlib.borrow_mut().deflater);
+            conns.queue(id, frame);
             return;
         }
         let reply = match protocol::parse_op(text) {
@@ -635,6 +670,129 @@ mod tests {
         assert_eq!(kinds, [(1, None), (1, None), (8, Some(1001))]);
         assert_eq!(frames[1].json()["op"], "message");
         assert_eq!(w.pubsub.topic_count(), 0);
+    }
+
+    /// A JSON message's data of about 1 KiB, as an application would publish it.
+    fn big_data() -> String {
+        let item = r#"{"symbol":"ACME","bid":101.25,"ask":101.5,"venue":"XNYS"}"#;
+        format!("[{}]", vec![item; 16].join(","))
+    }
+
+    #[test]
+    fn a_publish_is_compressed_once_for_every_deflate_subscriber() {
+        let mut w = World::new(&[]);
+        let (z1, accepted) = w.open_deflate("/ws?topics=t");
+        assert!(accepted);
+        let (z2, _) = w.open_deflate("/ws?topics=t");
+        let plain = w.open("/ws?topics=t");
+        for id in [z1, z2, plain] {
+            let subscribed = w.frames(id);
+            // Replies to ops go plain.
+            assert!(!subscribed[0].rsv1);
+        }
+        w.publish(&format!(r#"{{"topic":"t","data":{}}}"#, big_data()));
+        let (f1, f2, fp) = (w.frames(z1), w.frames(z2), w.frames(plain));
+        assert!(f1[0].rsv1 && f2[0].rsv1 && !fp[0].rsv1);
+        assert_eq!(f1[0].payload, f2[0].payload);
+        assert!(f1[0].payload.len() * 3 < fp[0].payload.len());
+        assert_eq!(f1[0].data(), fp[0].payload);
+        assert_eq!(w.counters.compressed, 1);
+        assert_eq!(w.counters.delivered_compressed, 2);
+        // Below --compression-min-size, everyone gets the plain frame.
+        w.publish(r#"{"topic":"t","data":"small"}"#);
+        assert!(!w.frames(z1)[0].rsv1);
+        assert_eq!(w.counters.compressed, 1);
+    }
+
+    #[test]
+    fn a_topic_without_deflate_subscribers_costs_no_compression() {
+        let mut w = World::new(&[]);
+        let plain = w.open("/ws?topics=t");
+        let _ = w.frames(plain);
+        w.publish(&format!(r#"{{"topic":"t","data":{}}}"#, big_data()));
+        assert!(!w.frames(plain)[0].rsv1);
+        assert_eq!(w.counters.compressed, 0);
+    }
+
+    #[test]
+    fn with_no_compression_offers_are_declined() {
+        let mut w = World::new(&["--no-compression"]);
+        let (id, accepted) = w.open_deflate("/ws?topics=t");
+        assert!(!accepted);
+        let _ = w.frames(id);
+        w.publish(&format!(r#"{{"topic":"t","data":{}}}"#, big_data()));
+        assert!(!w.frames(id)[0].rsv1);
+    }
+
+    /// A client's compressed message: the deflated payload in one frame with RSV1 set.
+    fn compressed_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut c =
+            flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 15);
+        let mut deflated = Vec::with_capacity(payload.len() + 64);
+        c.compress_vec(payload, &mut deflated, flate2::FlushCompress::Sync)
+            .unwrap();
+        deflated.truncate(deflated.len() - 4);
+        crate::testkit::client_frame_with(0xc0 | opcode, &deflated)
+    }
+
+    #[test]
+    fn compressed_ops_are_inflated_and_answered() {
+        let mut w = World::new(&[]);
+        let (id, _) = w.open_deflate("/ws");
+        w.send(
+            id,
+            &compressed_frame(0x1, br#"{"op":"subscribe","topic":"z"}"#),
+        );
+        assert_eq!(w.messages(id)[0]["op"], "subscribed");
+        // Without the extension, RSV1 is a protocol error.
+        let plain = w.open("/ws");
+        w.send(plain, &compressed_frame(0x1, br#"{"op":"ping"}"#));
+        assert_eq!(
+            w.frames(plain).last().and_then(|f| f.close_code()),
+            Some(1002)
+        );
+    }
+
+    #[test]
+    fn a_message_that_inflates_past_the_limit_gets_1009_and_garbage_1007() {
+        let mut w = World::new(&["--max-message-size", "4096"]);
+        let (id, _) = w.open_deflate("/ws");
+        // 1 MiB of spaces compresses to about 1 KiB: small on the wire, far too big.
+        let bomb = compressed_frame(0x1, &vec![b' '; 1 << 20]);
+        assert!(bomb.len() < 4096);
+        w.send(id, &bomb);
+        assert_eq!(w.frames(id).last().and_then(|f| f.close_code()), Some(1009));
+        let (id, _) = w.open_deflate("/ws");
+        w.send(
+            id,
+            &crate::testkit::client_frame_with(0xc1, &[0xff, 0xfe, 0xfd]),
+        );
+        assert_eq!(w.frames(id).last().and_then(|f| f.close_code()), Some(1007));
+    }
+
+    #[test]
+    fn echo_answers_compressed_when_negotiated_and_worth_it() {
+        let mut w = World::new(&[]);
+        let (id, _) = w.open_deflate("/echo");
+        let text = big_data();
+        w.send(id, &compressed_frame(0x1, text.as_bytes()));
+        let frames = w.frames(id);
+        assert!(frames[0].rsv1 && frames[0].opcode == 0x1);
+        assert_eq!(frames[0].data(), text.as_bytes());
+        w.send(id, &compressed_frame(0x2, b"tiny"));
+        let frames = w.frames(id);
+        assert!(!frames[0].rsv1 && frames[0].opcode == 0x2);
+        assert_eq!(frames[0].payload, b"tiny");
+        // An /echo peer may ask for a narrower window; its replies keep to it.
+        let (id, head) = w.open_with(
+            "/echo",
+            "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=9\r\n",
+        );
+        assert!(head.contains("server_max_window_bits=9"), "{head}");
+        w.send_text(id, &text);
+        let frames = w.frames(id);
+        assert!(frames[0].rsv1);
+        assert_eq!(frames[0].data(), text.as_bytes());
     }
 
     #[test]

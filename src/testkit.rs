@@ -27,16 +27,34 @@ pub struct World {
     next_port: u16,
 }
 
-/// A frame as a client receives it: opcode and payload.
+/// A frame as a client receives it: opcode, RSV1 (permessage-deflate) and payload, as
+/// it came (compressed when `rsv1`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub opcode: u8,
+    pub rsv1: bool,
     pub payload: Vec<u8>,
 }
 
 impl Frame {
+    /// The payload as the application sees it: inflated when it came compressed, as a
+    /// client of RFC 7692 does (the tail put back, a fresh stream per message).
+    pub fn data(&self) -> Vec<u8> {
+        if !self.rsv1 {
+            return self.payload.clone();
+        }
+        let mut input = self.payload.clone();
+        input.extend_from_slice(&[0x00, 0x00, 0xff, 0xff]);
+        let mut inflater = flate2::Decompress::new_with_window_bits(false, 15);
+        let mut out = Vec::with_capacity(1 << 20);
+        inflater
+            .decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+            .expect("a compressed frame inflates");
+        out
+    }
+
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.payload).expect("server text frames are JSON")
+        serde_json::from_slice(&self.data()).expect("server text frames are JSON")
     }
 
     /// A close frame's status code.
@@ -126,10 +144,28 @@ impl World {
 
     /// Open a WebSocket on `path` (e.g. `/ws?topics=a`); the 101 is taken off the output.
     pub fn open(&mut self, path: &str) -> ConnId {
+        self.open_with(path, "").0
+    }
+
+    /// `open`, offering permessage-deflate as Chromium does; true if it was accepted.
+    pub fn open_deflate(&mut self, path: &str) -> (ConnId, bool) {
+        let (id, head) = self.open_with(
+            path,
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+        );
+        (
+            id,
+            head.contains("Sec-WebSocket-Extensions: permessage-deflate"),
+        )
+    }
+
+    /// `open` with more request headers (each ending in CRLF); returns the 101's head too.
+    pub fn open_with(&mut self, path: &str, headers: &str) -> (ConnId, String) {
         let id = self.connect();
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             {headers}\r\n"
         );
         self.send(id, request.as_bytes());
         let wire = self.take_output(id);
@@ -146,7 +182,7 @@ impl World {
         // Frames that came right behind the 101 stay for the test to read.
         let rest = wire[head_end..].to_vec();
         self.conns[id].out.push(bytes::Bytes::from(rest));
-        id
+        (id, String::from_utf8_lossy(&wire[..head_end]).into_owned())
     }
 
     /// A client text frame (masked, as RFC 6455 requires of clients).
@@ -187,8 +223,13 @@ impl World {
 
 /// A masked client frame with a fixed mask.
 pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    client_frame_with(0x80 | opcode, payload)
+}
+
+/// A masked client frame whose first byte (FIN, RSV1-3, opcode) is `first`.
+pub fn client_frame_with(first: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut frame = vec![0x80 | opcode];
+    let mut frame = vec![first];
     match payload.len() {
         n @ 0..=125 => frame.push(0x80 | n as u8),
         n @ 126..=65535 => {
@@ -223,6 +264,7 @@ pub fn parse_frames(mut wire: &[u8]) -> Vec<Frame> {
         assert!(wire.len() >= header + len, "truncated frame payload");
         frames.push(Frame {
             opcode,
+            rsv1: wire[0] & 0x40 != 0,
             payload: wire[header..header + len].to_vec(),
         });
         wire = &wire[header + len..];

@@ -2,7 +2,9 @@
 //! connections. Each socket is read into one large buffer per thread and frames are
 //! scanned in place, so receiving costs a read syscall per burst and no allocation per
 //! message. A connection keeps bytes of its own only while a frame or the handshake
-//! response is partial.
+//! response is partial. With --deflate each handshake offers permessage-deflate as
+//! Chromium does, and compressed frames are inflated by the thread's one inflater (the
+//! server takes no context over between messages, so one serves every connection).
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -10,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use flate2::{Decompress, FlushDecompress};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use serde::{Deserialize, Serialize};
@@ -62,6 +65,9 @@ pub struct ThreadPlan {
     /// 100 ms), as herald.js does. Hints are counted either way.
     #[serde(default)]
     pub hints: bool,
+    /// Offer permessage-deflate and inflate what comes compressed.
+    #[serde(default)]
+    pub deflate: bool,
 }
 
 /// The longest reconnect hint obeyed (herald.js's cap too): a hint is the server's, and a
@@ -116,6 +122,8 @@ struct Conn {
     catch_up: Option<(u64, u64)>,
     /// The server's reconnect hint: not before this (CLOCK_MONOTONIC ns).
     hint_until: Option<u64>,
+    /// The 101 accepted permessage-deflate.
+    deflate: bool,
 }
 
 /// A reconnect waiting for its time.
@@ -172,14 +180,61 @@ struct Client<'a> {
     clients: Vec<Position>,
     /// Connections opened and not yet usable or ended.
     in_flight: usize,
+    /// --deflate: the thread's inflater, reset per message, and its output buffer.
+    inflater: Decompress,
+    inflated: Vec<u8>,
 }
 
-fn upgrade_request(path: &str, host: &str) -> Vec<u8> {
+/// What Chromium offers on every handshake.
+const DEFLATE_OFFER: &str =
+    "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+/// RFC 7692 §7.2.2: the tail a sender removes from each compressed message.
+const DEFLATE_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+fn upgrade_request(path: &str, host: &str, deflate: bool) -> Vec<u8> {
+    let offer = if deflate { DEFLATE_OFFER } else { "" };
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     )
     .into_bytes()
+}
+
+/// Whether a 101's head accepted permessage-deflate.
+fn accepts_deflate(head: &[u8]) -> bool {
+    String::from_utf8_lossy(head).lines().any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("sec-websocket-extensions")
+                && value.trim_start().starts_with("permessage-deflate")
+        })
+    })
+}
+
+/// One compressed message's payload inflated into `out` (cleared first), as a
+/// permessage-deflate client does: a fresh stream, the tail put back. False if it is not
+/// deflate.
+fn inflate(inflater: &mut Decompress, payload: &[u8], out: &mut Vec<u8>) -> bool {
+    inflater.reset(false);
+    out.clear();
+    for part in [payload, &DEFLATE_TAIL[..]] {
+        let start = inflater.total_in();
+        loop {
+            let used = (inflater.total_in() - start) as usize;
+            if out.len() == out.capacity() {
+                out.reserve(out.capacity().max(4096));
+            }
+            if inflater
+                .decompress_vec(&part[used..], out, FlushDecompress::Sync)
+                .is_err()
+            {
+                return false;
+            }
+            if (inflater.total_in() - start) as usize == part.len() && out.len() < out.capacity() {
+                break;
+            }
+        }
+    }
+    true
 }
 
 /// `s` for a query string: everything but letters, digits and `-._` percent-encoded.
@@ -206,7 +261,7 @@ fn resume_path(path: &str, topic: &str, since: u64, epoch: &str) -> String {
 }
 
 pub fn run(plan: &ThreadPlan, control: Arc<Control>, seed: u64) -> Tally {
-    let request = upgrade_request(&plan.path, &plan.host);
+    let request = upgrade_request(&plan.path, &plan.host, plan.deflate);
     let mut client = Client {
         plan,
         control: &control,
@@ -226,6 +281,8 @@ pub fn run(plan: &ThreadPlan, control: Arc<Control>, seed: u64) -> Tally {
             Vec::new()
         },
         in_flight: 0,
+        inflater: Decompress::new_with_window_bits(false, 15),
+        inflated: Vec::new(),
     };
     client.run();
     client.finish()
@@ -398,6 +455,7 @@ impl Client<'_> {
             resuming: false,
             catch_up: None,
             hint_until: None,
+            deflate: false,
         });
         let interest = Interest::READABLE | Interest::WRITABLE;
         if let Err(e) = self
@@ -494,7 +552,7 @@ impl Client<'_> {
         let st = self.clients.get(client)?;
         let epoch = st.epoch.as_deref()?;
         let path = resume_path(&self.plan.path, topic, st.last_id, epoch);
-        Some(upgrade_request(&path, &self.plan.host))
+        Some(upgrade_request(&path, &self.plan.host, self.plan.deflate))
     }
 
     fn flush(&mut self, key: usize) {
@@ -568,24 +626,51 @@ impl Client<'_> {
                 return self.end(key, Some(&format!("rejected {status}")));
             }
             at = end + 4;
+            if self.plan.deflate && accepts_deflate(&data[..end]) {
+                self.conns[key].deflate = true;
+                self.tally.deflate_negotiated += 1;
+            }
             self.on_handshake(key, now);
         }
         let mut pending = Vec::new();
+        let mut inflated = std::mem::take(&mut self.inflated);
         while let Some((first, payload, used)) = frames::parse(&data[at..]) {
             at += used;
             match first & 0x0f {
                 0x1 | 0x2 => {
-                    self.on_message(key, payload, now);
+                    let compressed = first & 0x40 != 0;
+                    let message = if !compressed {
+                        payload
+                    } else if !self.conns[key].deflate {
+                        self.inflated = inflated;
+                        return self.end(key, Some("RSV1 without permessage-deflate"));
+                    } else if inflate(&mut self.inflater, payload, &mut inflated) {
+                        &inflated[..]
+                    } else {
+                        self.inflated = inflated;
+                        return self.end(key, Some("bad deflate data"));
+                    };
+                    let counted = self.tally.received;
+                    self.on_message(key, message, now);
+                    if self.tally.received > counted {
+                        self.tally.message_bytes += used as u64;
+                        self.tally.compressed += u64::from(compressed);
+                    }
                     // An echo reply may have failed the connection while writing.
                     if !self.conns.contains(key) {
+                        self.inflated = inflated;
                         return;
                     }
                 }
                 0x9 => frames::client_frame(0xA, payload, &mut pending),
-                0x8 => return self.end(key, Some("server close")),
+                0x8 => {
+                    self.inflated = inflated;
+                    return self.end(key, Some("server close"));
+                }
                 _ => {}
             }
         }
+        self.inflated = inflated;
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -893,6 +978,34 @@ mod tests {
     use std::time::Instant;
 
     #[test]
+    fn a_deflate_answer_is_recognised_and_compressed_frames_inflate() {
+        assert!(accepts_deflate(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+              sec-websocket-extensions: permessage-deflate; server_no_context_takeover"
+        ));
+        assert!(!accepts_deflate(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket"
+        ));
+        let request = String::from_utf8(upgrade_request("/ws", "h", true)).unwrap();
+        assert!(request.contains(DEFLATE_OFFER) && request.ends_with("\r\n\r\n"));
+        // The one inflater serves message after message (no context between them).
+        let text = br#"{"op":"message","topic":"t","id":1,"data":[1,"xxxxxxxxxxxxxxxxxxxxxxxx"]}"#;
+        let mut c =
+            flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 15);
+        let mut deflated = Vec::with_capacity(256);
+        c.compress_vec(text, &mut deflated, flate2::FlushCompress::Sync)
+            .unwrap();
+        deflated.truncate(deflated.len() - 4);
+        let mut inflater = Decompress::new_with_window_bits(false, 15);
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            assert!(inflate(&mut inflater, &deflated, &mut out));
+            assert_eq!(out, text);
+        }
+        assert!(!inflate(&mut inflater, &[0xff, 0xff], &mut out));
+    }
+
+    #[test]
     fn resume_paths_carry_the_position_percent_encoded() {
         assert_eq!(
             resume_path("/ws?topics=t", "t", 41, "a b/c~d"),
@@ -968,6 +1081,7 @@ mod tests {
             resume: Some("t".into()),
             bound_us: None,
             hints: false,
+            deflate: false,
         }
     }
 

@@ -69,6 +69,11 @@ struct Cli {
     /// Also write the JSON object to this file (the table, or --json, still goes to stdout)
     #[arg(long, global = true, value_name = "PATH")]
     json_file: Option<std::path::PathBuf>,
+    /// Offer permessage-deflate on every handshake, as Chromium does
+    /// (`permessage-deflate; client_max_window_bits`), and inflate compressed frames; the
+    /// report counts the connections that negotiated it and the wire bytes per delivery
+    #[arg(long, global = true)]
+    deflate: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -108,6 +113,10 @@ enum Scenario {
         /// Bytes of data per message
         #[arg(long, default_value_t = 64)]
         payload: usize,
+        /// Publish this file's JSON (after the send time) instead of --payload bytes of
+        /// padding: a realistic message, e.g. bench/payloads/quotes-1k.json
+        #[arg(long, value_name = "PATH")]
+        payload_file: Option<std::path::PathBuf>,
         /// Seconds to wait for stragglers after the last publish
         #[arg(long, default_value_t = 5.0)]
         drain: f64,
@@ -335,6 +344,7 @@ impl Planner<'_> {
                             resume: None,
                             bound_us,
                             hints: false,
+                            deflate: self.cli.deflate,
                         }
                     })
                     .collect(),
@@ -486,6 +496,7 @@ fn run(cli: &Cli) -> Result<Report, String> {
             ramp_to,
             duration,
             payload,
+            payload_file,
             drain,
             sequential,
         } => {
@@ -494,6 +505,10 @@ fn run(cli: &Cli) -> Result<Report, String> {
                 to: ramp_to.unwrap_or(*rate),
                 duration: Duration::from_secs_f64(*duration),
             };
+            let data = match payload_file {
+                Some(path) => Some(read_payload(path)?),
+                None => None,
+            };
             broadcast(
                 cli,
                 &planner,
@@ -501,7 +516,7 @@ fn run(cli: &Cli) -> Result<Report, String> {
                 &subscribe_path,
                 *connections,
                 pace,
-                *payload,
+                (*payload, data),
                 *drain,
                 *sequential,
                 tool_start,
@@ -687,7 +702,7 @@ fn broadcast(
     path: &str,
     n: usize,
     pace: Pace,
-    payload: usize,
+    (payload, data): (usize, Option<String>),
     drain: f64,
     sequential: bool,
     tool_start: f64,
@@ -707,6 +722,7 @@ fn broadcast(
             targets: vec![planner.target.addr],
             topic: cli.topic.clone(),
             payload,
+            data,
             pace: pace.clone(),
             retry_for: None,
             sequential,
@@ -777,9 +793,46 @@ fn broadcast(
     let per_sec = t.received as f64 / window;
     r.add("deliveries/s", format!("{per_sec:.0}"), json!(per_sec));
     r.add_latency("publish-to-receive latency", &t.latency_us);
+    add_wire(&mut r, t, subscribers, cli.deflate);
     add_server_cpu(&mut r, cpu0, cpu1, t.received as f64, "deliveries");
     add_tool(&mut r, &fin, tool_start);
     Ok(r)
+}
+
+/// A `--payload-file`: JSON, on one line (it goes into the publish body as it is).
+fn read_payload(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    Ok(value.to_string())
+}
+
+/// What the messages cost on the wire: frame bytes (header and payload as sent) per
+/// delivery, and with --deflate how many connections negotiated it and how many
+/// deliveries came compressed.
+fn add_wire(r: &mut Report, t: &stats::Tally, subscribers: u64, deflate: bool) {
+    if t.received > 0 {
+        let per = t.message_bytes as f64 / t.received as f64;
+        r.add(
+            "wire bytes per delivery",
+            format!("{per:.1} (message frames, header and payload as sent)"),
+            json!(per),
+        );
+    }
+    if deflate {
+        r.add(
+            "permessage-deflate",
+            format!(
+                "negotiated by {} of {subscribers}; {} of {} deliveries compressed",
+                t.deflate_negotiated, t.compressed, t.received
+            ),
+            json!({
+                "negotiated": t.deflate_negotiated,
+                "compressed": t.compressed,
+                "received": t.received,
+            }),
+        );
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1520,6 +1573,7 @@ fn deploy(
             targets: publish.clone(),
             topic: cli.topic.clone(),
             payload: 64,
+            data: None,
             pace: Pace {
                 from: rate,
                 to: rate,

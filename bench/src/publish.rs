@@ -1,5 +1,6 @@
 //! The publisher: `POST /publish` over keep-alive HTTP/1.1 at a paced rate. Each message's
-//! `data` is `[send timestamp ns, "padding"]`, so subscribers can measure end-to-end
+//! `data` is `[send timestamp ns, "padding"]` (or `[send timestamp ns, <a JSON payload>]`
+//! with `broadcast --payload-file`), so subscribers can measure end-to-end
 //! latency on the shared CLOCK_MONOTONIC, and every acknowledged publish is counted: the
 //! expected deliveries are acknowledged publishes × subscribers. The ids the replies give
 //! (herald's `{"delivered":K,"id":N}`) are kept too, for storm --resume and deploy to
@@ -52,6 +53,9 @@ pub struct Plan {
     pub topic: String,
     /// Bytes of data per message.
     pub payload: usize,
+    /// JSON to carry after the send time instead of `payload` bytes of padding
+    /// (`broadcast --payload-file`): a realistic message, for compression.
+    pub data: Option<String>,
     pub pace: Pace,
     /// Send a publish again (on the next server) when no connection could be opened, the
     /// reply was 502/503/504, or its connection ended before the reply, until this long
@@ -131,6 +135,7 @@ pub fn run(
             targets: vec![target],
             topic: topic.to_string(),
             payload,
+            data: None,
             pace: pace.clone(),
             retry_for: None,
             sequential: false,
@@ -166,7 +171,10 @@ pub fn spawn_plan(plan: Plan, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
 pub fn run_plan(plan: &Plan, stop: &AtomicBool) -> Published {
     let mut p = Publisher {
         plan,
-        padding: "x".repeat(plan.payload.saturating_sub(24).max(1)),
+        after_stamp: match &plan.data {
+            Some(json) => json.clone(),
+            None => format!("\"{}\"", "x".repeat(plan.payload.saturating_sub(24).max(1))),
+        },
         retry_for_ns: plan.retry_for.map(|d| d.as_nanos() as u64),
         books: Books {
             out: Published {
@@ -251,7 +259,8 @@ impl Default for Books {
 
 struct Publisher<'a> {
     plan: &'a Plan,
-    padding: String,
+    /// The JSON after the stamp in `data`: a padding string, or the payload file.
+    after_stamp: String,
     retry_for_ns: Option<u64>,
     books: Books,
     conn: Option<Conn>,
@@ -403,8 +412,8 @@ impl Publisher<'_> {
             slot.stamp_ns = now_ns();
         }
         let body = format!(
-            r#"{{"topic":"{}","data":[{},"{}"]}}"#,
-            self.plan.topic, slot.stamp_ns, self.padding
+            r#"{{"topic":"{}","data":[{},{}]}}"#,
+            self.plan.topic, slot.stamp_ns, self.after_stamp
         );
         let request = format!(
             "POST /publish HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -815,6 +824,7 @@ mod tests {
             targets: vec![good, dead],
             topic: "t".into(),
             payload: 64,
+            data: None,
             pace: Pace {
                 from: 20.0,
                 to: 20.0,
@@ -901,6 +911,7 @@ mod tests {
             targets: vec![addr],
             topic: "t".into(),
             payload: 64,
+            data: None,
             pace: Pace {
                 from: rate,
                 to: rate,

@@ -44,6 +44,16 @@ pub struct Tally {
     pub handshake_us: Buckets,
     pub received: u64,
     pub bytes: u64,
+    /// Bytes of the frames that carried counted messages (header and payload as they
+    /// came, compressed or not): the wire cost of the deliveries.
+    #[serde(default)]
+    pub message_bytes: u64,
+    /// --deflate: handshakes whose 101 accepted permessage-deflate, and messages that
+    /// came compressed (RSV1) and were inflated.
+    #[serde(default)]
+    pub deflate_negotiated: u64,
+    #[serde(default)]
+    pub compressed: u64,
     /// Ids skipped within a connection's stream (a gap in `id`).
     pub gaps: u64,
     pub latency_us: Buckets,
@@ -212,6 +222,9 @@ impl Tally {
         self.handshake_us.0.extend_from_slice(&o.handshake_us.0);
         self.received += o.received;
         self.bytes += o.bytes;
+        self.message_bytes += o.message_bytes;
+        self.deflate_negotiated += o.deflate_negotiated;
+        self.compressed += o.compressed;
         self.gaps += o.gaps;
         self.latency_us.0.extend_from_slice(&o.latency_us.0);
         self.echo_sent += o.echo_sent;

@@ -144,6 +144,44 @@ fn broadcast_counts_every_delivery() {
 }
 
 #[test]
+fn deflate_broadcasts_are_inflated_counted_and_smaller_on_the_wire() {
+    let server = Server::start();
+    let payload = concat!(env!("CARGO_MANIFEST_DIR"), "/payloads/quotes-1k.json");
+    let broadcast = |deflate: bool| {
+        let mut args = vec!["broadcast", "-n", "20", "--rate", "20", "--duration", "1"];
+        args.extend(["--drain", "3", "--payload-file", payload]);
+        if deflate {
+            args.push("--deflate");
+        }
+        run(&server.url, &args)
+    };
+    let plain = broadcast(false);
+    let zipped = broadcast(true);
+    for r in [&plain, &zipped] {
+        let acked = r["published"]["acked"].as_u64().unwrap();
+        assert!(acked >= 10, "{r}");
+        // Inflated, the messages still carry their id and send time: every one counted.
+        assert_eq!(
+            r["deliveries"]["received"].as_u64(),
+            Some(acked * 20),
+            "{r}"
+        );
+        assert_eq!(r["lost"], 0, "{r}");
+    }
+    let received = zipped["deliveries"]["received"].clone();
+    assert_eq!(zipped["permessage-deflate"]["negotiated"], 20, "{zipped}");
+    assert_eq!(
+        zipped["permessage-deflate"]["compressed"], received,
+        "{zipped}"
+    );
+    assert!(plain.get("permessage-deflate").is_none(), "{plain}");
+    let wire = |r: &Value| r["wire bytes per delivery"].as_f64().unwrap();
+    // A frame of the 1 KiB payload as it is, and compressed: well under it.
+    assert!(wire(&plain) > 1000.0, "{plain}");
+    assert!(wire(&zipped) < wire(&plain) * 0.75, "{zipped}");
+}
+
+#[test]
 fn sequential_broadcast_sends_one_publish_at_a_time() {
     let server = Server::start();
     let r = run(

@@ -223,6 +223,49 @@ test("after kill -9 and a restart, the page gets gap, then the new epoch's messa
   }
 });
 
+test("Chromium negotiates permessage-deflate and reads the frame herald compressed once", async () => {
+  const h = await startHerald();
+  const { page, problems } = await testPage(h);
+  try {
+    // A plain WebSocket: herald.js leaves compression to the browser, which offers
+    // permessage-deflate on every handshake.
+    await page.evaluate(
+      () =>
+        new Promise((resolve, reject) => {
+          window.zipped = { extensions: null, messages: [] };
+          const ws = new WebSocket(`ws://${location.host}/ws?topics=zipped`);
+          ws.onmessage = (e) => {
+            const m = JSON.parse(e.data);
+            window.zipped.messages.push(m);
+            if (m.op === "subscribed") {
+              window.zipped.extensions = ws.extensions;
+              resolve();
+            }
+          };
+          ws.onerror = () => reject(new Error("WebSocket error"));
+        }),
+    );
+    const ext = await page.evaluate(() => window.zipped.extensions);
+    assert.equal(ext, "permessage-deflate; server_no_context_takeover; client_no_context_takeover");
+    const data = {
+      rows: Array.from({ length: 12 }, (_, i) => ({ id: i, symbol: `SYM${i}`, bid: 100 + i, ask: 100.5 + i, venue: "XNYS" })),
+    };
+    assert.ok(JSON.stringify(data).length > 256, "over --compression-min-size");
+    await publish(h, "zipped", data);
+    await page.waitForFunction(() => window.zipped.messages.some((m) => m.op === "message"), null, { timeout: 5000 });
+    const got = (await page.evaluate(() => window.zipped.messages)).find((m) => m.op === "message");
+    assert.deepEqual(got.data, data);
+    // It went compressed (RSV1): the page saw it only after Chromium inflated it.
+    const metrics = await (await fetch(`${h.http}/metrics`)).text();
+    assert.match(metrics, /^herald_deliveries_compressed_total 1$/m);
+    assert.match(metrics, /^herald_websockets_deflate 1$/m);
+    assert.deepEqual(problems, []);
+  } finally {
+    await page.close();
+    await stop(h);
+  }
+});
+
 /** A private topic fed all along while 3-second tokens expire and are replaced. */
 async function privateTopicSurvives(options) {
   const secret = "browser-test-secret-0123456789ab";

@@ -14,6 +14,7 @@ use crate::http::upgrade;
 use crate::http::{Method, Request, Response};
 use crate::pubsub::hub::MAX_TOPICS_PER_CONNECTION;
 use crate::topic;
+use crate::ws::deflate::Agreement;
 use crate::ws::protocol::{Kind, Resume};
 
 /// Most topics one `/publish` may name.
@@ -44,6 +45,8 @@ pub enum Route {
         /// `?presence=a,b`: topics of `topics` or `resume` whose join/leave events the
         /// client wants.
         presence: Vec<String>,
+        /// The permessage-deflate offer accepted, if any.
+        deflate: Option<Agreement>,
     },
     /// `GET /presence?topic=t`.
     Presence {
@@ -66,6 +69,8 @@ pub struct Policy<'a> {
     pub draining: bool,
     /// `GET /` serves the console page (`--no-console` turns it off).
     pub console: bool,
+    /// permessage-deflate may be accepted (`--no-compression` turns it off).
+    pub compression: bool,
 }
 
 pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
@@ -168,6 +173,10 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
                     "?presence= names {stray:?}, which is in neither ?topics= nor ?resume="
                 )));
             }
+            let deflate = match policy.compression {
+                true => upgrade::deflate(req, kind),
+                false => None,
+            };
             Ok(Route::Upgrade {
                 kind,
                 accept,
@@ -175,6 +184,7 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
                 resume,
                 token,
                 presence,
+                deflate,
             })
         }
         _ => Err(Reject::NotFound),
@@ -363,6 +373,7 @@ mod tests {
             peer_is_loopback: loopback,
             draining: false,
             console: true,
+            compression: true,
         }
     }
 
@@ -449,6 +460,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_upgrade_accepts_deflate_only_while_compression_is_on() {
+        let upgrade = req(
+            "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+        );
+        let deflate = |p: &Policy| match route(&upgrade, p) {
+            Ok(Route::Upgrade { deflate, .. }) => deflate.map(|a| a.window.bits()),
+            other => panic!("{other:?}"),
+        };
+        let mut p = policy(None, true);
+        assert_eq!(deflate(&p), Some(15));
+        p.compression = false;
+        assert_eq!(deflate(&p), None);
     }
 
     #[test]

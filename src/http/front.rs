@@ -104,6 +104,8 @@ pub struct Rules {
     pub require_token: bool,
     /// `GET /` serves the console page.
     pub console: bool,
+    /// permessage-deflate may be accepted.
+    pub compression: bool,
     /// For `/metrics`.
     pub fd_limit: u64,
     pub max_connections: usize,
@@ -139,6 +141,7 @@ impl Rules {
             keepalive_timeout: cfg.keepalive_timeout,
             require_token: cfg.require_token,
             console: cfg.console,
+            compression: cfg.compression,
             fd_limit,
             max_connections,
         }
@@ -259,6 +262,7 @@ impl Front {
             peer_is_loopback: is_loopback(env.conns[id].peer.ip()),
             draining,
             console: self.rules.console,
+            compression: self.rules.compression,
         };
         let head_only = req.method == Method::Head;
         if let State::AwaitingRedis { tag } = env.conns[id].state {
@@ -343,6 +347,7 @@ impl Front {
                 resume,
                 token,
                 presence,
+                deflate,
             }) => {
                 let grant = token.map(|t| env.sessions.verify_token(&t));
                 match (&grant, self.rules.require_token) {
@@ -354,6 +359,7 @@ impl Front {
                             resume,
                             grant,
                             presence,
+                            deflate,
                         };
                         env.sessions.open(
                             env.conns,
@@ -642,6 +648,7 @@ impl Front {
         let gauges = Gauges {
             connections: env.conns.len(),
             websockets: env.conns.websockets(),
+            websockets_deflate: env.conns.websockets_deflate(),
             topics: env.pubsub.topic_count(),
             queued_bytes: env.conns.queued_bytes(),
             fd_limit: self.rules.fd_limit,

@@ -36,6 +36,8 @@ pub struct Request {
     pub upgrade: Option<String>,
     pub ws_key: Option<String>,
     pub ws_version: Option<String>,
+    /// `Sec-WebSocket-Extensions`, every occurrence joined by commas (RFC 9110 §5.3).
+    pub ws_extensions: Option<String>,
     pub origin: Option<String>,
     pub authorization: Option<String>,
     /// `If-None-Match`, for the embedded assets' ETags.
@@ -106,6 +108,7 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Parsed, Reject> {
         upgrade: None,
         ws_key: None,
         ws_version: None,
+        ws_extensions: None,
         origin: None,
         authorization: None,
         if_none_match: None,
@@ -146,6 +149,12 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Parsed, Reject> {
             request.ws_key = Some(value());
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             request.ws_version = Some(value());
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            let value = value();
+            request.ws_extensions = Some(match request.ws_extensions.take() {
+                Some(earlier) => format!("{earlier}, {value}"),
+                None => value,
+            });
         } else if name.eq_ignore_ascii_case("origin") {
             request.origin = Some(value());
         } else if name.eq_ignore_ascii_case("authorization") {
@@ -303,6 +312,18 @@ mod tests {
         assert!(req.connection_upgrade && req.keep_alive);
         assert_eq!(req.upgrade.as_deref(), Some("websocket"));
         assert_eq!(req.ws_version.as_deref(), Some("13"));
+        assert_eq!(req.ws_extensions, None);
+    }
+
+    #[test]
+    fn repeated_extension_headers_join_into_one_list() {
+        let raw = b"GET /ws HTTP/1.1\r\nSec-WebSocket-Extensions: permessage-deflate; bogus\r\n\
+                    sec-websocket-extensions:  permessage-deflate \r\n\r\n";
+        let (req, _) = complete(raw);
+        assert_eq!(
+            req.ws_extensions.as_deref(),
+            Some("permessage-deflate; bogus, permessage-deflate")
+        );
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Answering the WebSocket opening handshake ourselves (RFC 6455 §4.2), from a request
 //! `http.rs` already parsed: which checks apply, in which order, and the 101 response.
 //! Owning this front door is what lets bytes pipelined behind the GET reach the
-//! WebSocket, which `tungstenite::accept` would refuse.
+//! WebSocket, which `tungstenite::accept` would refuse. It also picks the
+//! permessage-deflate offer to accept, if any (RFC 7692; the rules are `ws::deflate`'s).
 
 use tungstenite::handshake::derive_accept_key;
 
 use crate::close::Reject;
 use crate::http::{Method, Request, Response};
+use crate::ws::deflate::{self, Agreement, SHARED_WINDOW};
+use crate::ws::protocol::Kind;
 
 /// Check an upgrade request; on success return the `Sec-WebSocket-Accept` value.
 pub fn check(req: &Request, allowed_origins: Option<&[String]>) -> Result<String, Reject> {
@@ -50,11 +53,30 @@ fn is_websocket_key(key: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
 }
 
-pub fn switching_protocols(accept: String) -> Response {
-    Response::new(101, "", Vec::new())
+/// The permessage-deflate offer to accept. On `/ws` only offers that let us use the
+/// shared frames' window: a message is compressed once for every subscriber, so a client
+/// that asks for a smaller `server_max_window_bits` would need a compression of its own;
+/// that offer is declined (its next one may do, or it gets plain frames). Browsers,
+/// python-websockets and Node's ws never ask. `/echo` compresses for one peer anyway, so
+/// there any window zlib can make is fine (Autobahn's 13.* cases ask for 9 bits).
+pub fn deflate(req: &Request, kind: Kind) -> Option<Agreement> {
+    let offers = req.ws_extensions.as_deref()?;
+    match kind {
+        Kind::Topics => deflate::negotiate(offers, |w| w == SHARED_WINDOW),
+        Kind::Echo => deflate::negotiate(offers, |_| true),
+    }
+}
+
+/// The 101; `extensions`: the accepted extension, as `deflate` answered it.
+pub fn switching_protocols(accept: String, extensions: Option<&str>) -> Response {
+    let response = Response::new(101, "", Vec::new())
         .header("Upgrade", "websocket")
         .header("Connection", "Upgrade")
-        .header("Sec-WebSocket-Accept", accept)
+        .header("Sec-WebSocket-Accept", accept);
+    match extensions {
+        Some(value) => response.header("Sec-WebSocket-Extensions", value),
+        None => response,
+    }
 }
 
 #[cfg(test)]
@@ -78,6 +100,40 @@ mod tests {
     fn the_rfc_example_key_gives_the_rfc_accept() {
         let req = request(&format!("{KEY}Sec-WebSocket-Version: 13\r\n"));
         assert_eq!(check(&req, None).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn deflate_is_answered_with_no_context_takeover_and_ws_keeps_the_shared_window() {
+        let offer = |value: &str| {
+            request(&format!(
+                "{KEY}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: {value}\r\n"
+            ))
+        };
+        let chromium = offer("permessage-deflate; client_max_window_bits");
+        let firefox = offer("permessage-deflate");
+        for req in [&chromium, &firefox] {
+            for kind in [Kind::Topics, Kind::Echo] {
+                let agreed = deflate(req, kind).unwrap();
+                assert_eq!(
+                    agreed.response,
+                    "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+                );
+                assert_eq!(agreed.window, SHARED_WINDOW);
+            }
+        }
+        let narrow = offer("permessage-deflate; server_max_window_bits=10");
+        assert_eq!(deflate(&narrow, Kind::Topics), None);
+        assert_eq!(deflate(&narrow, Kind::Echo).unwrap().window.bits(), 10);
+        let without = request(&format!("{KEY}Sec-WebSocket-Version: 13\r\n"));
+        assert_eq!(deflate(&without, Kind::Topics), None);
+        let response = switching_protocols("x".into(), Some("permessage-deflate")).encode(false);
+        let text = String::from_utf8(response).unwrap();
+        assert!(
+            text.contains("\r\nSec-WebSocket-Extensions: permessage-deflate\r\n"),
+            "{text}"
+        );
+        let plain = String::from_utf8(switching_protocols("x".into(), None).encode(false)).unwrap();
+        assert!(!plain.contains("Extensions"), "{plain}");
     }
 
     #[test]

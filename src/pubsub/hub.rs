@@ -3,8 +3,10 @@
 //! slot it occupies in each of its topics. Joining and leaving are O(1) in the size of the
 //! topic; a topic with no subscribers is freed. This is also the one place a message's
 //! envelope is written: a message is framed once, and the caller hands the same `Bytes`
-//! to every subscriber. Ids and epochs are not the hub's: history (or Redis) assigns
-//! them. No sockets here.
+//! to every subscriber (or, to those whose connection negotiated permessage-deflate, the
+//! same compressed `Bytes`: each member knows which it takes, so a fan-out never looks at
+//! the connection). Ids and epochs are not the hub's: history (or Redis) assigns them.
+//! No sockets here.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -55,6 +57,9 @@ struct Member {
     /// 8 bytes less per subscriber.)
     epoch: Option<Rc<str>>,
     last: u64,
+    /// Its connection takes the shared compressed frame (permessage-deflate): a copy of
+    /// what the connection negotiated, in what was padding.
+    deflate: bool,
 }
 
 /// Where a message stands for one member (`Hub::follow`).
@@ -122,12 +127,14 @@ pub struct Hub {
 
 impl Hub {
     /// Add `conn` to `name`; `live`: it receives messages from now on (else see
-    /// `set_live`). Subscribing twice is not an error (`Joined::Already`).
+    /// `set_live`); `deflate`: it takes compressed frames. Subscribing twice is not an
+    /// error (`Joined::Already`).
     pub fn subscribe(
         &mut self,
         conn: ConnId,
         name: &str,
         live: bool,
+        deflate: bool,
     ) -> Result<Joined, SubscribeError> {
         if self.memberships.len() <= conn.0 {
             self.memberships.resize_with(conn.0 + 1, Memberships::new);
@@ -161,6 +168,7 @@ impl Hub {
             live,
             epoch: None,
             last: 0,
+            deflate,
         });
         self.memberships[conn.0].push(Membership { topic, slot });
         Ok(joined)
@@ -241,10 +249,11 @@ impl Hub {
         })
     }
 
-    /// Without Redis: hand `published` to `each` live member placed before it, moving
-    /// each one's place to it. A member that joined since has its place at or past the
-    /// message (its `subscribed` reply or replay covered it) and is skipped.
-    pub fn deliver(&mut self, published: &Published, mut each: impl FnMut(ConnId)) {
+    /// Without Redis: hand `published` to `each` live member placed before it (with
+    /// whether it takes compressed frames), moving each one's place to it. A member that
+    /// joined since has its place at or past the message (its `subscribed` reply or
+    /// replay covered it) and is skipped.
+    pub fn deliver(&mut self, published: &Published, mut each: impl FnMut(ConnId, bool)) {
         let Some(key) = self.key_of(published) else {
             return;
         };
@@ -252,7 +261,7 @@ impl Hub {
         for (_, m) in self.topics[key].subscribers.iter_mut() {
             if m.live && m.last < id {
                 m.last = id;
-                each(m.conn);
+                each(m.conn, m.deflate);
             }
         }
     }
@@ -305,13 +314,14 @@ impl Hub {
     }
 
     /// Through Redis: tell `each` live member of the topic of `published` (id
-    /// `published.id`, in `epoch`) what the message is for it, its place moved past it
-    /// when it is `Next`. A member nothing placed yet takes its place from this message.
+    /// `published.id`, in `epoch`) what the message is for it (and whether it takes
+    /// compressed frames), its place moved past it when it is `Next`. A member nothing
+    /// placed yet takes its place from this message.
     pub fn follow(
         &mut self,
         published: &Published,
         epoch: &str,
-        mut each: impl FnMut(ConnId, Follow),
+        mut each: impl FnMut(ConnId, Follow, bool),
     ) {
         let Some(key) = self.key_of(published) else {
             return;
@@ -335,7 +345,7 @@ impl Hub {
                 }
                 m.last = id;
             }
-            each(m.conn, verdict);
+            each(m.conn, verdict, m.deflate);
         }
     }
 
@@ -407,8 +417,8 @@ mod tests {
     #[test]
     fn only_live_members_receive_and_a_member_can_go_live() {
         let mut hub = Hub::default();
-        hub.subscribe(ConnId(1), "t", true).unwrap();
-        hub.subscribe(ConnId(2), "t", false).unwrap();
+        hub.subscribe(ConnId(1), "t", true, false).unwrap();
+        hub.subscribe(ConnId(2), "t", false, false).unwrap();
         let p = hub.published("t", 41, Bytes::from_static(b"x"));
         assert_eq!(hub.subscribers(&p).collect::<Vec<_>>(), [ConnId(1)]);
         hub.set_live(ConnId(2), "t", true);
@@ -423,42 +433,56 @@ mod tests {
     }
 
     #[test]
+    fn each_member_says_whether_it_takes_compressed_frames() {
+        let mut hub = Hub::default();
+        hub.subscribe(ConnId(1), "t", true, true).unwrap();
+        hub.subscribe(ConnId(2), "t", true, false).unwrap();
+        let p = hub.published("t", 1, Bytes::from_static(b"x"));
+        let mut got = Vec::new();
+        hub.deliver(&p, |c, deflate| got.push((c, deflate)));
+        got.sort();
+        assert_eq!(got, [(ConnId(1), true), (ConnId(2), false)]);
+        // The flag lives in what was padding: a member is as small as before.
+        assert_eq!(std::mem::size_of::<Member>(), 40);
+    }
+
+    #[test]
     fn a_deferred_fan_out_skips_members_placed_past_it_and_topics_gone_since() {
         let mut hub = Hub::default();
-        hub.subscribe(ConnId(1), "t", true).unwrap();
+        hub.subscribe(ConnId(1), "t", true, false).unwrap();
         hub.set_place(ConnId(1), "t", 6);
         let p7 = hub.published("t", 7, Bytes::from_static(b"x"));
         assert_eq!(hub.reach(&p7), 1);
         // Joined after 7 was published: its reply (or replay) said it is at 7.
-        hub.subscribe(ConnId(2), "t", true).unwrap();
+        hub.subscribe(ConnId(2), "t", true, false).unwrap();
         hub.set_place(ConnId(2), "t", 7);
         let mut got = Vec::new();
-        hub.deliver(&p7, |c| got.push(c));
+        hub.deliver(&p7, |c, _| got.push(c));
         assert_eq!(got, [ConnId(1)]);
         // Delivered once only, however often asked.
-        hub.deliver(&p7, |c| got.push(c));
+        hub.deliver(&p7, |c, _| got.push(c));
         assert_eq!(got, [ConnId(1)]);
         // The topic emptied and its key went to another topic: nothing reaches it.
         let p8 = hub.published("t", 8, Bytes::from_static(b"x"));
         hub.unsubscribe_all(ConnId(1));
         hub.unsubscribe_all(ConnId(2));
-        hub.subscribe(ConnId(3), "other", true).unwrap();
+        hub.subscribe(ConnId(3), "other", true, false).unwrap();
         assert_eq!(hub.reach(&p8), 0);
-        hub.deliver(&p8, |c| got.push(c));
+        hub.deliver(&p8, |c, _| got.push(c));
         assert_eq!(got, [ConnId(1)]);
     }
 
     #[test]
     fn each_member_follows_ids_from_its_own_place() {
         let mut hub = Hub::default();
-        hub.subscribe(ConnId(1), "t", true).unwrap();
-        hub.subscribe(ConnId(2), "t", true).unwrap();
+        hub.subscribe(ConnId(1), "t", true, false).unwrap();
+        hub.subscribe(ConnId(2), "t", true, false).unwrap();
         hub.place(ConnId(1), "t", "e1", 5);
         hub.place(ConnId(2), "t", "e1", 3);
         let follow = |hub: &mut Hub, id, epoch| {
             let p = hub.published("t", id, Bytes::from_static(b"x"));
             let mut v = Vec::new();
-            hub.follow(&p, epoch, |c, f| v.push((c, f)));
+            hub.follow(&p, epoch, |c, f, _| v.push((c, f)));
             v.sort_by_key(|(c, _)| *c);
             v
         };
@@ -477,7 +501,7 @@ mod tests {
             [Follow::Missed, Follow::Missed]
         );
         // A member nothing placed takes its place from the first message.
-        hub.subscribe(ConnId(3), "t", true).unwrap();
+        hub.subscribe(ConnId(3), "t", true, false).unwrap();
         assert!(follow(&mut hub, 9, "e2").contains(&(ConnId(3), Follow::Next)));
         assert!(follow(&mut hub, 10, "e2").contains(&(ConnId(3), Follow::Next)));
     }
@@ -500,15 +524,25 @@ mod tests {
     #[test]
     fn subscribe_is_idempotent_and_capped() {
         let mut hub = Hub::default();
-        assert_eq!(hub.subscribe(ConnId(0), "a", true), Ok(Joined::NewTopic));
-        assert_eq!(hub.subscribe(ConnId(0), "a", true), Ok(Joined::Already));
-        assert_eq!(hub.subscribe(ConnId(1), "a", true), Ok(Joined::Existing));
+        assert_eq!(
+            hub.subscribe(ConnId(0), "a", true, false),
+            Ok(Joined::NewTopic)
+        );
+        assert_eq!(
+            hub.subscribe(ConnId(0), "a", true, false),
+            Ok(Joined::Already)
+        );
+        assert_eq!(
+            hub.subscribe(ConnId(1), "a", true, false),
+            Ok(Joined::Existing)
+        );
         assert_eq!(hub.subscriber_count("a"), 2);
         for i in 1..MAX_TOPICS_PER_CONNECTION {
-            hub.subscribe(ConnId(0), &format!("t{i}"), true).unwrap();
+            hub.subscribe(ConnId(0), &format!("t{i}"), true, false)
+                .unwrap();
         }
         assert_eq!(
-            hub.subscribe(ConnId(0), "one-more", true),
+            hub.subscribe(ConnId(0), "one-more", true, false),
             Err(SubscribeError::TooManyTopics)
         );
         assert_eq!(hub.unsubscribe(ConnId(0), "never"), Left::NotSubscribed);
@@ -543,7 +577,7 @@ mod tests {
                 freed.sort();
                 assert_eq!(freed, ref_freed);
             } else {
-                let joined = hub.subscribe(ConnId(conn), &topic, true).unwrap();
+                let joined = hub.subscribe(ConnId(conn), &topic, true, false).unwrap();
                 let was_new_topic = !reference.contains_key(&topic);
                 let added = reference.entry(topic.clone()).or_default().insert(conn);
                 assert_eq!(joined != Joined::Already, added);

@@ -7,6 +7,12 @@
 //! and queued on every subscriber; a subscribe (or resume) is answered at once from
 //! history, so nothing can be published between the reply and the replay.
 //!
+//! Subscribers that negotiated permessage-deflate get the message compressed, and it is
+//! compressed once: the first such member a fan-out meets has the compressed twin of the
+//! frame made (one fresh deflate stream, no context kept), and every later one gets the
+//! same `Bytes`. A topic with none of them costs no compression; history keeps the plain
+//! frame, and replays (a resume's missed messages) go plain, as RFC 7692 allows.
+//!
 //! Through Redis, the publish goes to Redis (which assigns the id and keeps the history
 //! stream) and the frame is queued when the message comes back on the subscription link.
 //! A subscription there starts in three steps, so that there is no gap and no duplicate
@@ -32,6 +38,8 @@ use crate::pubsub::history::{self, History, Outcome};
 use crate::pubsub::hub::{self, Follow, Hub, Joined, Left, Published, SubscribeError};
 use crate::pubsub::presence::{self, Change, Presence};
 use crate::pubsub::redis::{PresenceAnswer, Redis, Stored};
+use crate::ws::codec as ws;
+use crate::ws::deflate::Deflater;
 use crate::ws::protocol::{self, OpError, Position, Resume};
 
 /// What a fan-out did: how many subscribers it reached, which of them it pushed past
@@ -153,6 +161,48 @@ pub struct PubSub {
     presence_reads: HashMap<u64, PresenceReader>,
     /// With Redis: when this process next tells Redis it is alive on its presence topics.
     presence_beat_at: Instant,
+    /// Compresses each published message once, for the subscribers that take it.
+    deflater: Deflater,
+}
+
+/// A message's frames during one fan-out: the plain one, and its compressed twin, made
+/// when the first member that takes it comes up.
+struct Frames<'a> {
+    plain: &'a Bytes,
+    /// `None` until asked for; then `Some(None)` when the message goes plain to all (too
+    /// small, or no smaller compressed).
+    deflated: Option<Option<Bytes>>,
+}
+
+impl<'a> Frames<'a> {
+    fn new(plain: &'a Bytes) -> Frames<'a> {
+        Frames {
+            plain,
+            deflated: None,
+        }
+    }
+
+    /// The frame for a member, and whether it is the compressed one.
+    fn pick(
+        &mut self,
+        deflate: bool,
+        deflater: &mut Deflater,
+        counters: &mut Counters,
+    ) -> (&Bytes, bool) {
+        if !deflate {
+            return (self.plain, false);
+        }
+        let plain = self.plain;
+        let deflated = self.deflated.get_or_insert_with(|| {
+            let frame = ws::shared_deflate_frame(plain, deflater);
+            counters.compressed += u64::from(frame.is_some());
+            frame
+        });
+        match deflated {
+            Some(frame) => (frame, true),
+            None => (plain, false),
+        }
+    }
 }
 
 impl PubSub {
@@ -172,6 +222,7 @@ impl PubSub {
             presence_events: Vec::new(),
             presence_reads: HashMap::new(),
             presence_beat_at: now,
+            deflater: Deflater::new(cfg.compression_min_size),
         }
     }
 
@@ -226,14 +277,17 @@ impl PubSub {
             }
         }
         for published in std::mem::take(&mut self.pending) {
-            self.hub.deliver(&published, |sub| {
+            let mut frames = Frames::new(&published.frame);
+            self.hub.deliver(&published, |sub, deflate| {
+                let (frame, compressed) = frames.pick(deflate, &mut self.deflater, counters);
                 // The hub holds open sessions only; a miss would be our bug, not a reason
                 // to die.
-                let Some(queued) = conns.queue_shared(sub, &published.frame) else {
+                let Some(queued) = conns.queue_shared(sub, frame) else {
                     debug_assert!(false, "hub names a connection that is gone");
                     return;
                 };
                 fanout.reached += 1;
+                counters.delivered_compressed += u64::from(compressed);
                 if queued > limit {
                     fanout.slow.push(sub);
                 }
@@ -283,11 +337,14 @@ impl PubSub {
         // lost its data). Those reconnect and resume; history says what they lost.
         let mut fanout = Fanout::default();
         let limit = self.send_queue_limit;
+        let mut frames = Frames::new(&published.frame);
         self.hub
-            .follow(&published, epoch, |sub, verdict| match verdict {
+            .follow(&published, epoch, |sub, verdict, deflate| match verdict {
                 Follow::Next => {
-                    if let Some(queued) = conns.queue_shared(sub, &published.frame) {
+                    let (frame, compressed) = frames.pick(deflate, &mut self.deflater, counters);
+                    if let Some(queued) = conns.queue_shared(sub, frame) {
                         fanout.reached += 1;
+                        counters.delivered_compressed += u64::from(compressed);
                         if queued > limit {
                             fanout.slow.push(sub);
                         }
@@ -345,8 +402,13 @@ impl PubSub {
             since: r.since,
             epoch: r.epoch.to_string(),
         });
+        // Whether it takes the compressed frames is its connection's to say, once.
+        let deflate = conns
+            .get(id)
+            .and_then(|c| c.session())
+            .is_some_and(|s| s.ws.takes_shared_deflate());
         let Some(redis) = self.redis.as_mut() else {
-            let joined = self.hub.subscribe(id, topic, true)?;
+            let joined = self.hub.subscribe(id, topic, true, deflate)?;
             if joined == Joined::NewTopic {
                 self.history.retain(topic);
             }
@@ -354,7 +416,7 @@ impl PubSub {
             return Ok(());
         };
         // Through Redis the member turns live only once its read has come back.
-        let joined = self.hub.subscribe(id, topic, false)?;
+        let joined = self.hub.subscribe(id, topic, false, deflate)?;
         if joined == Joined::Already {
             self.hub.set_live(id, topic, false);
         }

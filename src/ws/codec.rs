@@ -7,6 +7,11 @@
 //! and freed as soon as the frame or message completes, so one large frame never leaves
 //! a large buffer behind (tungstenite's read buffer only grows). Outgoing data frames are
 //! encoded here once and shared as `Bytes`.
+//!
+//! With permessage-deflate negotiated (RFC 7692), RSV1 on a message's first frame means
+//! its payload is compressed: the joined payload is inflated by the process's one
+//! `Inflater`, under `--max-message-size`, before the message is handed on. The one byte
+//! that says so, the connection's `Window`, fits in what was padding: 16 bytes still.
 
 use std::io::Cursor;
 use std::ops::Range;
@@ -18,6 +23,7 @@ use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
 use crate::close::CloseReason;
 use crate::outq::OutQueue;
+use crate::ws::deflate::{Deflater, InflateError, Inflater, SHARED_WINDOW, Window};
 
 /// An unmasked server ping with no payload (RFC 6455 §5.5.2).
 const PING: &[u8] = &[0x89, 0x00];
@@ -47,6 +53,8 @@ pub struct Ws {
     close_sent: bool,
     /// The peer's close frame arrived: the handshake is over, nothing more is read.
     close_received: bool,
+    /// permessage-deflate was negotiated: the window our compressed frames may use.
+    deflate: Option<Window>,
 }
 
 /// What a connection holds between reads, only while it holds anything.
@@ -63,6 +71,9 @@ struct Pending {
 #[derive(Debug)]
 struct Fragments {
     text: bool,
+    /// RSV1 was set on its first frame: the payload is deflated, and its UTF-8 can only
+    /// be checked once inflated.
+    compressed: bool,
     payload: Vec<u8>,
     valid_utf8: usize,
 }
@@ -82,19 +93,48 @@ struct Frame {
 
 impl Ws {
     /// Bytes that arrived behind the HTTP request head are frames: the caller passes them
-    /// to `read` like any later input.
-    pub fn new(max_message_size: usize) -> Ws {
+    /// to `read` like any later input. `deflate`: the window the handshake agreed on, if
+    /// it agreed on permessage-deflate.
+    pub fn new(max_message_size: usize, deflate: Option<Window>) -> Ws {
         Ws {
             pending: None,
             max_message_size: u32::try_from(max_message_size).unwrap_or(u32::MAX),
             close_sent: false,
             close_received: false,
+            deflate,
+        }
+    }
+
+    /// Whether permessage-deflate was negotiated.
+    pub fn deflates(&self) -> bool {
+        self.deflate.is_some()
+    }
+
+    /// Whether this peer takes the frames compressed once for every subscriber (it
+    /// negotiated permessage-deflate with the shared frames' window).
+    pub fn takes_shared_deflate(&self) -> bool {
+        self.deflate == Some(SHARED_WINDOW)
+    }
+
+    /// A data frame for this peer alone (an echo): compressed with its window when it
+    /// negotiated permessage-deflate and the message is worth it, else plain.
+    pub fn frame(&self, text: bool, payload: &[u8], deflater: &mut Deflater) -> Bytes {
+        let kind = if text { Data::Text } else { Data::Binary };
+        match self.deflate.and_then(|w| deflater.compress(payload, w)) {
+            Some(compressed) => encode(kind, true, &compressed),
+            None => encode(kind, false, payload),
         }
     }
 
     /// Take the next event from `input`, advancing it. Call until `NeedMore`: two frames
-    /// in one segment arrive as one readiness event.
-    pub fn read(&mut self, input: &mut &[u8], out: &mut OutQueue) -> WsEvent {
+    /// in one segment arrive as one readiness event. Compressed messages are inflated
+    /// with `inflater`.
+    pub fn read(
+        &mut self,
+        input: &mut &[u8],
+        out: &mut OutQueue,
+        inflater: &mut Inflater,
+    ) -> WsEvent {
         // A loop, not recursion: a peer may send thousands of control frames in a row.
         loop {
             if self.close_received {
@@ -108,7 +148,7 @@ impl Ws {
                     *input = &[];
                     let mut buffer = std::mem::take(&mut p.input);
                     let at = p.at;
-                    let step = self.step(&buffer[at..], out);
+                    let step = self.step(&buffer[at..], out, inflater);
                     let p = self.pending.get_or_insert_default();
                     match step {
                         Step::Used(n, _) => {
@@ -131,7 +171,7 @@ impl Ws {
                     step
                 }
                 _ => {
-                    let step = self.step(input, out);
+                    let step = self.step(input, out, inflater);
                     match step {
                         Step::Used(n, _) => *input = &input[n..],
                         Step::Incomplete(need) => {
@@ -161,7 +201,7 @@ impl Ws {
     }
 
     /// Act on the frame at the start of `buf`, if it is all there.
-    fn step(&mut self, buf: &[u8], out: &mut OutQueue) -> Step {
+    fn step(&mut self, buf: &[u8], out: &mut OutQueue, inflater: &mut Inflater) -> Step {
         let frame = match self.parse(buf) {
             Ok(Some(frame)) => frame,
             Ok(None) => {
@@ -173,7 +213,7 @@ impl Ws {
             Err(reason) => return Step::Fail(reason),
         };
         let end = frame.payload.end;
-        match self.on_frame(frame, buf, out) {
+        match self.on_frame(frame, buf, out, inflater) {
             Ok(event) => Step::Used(end, event),
             Err(reason) => Step::Fail(reason),
         }
@@ -189,7 +229,12 @@ impl Ws {
             // A reserved opcode.
             Err(_) => return Err(CloseReason::Protocol),
         };
-        if header.mask.is_none() || header.rsv1 || header.rsv2 || header.rsv3 {
+        // RFC 7692 §6.1: RSV1 marks a compressed message, on its first frame only, and
+        // only where the extension was negotiated; control frames and continuations
+        // never carry it. RSV2 and RSV3 mean nothing to us.
+        let rsv1_allowed = self.deflate.is_some()
+            && matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary));
+        if header.mask.is_none() || (header.rsv1 && !rsv1_allowed) || header.rsv2 || header.rsv3 {
             return Err(CloseReason::Protocol);
         }
         match header.opcode {
@@ -228,6 +273,7 @@ impl Ws {
         frame: Frame,
         buf: &[u8],
         out: &mut OutQueue,
+        inflater: &mut Inflater,
     ) -> Result<Option<WsEvent>, CloseReason> {
         let Frame { header, payload } = frame;
         let mask = header.mask.unwrap_or_default();
@@ -261,7 +307,7 @@ impl Ws {
                     return Err(CloseReason::TooBig);
                 }
                 message.payload.extend(unmasked(payload, mask));
-                if message.text {
+                if message.text && !message.compressed {
                     message.valid_utf8 = check_utf8(&message.payload, message.valid_utf8)?;
                 }
                 if !header.is_final {
@@ -270,20 +316,33 @@ impl Ws {
                 let Some(message) = pending.message.take() else {
                     return Err(CloseReason::Internal);
                 };
-                complete(message.text, message.payload).map(Some)
+                let payload = match message.compressed {
+                    true => inflate(inflater, &message.payload, max)?,
+                    false => message.payload,
+                };
+                complete(message.text, payload).map(Some)
             }
             OpCode::Data(kind @ (Data::Text | Data::Binary)) => {
                 if self.pending.as_ref().is_some_and(|p| p.message.is_some()) {
                     return Err(CloseReason::Protocol);
                 }
                 let text = kind == Data::Text;
+                let compressed = header.rsv1;
                 let bytes: Vec<u8> = unmasked(payload, mask).collect();
                 if header.is_final {
+                    let bytes = match compressed {
+                        true => inflate(inflater, &bytes, self.max_message_size as usize)?,
+                        false => bytes,
+                    };
                     return complete(text, bytes).map(Some);
                 }
-                let valid_utf8 = if text { check_utf8(&bytes, 0)? } else { 0 };
+                let valid_utf8 = match text && !compressed {
+                    true => check_utf8(&bytes, 0)?,
+                    false => 0,
+                };
                 self.pending.get_or_insert_default().message = Some(Fragments {
                     text,
+                    compressed,
                     payload: bytes,
                     valid_utf8,
                 });
@@ -372,6 +431,15 @@ fn check_utf8(bytes: &[u8], from: usize) -> Result<usize, CloseReason> {
     }
 }
 
+/// A compressed message's payload, inflated: a message that inflates past the limit is
+/// as too big as one that arrived that size (1009), however small it came.
+fn inflate(inflater: &mut Inflater, compressed: &[u8], max: usize) -> Result<Vec<u8>, CloseReason> {
+    inflater.inflate(compressed, max).map_err(|e| match e {
+        InflateError::TooBig => CloseReason::TooBig,
+        InflateError::Corrupt => CloseReason::BadCompression,
+    })
+}
+
 /// A whole message, as the session takes it.
 fn complete(text: bool, payload: Vec<u8>) -> Result<WsEvent, CloseReason> {
     if text {
@@ -388,17 +456,34 @@ pub fn queue_ping(out: &mut OutQueue) {
 }
 
 pub fn text_frame(payload: &[u8]) -> Bytes {
-    frame(Data::Text, payload)
+    encode(Data::Text, false, payload)
 }
 
-pub fn binary_frame(payload: &[u8]) -> Bytes {
-    frame(Data::Binary, payload)
+/// The compressed twin of a frame `text_frame` made (a published message), for every
+/// subscriber that takes the shared deflate window; `None` when the message is better
+/// sent as it is (small, or no smaller compressed).
+pub fn shared_deflate_frame(plain: &[u8], deflater: &mut Deflater) -> Option<Bytes> {
+    // Our own server frames: unmasked, the length in 7, 7 + 16 or 7 + 64 bits.
+    let header_len = match plain.get(1)? & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    let kind = match plain.first()? & 0x0f {
+        0x1 => Data::Text,
+        0x2 => Data::Binary,
+        _ => return None,
+    };
+    let compressed = deflater.compress(plain.get(header_len..)?, SHARED_WINDOW)?;
+    Some(encode(kind, true, &compressed))
 }
 
-/// Encode one final, unmasked server frame: header and payload in one allocation.
-fn frame(kind: Data, payload: &[u8]) -> Bytes {
+/// Encode one final, unmasked server frame: header and payload in one allocation. `rsv1`:
+/// the payload is deflated (RFC 7692 §6).
+fn encode(kind: Data, rsv1: bool, payload: &[u8]) -> Bytes {
     let header = FrameHeader {
         is_final: true,
+        rsv1,
         opcode: OpCode::Data(kind),
         ..FrameHeader::default()
     };
@@ -434,7 +519,7 @@ mod tests {
         let mut input = bytes;
         let mut events = Vec::new();
         loop {
-            match ws.read(&mut input, out) {
+            match ws.read(&mut input, out, &mut Inflater::default()) {
                 WsEvent::NeedMore => return events,
                 e @ (WsEvent::Closed | WsEvent::Fail(_)) => {
                     events.push(e);
@@ -457,7 +542,7 @@ mod tests {
         let mut bytes = client_frame(0x81, b"hello");
         bytes.extend(client_frame(0x81, b"world"));
         for split in 0..bytes.len() {
-            let mut ws = Ws::new(1024);
+            let mut ws = Ws::new(1024, None);
             let mut out = OutQueue::default();
             let mut events = drain(&mut ws, &bytes[..split], &mut out);
             events.extend(drain(&mut ws, &bytes[split..], &mut out));
@@ -471,7 +556,7 @@ mod tests {
         let mut bytes = client_frame(0x01, b"hel");
         bytes.extend(client_frame(0x89, b"p"));
         bytes.extend(client_frame(0x80, b"lo"));
-        let mut ws = Ws::new(1024);
+        let mut ws = Ws::new(1024, None);
         let mut out = OutQueue::default();
         let events = drain(&mut ws, &bytes, &mut out);
         assert_eq!(events.iter().map(text).collect::<Vec<_>>(), ["hello"]);
@@ -483,7 +568,7 @@ mod tests {
 
     #[test]
     fn peer_close_is_answered_then_reported_closed() {
-        let mut ws = Ws::new(1024);
+        let mut ws = Ws::new(1024, None);
         let mut out = OutQueue::default();
         let events = drain(&mut ws, &client_frame(0x88, &[0x03, 0xe8]), &mut out);
         assert!(matches!(events.as_slice(), [WsEvent::Closed]), "{events:?}");
@@ -502,14 +587,14 @@ mod tests {
             (client_frame(0x81, &[0xff, 0xfe]), CloseReason::InvalidUtf8),
         ];
         for (bytes, want) in cases {
-            let mut ws = Ws::new(1024);
+            let mut ws = Ws::new(1024, None);
             let events = drain(&mut ws, &bytes, &mut OutQueue::default());
             assert!(
                 matches!(events.last(), Some(WsEvent::Fail(r)) if *r == want),
                 "{bytes:x?}: {events:?}"
             );
         }
-        let mut ws = Ws::new(10);
+        let mut ws = Ws::new(10, None);
         let events = drain(
             &mut ws,
             &client_frame(0x82, &[0; 11]),
@@ -528,7 +613,7 @@ mod tests {
     }
 
     fn fails_with(bytes: &[u8], max: usize) -> Option<CloseReason> {
-        let mut ws = Ws::new(max);
+        let mut ws = Ws::new(max, None);
         match drain(&mut ws, bytes, &mut OutQueue::default()).last() {
             Some(WsEvent::Fail(r)) => Some(*r),
             _ => None,
@@ -540,7 +625,7 @@ mod tests {
         for code in [
             1000u16, 1001, 1003, 1007, 1011, 1012, 3000, 3999, 4000, 4999,
         ] {
-            let mut ws = Ws::new(1024);
+            let mut ws = Ws::new(1024, None);
             let mut out = OutQueue::default();
             let mut payload = code.to_be_bytes().to_vec();
             payload.extend_from_slice(b"bye");
@@ -570,7 +655,7 @@ mod tests {
             Some(CloseReason::InvalidUtf8)
         );
         // An empty close is answered with an empty close.
-        let mut ws = Ws::new(1024);
+        let mut ws = Ws::new(1024, None);
         let mut out = OutQueue::default();
         drain(&mut ws, &client_frame(0x88, b""), &mut out);
         assert_eq!(wire(&mut out), [0x88, 0x00]);
@@ -581,18 +666,21 @@ mod tests {
         let mut bytes = client_frame(0x88, &[0x03, 0xe8]);
         bytes.extend(client_frame(0x81, b"late"));
         bytes.extend(client_frame(0x89, b"p"));
-        let mut ws = Ws::new(1024);
+        let mut ws = Ws::new(1024, None);
         let mut out = OutQueue::default();
         let events = drain(&mut ws, &bytes, &mut out);
         assert!(matches!(events.as_slice(), [WsEvent::Closed]), "{events:?}");
         assert_eq!(wire(&mut out), [0x88, 0x02, 0x03, 0xe8]);
         let mut input: &[u8] = &client_frame(0x81, b"more");
-        assert!(matches!(ws.read(&mut input, &mut out), WsEvent::Closed));
+        assert!(matches!(
+            ws.read(&mut input, &mut out, &mut Inflater::default()),
+            WsEvent::Closed
+        ));
     }
 
     #[test]
     fn after_our_close_pings_are_not_answered_and_the_peers_close_ends_it() {
-        let mut ws = Ws::new(1024);
+        let mut ws = Ws::new(1024, None);
         let mut out = OutQueue::default();
         ws.close(CloseReason::GoingAway, &mut out);
         wire(&mut out);
@@ -628,7 +716,7 @@ mod tests {
         bytes.extend(client_frame(0x00, &[3]));
         bytes.extend(client_frame(0x89, b""));
         bytes.extend(client_frame(0x80, &[4]));
-        let mut ws = Ws::new(1024);
+        let mut ws = Ws::new(1024, None);
         let mut out = OutQueue::default();
         let events = drain(&mut ws, &bytes, &mut out);
         assert!(
@@ -640,7 +728,7 @@ mod tests {
         let mut bytes = client_frame(0x01, b"");
         bytes.extend(client_frame(0x00, b""));
         bytes.extend(client_frame(0x80, b"ok"));
-        let events = drain(&mut Ws::new(1024), &bytes, &mut OutQueue::default());
+        let events = drain(&mut Ws::new(1024, None), &bytes, &mut OutQueue::default());
         assert_eq!(text(&events[0]), "ok");
         let mut big = client_frame(0x01, &[b'a'; 8]);
         big.extend(client_frame(0x80, &[b'a'; 8]));
@@ -654,7 +742,7 @@ mod tests {
         for split in 0..=word.len() {
             let mut bytes = client_frame(0x01, &word[..split]);
             bytes.extend(client_frame(0x80, &word[split..]));
-            let events = drain(&mut Ws::new(1024), &bytes, &mut OutQueue::default());
+            let events = drain(&mut Ws::new(1024, None), &bytes, &mut OutQueue::default());
             assert_eq!(text(&events[0]), "κόσμε", "split at {split}");
         }
         // An impossible byte fails on its fragment, before the message is final.
@@ -670,7 +758,7 @@ mod tests {
     fn a_large_frame_leaves_no_buffer_behind() {
         let payload = vec![b'z'; 60_000];
         let bytes = client_frame(0x81, &payload);
-        let mut ws = Ws::new(1 << 20);
+        let mut ws = Ws::new(1 << 20, None);
         let mut out = OutQueue::default();
         let mut events = Vec::new();
         for chunk in bytes.chunks(1000) {
@@ -687,9 +775,121 @@ mod tests {
         assert_eq!(std::mem::size_of::<Ws>(), 16);
     }
 
+    /// `payload` deflated as a client does (fresh stream, sync flush, tail removed).
+    fn deflated(payload: &[u8]) -> Vec<u8> {
+        let mut c =
+            flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 15);
+        let mut out = Vec::with_capacity(payload.len() + 64);
+        c.compress_vec(payload, &mut out, flate2::FlushCompress::Sync)
+            .unwrap();
+        out.truncate(out.len() - 4);
+        out
+    }
+
+    fn deflate_ws(max: usize) -> Ws {
+        Ws::new(max, Some(SHARED_WINDOW))
+    }
+
+    #[test]
+    fn rsv1_marks_a_compressed_message_on_its_first_frame_only() {
+        let hello = deflated("κόσμε, κόσμε, κόσμε".as_bytes());
+        // Whole, and split over fragments anywhere: RSV1 on the first frame only.
+        let events = drain(
+            &mut deflate_ws(1024),
+            &client_frame(0xc1, &hello),
+            &mut OutQueue::default(),
+        );
+        assert_eq!(text(&events[0]), "κόσμε, κόσμε, κόσμε");
+        for split in 0..=hello.len() {
+            let mut bytes = client_frame(0x41, &hello[..split]);
+            bytes.extend(client_frame(0x89, b"ping between"));
+            bytes.extend(client_frame(0x80, &hello[split..]));
+            let mut out = OutQueue::default();
+            let events = drain(&mut deflate_ws(1024), &bytes, &mut out);
+            assert_eq!(text(&events[0]), "κόσμε, κόσμε, κόσμε", "split at {split}");
+        }
+        // Binary too; and an uncompressed message on the same connection is plain.
+        let mut bytes = client_frame(0xc2, &deflated(&[7; 300]));
+        bytes.extend(client_frame(0x82, b"as is"));
+        let events = drain(&mut deflate_ws(1024), &bytes, &mut OutQueue::default());
+        assert!(matches!(&events[0], WsEvent::Message(Message::Binary(b)) if b[..] == [7; 300]));
+        assert!(matches!(&events[1], WsEvent::Message(Message::Binary(b)) if b[..] == *b"as is"));
+    }
+
+    #[test]
+    fn rsv1_where_it_does_not_belong_is_a_protocol_error() {
+        let fails =
+            |bytes: &[u8]| match drain(&mut deflate_ws(1024), bytes, &mut OutQueue::default())
+                .last()
+            {
+                Some(WsEvent::Fail(r)) => Some(*r),
+                _ => None,
+            };
+        // On a continuation, on control frames, and RSV2/RSV3 anyway.
+        let mut continued = client_frame(0x41, &deflated(b"abc")[..1]);
+        continued.extend(client_frame(0xc0, &deflated(b"abc")[1..]));
+        assert_eq!(fails(&continued), Some(CloseReason::Protocol));
+        assert_eq!(fails(&client_frame(0xc9, b"")), Some(CloseReason::Protocol));
+        assert_eq!(fails(&client_frame(0xca, b"")), Some(CloseReason::Protocol));
+        assert_eq!(
+            fails(&client_frame(0xc8, &[0x03, 0xe8])),
+            Some(CloseReason::Protocol)
+        );
+        assert_eq!(
+            fails(&client_frame(0xa1, b"x")),
+            Some(CloseReason::Protocol)
+        );
+        // Not negotiated: RSV1 is a protocol error even on a data frame.
+        assert_eq!(
+            fails_with(&client_frame(0xc1, &deflated(b"x")), 1024),
+            Some(CloseReason::Protocol)
+        );
+        // Inflated, the text must still be UTF-8; the inflated size is what counts.
+        assert_eq!(
+            fails(&client_frame(0xc1, &deflated(&[0xff, 0xfe]))),
+            Some(CloseReason::InvalidUtf8)
+        );
+        let wide = deflated(&[b'a'; 2000]);
+        assert!(wide.len() < 100);
+        let too_big = drain(
+            &mut deflate_ws(1999),
+            &client_frame(0xc1, &wide),
+            &mut OutQueue::default(),
+        );
+        assert!(matches!(
+            too_big.last(),
+            Some(WsEvent::Fail(CloseReason::TooBig))
+        ));
+        assert_eq!(
+            fails(&client_frame(0xc1, b"\xff\xff")),
+            Some(CloseReason::BadCompression)
+        );
+        // Still 16 bytes with the extension's byte.
+        assert_eq!(std::mem::size_of::<Ws>(), 16);
+    }
+
+    #[test]
+    fn frames_to_a_deflate_peer_are_compressed_when_worth_it() {
+        let mut deflater = Deflater::new(256);
+        let text = "the same words again and again, ".repeat(20);
+        let frame = deflate_ws(1024).frame(true, text.as_bytes(), &mut deflater);
+        assert_eq!(frame[0], 0xc1, "FIN, RSV1, text");
+        let plain = Ws::new(1024, None).frame(true, text.as_bytes(), &mut deflater);
+        assert_eq!(plain, text_frame(text.as_bytes()));
+        let small = deflate_ws(1024).frame(false, b"small", &mut deflater);
+        assert_eq!(small[..2], [0x82, 5]);
+        // The shared twin of a published frame is the same compression.
+        let shared = shared_deflate_frame(&text_frame(text.as_bytes()), &mut deflater).unwrap();
+        assert_eq!(shared, frame);
+        assert_eq!(
+            shared_deflate_frame(&text_frame(b"small"), &mut deflater),
+            None
+        );
+    }
+
     #[test]
     fn our_close_is_queued_once() {
-        let mut ws = Ws::new(1024);
+        let mut ws = Ws::new(1024, None);
         let mut out = OutQueue::default();
         ws.close(CloseReason::GoingAway, &mut out);
         ws.close(CloseReason::GoingAway, &mut out);

@@ -28,6 +28,7 @@ const PURE: &[&str] = &[
     "http::assets",
     "agent",
     "ws::codec",
+    "ws::deflate",
     "ws::protocol",
     "pubsub::hub",
     "pubsub::history",

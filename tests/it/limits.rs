@@ -103,6 +103,9 @@ fn help_lists_every_flag_with_its_variable() {
         "token-secret",
         "token-public-key",
         "require-token",
+        "compression",
+        "no-compression",
+        "compression-min-size",
     ] {
         assert!(
             help.contains(&format!("--{flag}")),

@@ -374,12 +374,19 @@ pub fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
 }
 
 /// `raw_ws` on a stream connected already (with its own socket options, say).
-pub fn raw_ws_on(mut stream: TcpStream, path: &str) -> TcpStream {
+pub fn raw_ws_on(stream: TcpStream, path: &str) -> TcpStream {
+    raw_ws_with(stream, path, "").0
+}
+
+/// `raw_ws_on` with more request headers (each ending in CRLF); returns the 101's head
+/// too.
+pub fn raw_ws_with(mut stream: TcpStream, path: &str, headers: &str) -> (TcpStream, String) {
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         {headers}\r\n"
     )
     .unwrap();
     let mut head = Vec::new();
@@ -393,7 +400,7 @@ pub fn raw_ws_on(mut stream: TcpStream, path: &str) -> TcpStream {
         "{}",
         String::from_utf8_lossy(&head)
     );
-    stream
+    (stream, String::from_utf8_lossy(&head).into_owned())
 }
 
 /// A client frame: `first` is FIN/RSV/opcode, the payload is masked.
@@ -509,6 +516,26 @@ pub fn require(program: &str, package: &str) {
     assert!(
         found,
         "{program} is not installed (not on PATH): install the Debian package {package} \
+         (scripts/test installs it)"
+    );
+}
+
+/// Debian's own Python, which imports Debian's `python3-*` packages whatever `python3`
+/// comes first on PATH (a pyenv shim, a virtualenv).
+pub const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+
+/// Fail at once, naming the Debian package, if Debian's Python cannot import `module`
+/// (`scripts/test` installs it).
+pub fn require_python_module(module: &str, package: &str) {
+    let imported = Command::new(DEBIAN_PYTHON)
+        .args(["-c", &format!("import {module}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        imported,
+        "{DEBIAN_PYTHON} cannot import {module}: install the Debian package {package} \
          (scripts/test installs it)"
     );
 }

@@ -91,18 +91,9 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
             parse_publish(&req.body).map(Route::Publish)
         }
         "/history" => {
-            if !matches!(req.method, Method::Get | Method::Head) {
-                return Err(Reject::MethodNotAllowed("GET, HEAD"));
-            }
             // History is what was published: the same rule as publishing guards it, so a
             // private topic's messages never leak through it.
-            authorize_publish(req, policy)?;
-            let topic = req
-                .query_param("topic")
-                .and_then(percent_decode)
-                .ok_or_else(|| Reject::bad_request("missing ?topic="))?;
-            topic::check_name(&topic)
-                .map_err(|e| Reject::bad_request(format!("?topic= {topic:?}: {e}")))?;
+            let topic = guarded_topic_query(req, policy)?;
             let since = match req.query_param("since") {
                 None | Some("") => 0,
                 Some(n) => n
@@ -120,18 +111,9 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
             })
         }
         "/presence" => {
-            if !matches!(req.method, Method::Get | Method::Head) {
-                return Err(Reject::MethodNotAllowed("GET, HEAD"));
-            }
             // Who is subscribed to a private topic is as private as its messages: the
             // rule that guards publishing and history guards this too.
-            authorize_publish(req, policy)?;
-            let topic = req
-                .query_param("topic")
-                .and_then(percent_decode)
-                .ok_or_else(|| Reject::bad_request("missing ?topic="))?;
-            topic::check_name(&topic)
-                .map_err(|e| Reject::bad_request(format!("?topic= {topic:?}: {e}")))?;
+            let topic = guarded_topic_query(req, policy)?;
             Ok(Route::Presence { topic })
         }
         "/ws" | "/echo" => {
@@ -189,6 +171,21 @@ pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
         }
         _ => Err(Reject::NotFound),
     }
+}
+
+/// A `GET`/`HEAD` endpoint about one topic (`?topic=`), guarded by the publish rule.
+fn guarded_topic_query(req: &Request, policy: &Policy) -> Result<String, Reject> {
+    if !matches!(req.method, Method::Get | Method::Head) {
+        return Err(Reject::MethodNotAllowed("GET, HEAD"));
+    }
+    authorize_publish(req, policy)?;
+    let topic = req
+        .query_param("topic")
+        .and_then(percent_decode)
+        .ok_or_else(|| Reject::bad_request("missing ?topic="))?;
+    topic::check_name(&topic)
+        .map_err(|e| Reject::bad_request(format!("?topic= {topic:?}: {e}")))?;
+    Ok(topic)
 }
 
 /// With a key: `Authorization: Bearer KEY`, compared in constant time. Without one:

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::util::{
-    Client, Herald, HttpConn, close_code, eventually, free_port, next_json, require, wait_exit,
+    Client, Herald, HttpConn, close_code, eventually, free_port, next_json, require,
+    spawn_supervisord, wait_exit,
 };
 
 /// The shipped supervisord.conf has one control socket path; one supervisord at a time.
@@ -229,35 +230,7 @@ impl Supervisord {
             Path::new("/var/log/supervisor").is_dir(),
             "herald.conf logs to /var/log/supervisor (Debian's supervisor package creates it)"
         );
-        let bin_dir = Path::new(env!("CARGO_BIN_EXE_herald"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let path = format!(
-            "{}:{}",
-            bin_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let log = dir.join("supervisord.log");
-        let child = Command::new("supervisord")
-            .arg("--nodaemon")
-            .arg("-c")
-            .arg(repo(config))
-            .arg("--logfile")
-            .arg(&log)
-            .arg("--pidfile")
-            .arg(dir.join("supervisord.pid"))
-            .arg("--childlogdir")
-            .arg(dir)
-            // The shipped minfds (262144) exceeds this host's hard fd limit (20000), and
-            // supervisord refuses to start below its minfds.
-            .args(["--minfds", "8192"])
-            .env("PATH", path)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start supervisord");
+        let (child, log) = spawn_supervisord(&repo(config), dir, env);
         Supervisord { child, log }
     }
 

@@ -28,7 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::util::{Herald, HttpConn, eventually, free_port, require, signal, wait_exit};
+use crate::util::{
+    Herald, HttpConn, eventually, free_port, require, signal, spawn_supervisord, wait_exit,
+};
 
 /// Where the shipped files put herald: systemd/herald.socket, supervisor/herald-reuseport.conf.
 const SHIPPED_PORT: u16 = 8080;
@@ -766,32 +768,7 @@ impl Supervisor {
         }
         let conf_path = dir.join("supervisord.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let bin_dir = Path::new(env!("CARGO_BIN_EXE_herald")).parent().unwrap();
-        let path = format!(
-            "{}:{}",
-            bin_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let log = dir.join("supervisord.log");
-        let child = Command::new("supervisord")
-            .arg("--nodaemon")
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("--logfile")
-            .arg(&log)
-            .arg("--pidfile")
-            .arg(dir.join("supervisord.pid"))
-            .arg("--childlogdir")
-            .arg(dir)
-            // The shipped minfds (262144) exceeds this host's hard fd limit, and supervisord
-            // refuses to start below its minfds.
-            .args(["--minfds", "8192"])
-            .env("PATH", path)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start supervisord");
+        let (child, log) = spawn_supervisord(&conf_path, dir, env);
         Supervisor {
             child,
             conf: conf_path,

@@ -551,3 +551,42 @@ pub fn without_position(mut reply: serde_json::Value) -> serde_json::Value {
     map.remove("id");
     reply
 }
+
+/// supervisord in the foreground with configuration `conf`, its own log, pid file and
+/// child logs in `dir`, herald's build directory first on the children's PATH, and `env`
+/// for the programs it starts. Returns the process and its log's path.
+pub fn spawn_supervisord(
+    conf: &std::path::Path,
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> (Child, std::path::PathBuf) {
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_herald"))
+        .parent()
+        .expect("the herald binary has a directory");
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let log = dir.join("supervisord.log");
+    let child = Command::new("supervisord")
+        .arg("--nodaemon")
+        .arg("-c")
+        .arg(conf)
+        .arg("--logfile")
+        .arg(&log)
+        .arg("--pidfile")
+        .arg(dir.join("supervisord.pid"))
+        .arg("--childlogdir")
+        .arg(dir)
+        // The shipped minfds (262144) exceeds this host's hard fd limit (20000), and
+        // supervisord refuses to start below its minfds.
+        .args(["--minfds", "8192"])
+        .env("PATH", path)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start supervisord");
+    (child, log)
+}

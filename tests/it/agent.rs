@@ -660,7 +660,7 @@ impl HaProxy {
             .to_ascii_lowercase()
             .contains("transfer-encoding: chunked")
         {
-            dechunk(body)
+            crate::deploy::dechunk(body)
         } else {
             body.to_string()
         };
@@ -695,22 +695,6 @@ impl HaProxy {
     fn subscribe(&self, topic: &str) -> Client {
         crate::deploy::subscribe_through(self.public, topic)
     }
-}
-
-/// Undo HTTP/1.1 chunked transfer coding: `<hex size>\r\n<data>\r\n` ... `0\r\n\r\n`.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].strip_prefix("\r\n").unwrap_or(&rest[size..]);
-    }
-    out
 }
 
 impl Drop for HaProxy {

@@ -160,7 +160,7 @@ impl Drop for HaProxy {
 }
 
 /// Undo HTTP/1.1 chunked transfer coding: `<hex size>\r\n<data>\r\n` ... `0\r\n\r\n`.
-fn dechunk(mut body: &str) -> String {
+pub fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
         let Ok(size) = usize::from_str_radix(size.trim(), 16) else {

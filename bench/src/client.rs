@@ -973,6 +973,30 @@ fn failure_kind(e: &io::Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The server side of a handshake in a scripted server: read the request head, answer
+    /// 101. Returns the request line.
+    fn fake_upgrade(stream: &mut std::net::TcpStream) -> String {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut first = String::new();
+        reader.read_line(&mut first).unwrap();
+        let mut line = first.clone();
+        while line != "\r\n" {
+            line.clear();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+        }
+        stream
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            )
+            .unwrap();
+        first.trim_end().to_string()
+    }
     use std::io::{BufRead, BufReader};
     use std::net::TcpListener;
     use std::time::Instant;
@@ -1040,26 +1064,11 @@ mod tests {
             let last = script.len() - 1;
             for (i, frames) in script.into_iter().enumerate() {
                 let (mut stream, _) = listener.accept().unwrap();
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
-                requests.push(line.trim_end().to_string());
-                while line != "\r\n" {
-                    line.clear();
-                    if reader.read_line(&mut line).unwrap() == 0 {
-                        break;
-                    }
-                }
-                stream
-                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-                    .unwrap();
+                requests.push(fake_upgrade(&mut stream));
                 stream.write_all(&frames).unwrap();
                 if i == last {
                     let mut sink = Vec::new();
-                    let _ = reader.read_to_end(&mut sink);
+                    let _ = stream.read_to_end(&mut sink);
                 }
             }
             requests
@@ -1199,25 +1208,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (back, came_back) = std::sync::mpsc::channel();
         let server = std::thread::spawn(move || {
-            let handshake = |stream: &mut std::net::TcpStream| {
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut first = String::new();
-                reader.read_line(&mut first).unwrap();
-                let mut line = first.clone();
-                while line != "\r\n" {
-                    line.clear();
-                    if reader.read_line(&mut line).unwrap() == 0 {
-                        break;
-                    }
-                }
-                stream
-                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-                    .unwrap();
-                first.trim_end().to_string()
-            };
+            let handshake = fake_upgrade;
             let (mut one, _) = listener.accept().unwrap();
             handshake(&mut one);
             one.write_all(&text(

@@ -14,7 +14,7 @@ use crate::topic::Patterns;
 /// Default bind address when neither `--listen`, `HOST` nor `PORT` says otherwise.
 const DEFAULT_HOST: &str = "127.0.0.1";
 const DEFAULT_PORT: u16 = 8080;
-/// `--sndbuf`'s bounds. Less than a page saves nothing worth having and costs a `writev`
+/// `--sndbuf`'s bounds. Less than a page saves nothing worth having and costs a `sendmsg`
 /// per fragment of each frame (the kernel raises anything under ~2.3 KiB to its floor,
 /// SOCK_MIN_SNDBUF, anyway); setsockopt takes a C int.
 const MIN_SNDBUF: usize = 4096;

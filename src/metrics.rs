@@ -22,7 +22,7 @@ pub struct Counters {
     pub compressed: u64,
     /// Of `delivered`, the frames that went compressed.
     pub delivered_compressed: u64,
-    /// writev calls to clients: with many messages per pass, far fewer than `delivered`.
+    /// Vectored writes (sendmsg) to clients: with many messages per pass, far fewer than `delivered`.
     pub write_syscalls: u64,
     /// Passes whose fan-out ran out of its time slice and went on in the next pass.
     pub fanout_slices: u64,
@@ -348,7 +348,7 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
     o.metric(
         "herald_write_syscalls_total",
         "counter",
-        "writev calls to clients; each carries every message queued since the last one.",
+        "Vectored writes (sendmsg) to clients; each carries every message queued since the last one.",
         c.write_syscalls,
     );
     o.metric(

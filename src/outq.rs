@@ -8,7 +8,7 @@ use std::io::{self, IoSlice, Write};
 
 use bytes::Bytes;
 
-/// Most chunks handed to one `writev`. Linux's IOV_MAX is 1024; 64 already covers
+/// Most chunks handed to one vectored write (`sendmsg`). Linux's IOV_MAX is 1024; 64 already covers
 /// every realistic backlog between two loop passes.
 const MAX_IOVECS: usize = 64;
 
@@ -59,9 +59,9 @@ impl OutQueue {
         dropped
     }
 
-    /// Write with `writev` until the queue is empty, the socket would block, or `budget`
-    /// bytes have gone out. One syscall carries many queued messages at once; `syscalls`
-    /// counts the calls made.
+    /// Write vectored (the reactor's writer is `sendmsg`) until the queue is empty, the
+    /// socket would block, or `budget` bytes have gone out. One syscall carries many queued
+    /// messages at once; `syscalls` counts the calls made.
     pub fn write_to(
         &mut self,
         w: &mut impl Write,
@@ -94,7 +94,7 @@ impl OutQueue {
         // An empty queue holds no allocation: an idle connection would otherwise keep a
         // ring of at least four 32-byte handles for good (~130 bytes each, of the ~500 a
         // subscriber costs). Allocating it again on the next message is one malloc beside
-        // a writev that costs a hundred times more.
+        // a system call that costs a hundred times more.
         self.chunks = VecDeque::new();
         Ok(Flushed::Drained)
     }

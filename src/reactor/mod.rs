@@ -7,8 +7,10 @@
 //! decided by the handlers it calls: the front door (`http::front`) for HTTP, the session
 //! handler (`session`) for WebSockets, the publish pipeline (`pubsub`) for messages and
 //! Redis events. Handlers only queue bytes and move states along in the connection table;
-//! the loop then gives each dirty connection one `writev` per pass (as Redis defers
-//! writes to `beforeSleep`), registers WRITABLE only for one the kernel could not take,
+//! the loop then gives each dirty connection one vectored write per pass (as Redis defers
+//! writes to `beforeSleep`): HTTP responses first, then the commands to Redis, then the
+//! pass's messages, queued and written in time slices; it registers WRITABLE only for a
+//! connection the kernel could not take everything from,
 //! and removes connections that ended only after the pass, so a reused slab key never
 //! receives a stale event.
 
@@ -66,7 +68,7 @@ const ACCEPTS_PER_PASS: usize = 256;
 /// Bytes read from one connection per pass before others get a turn.
 const READ_BUDGET: usize = 256 * 1024;
 /// Bytes written to one connection per pass (Redis uses 64 KiB per event; our frames are
-/// shared and writev'd, so a larger slice costs no copies).
+/// shared and written vectored, so a larger slice costs no copies).
 const WRITE_BUDGET: usize = 256 * 1024;
 /// How long one pass may spend writing to WebSockets before it polls again: the bound on
 /// how long a publish that arrives mid-fan-out waits to be read. A poll costs ~1 µs, so

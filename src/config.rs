@@ -293,6 +293,37 @@ pub struct Args {
     #[arg(long, env = "HERALD_BACKLOG", value_name = "N", default_value_t = 4096)]
     pub backlog: i32,
 
+    /// Send metrics to this StatsD or DogStatsD agent over UDP, e.g. 127.0.0.1:8125: every
+    /// series /metrics has, counters as their increase since the last report, gauges as
+    /// their value [default: off]
+    #[arg(long, env = "HERALD_STATSD", value_name = "HOST:PORT")]
+    pub statsd: Option<String>,
+
+    /// Seconds between StatsD reports (one more goes at exit)
+    #[arg(
+        long,
+        env = "HERALD_STATSD_INTERVAL",
+        value_name = "SECS",
+        default_value_t = 10
+    )]
+    pub statsd_interval: u64,
+
+    /// Put before every StatsD name, in place of the `herald_` of /metrics
+    #[arg(
+        long,
+        env = "HERALD_STATSD_PREFIX",
+        value_name = "PREFIX",
+        default_value = "herald."
+    )]
+    pub statsd_prefix: String,
+
+    /// DogStatsD: these tags on every line, and labels as tags (`|#status:200,env:prod`).
+    /// Without it, plain StatsD: no tags, labels become name segments
+    /// (`herald.http_responses_total.status.200`). `--statsd-tags=` is DogStatsD with no
+    /// tags of its own
+    #[arg(long, env = "HERALD_STATSD_TAGS", value_name = "K:V,...")]
+    pub statsd_tags: Option<String>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -360,6 +391,8 @@ pub struct Config {
     pub compression_min_size: usize,
     pub agent_listen: Option<SocketAddr>,
     pub max_memory: Option<u64>,
+    /// `--statsd*`; `None` without `--statsd`.
+    pub statsd: Option<crate::statsd::Settings>,
 }
 
 impl Args {
@@ -430,6 +463,22 @@ impl Args {
                     .next()
                     .ok_or_else(|| format!("--agent-listen {text} resolves to nothing"))?,
             ),
+            None => None,
+        };
+        let statsd = match &self.statsd {
+            Some(text) => {
+                let target = text
+                    .to_socket_addrs()
+                    .map_err(|e| format!("--statsd {text}: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("--statsd {text} resolves to nothing"))?;
+                Some(crate::statsd::Settings::new(
+                    target,
+                    self.statsd_interval,
+                    &self.statsd_prefix,
+                    self.statsd_tags.as_deref(),
+                )?)
+            }
             None => None,
         };
         if self.backlog < 1 {
@@ -527,6 +576,7 @@ impl Args {
             compression_min_size: self.compression_min_size,
             agent_listen,
             max_memory: self.max_memory,
+            statsd,
         })
     }
 }

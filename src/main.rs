@@ -19,6 +19,7 @@ mod pubsub;
 mod reactor;
 mod rlimit;
 mod session;
+mod statsd;
 #[cfg(test)]
 mod testkit;
 mod timer;

@@ -643,7 +643,8 @@ impl Front {
         }
     }
 
-    fn render_metrics(&self, env: &Env) -> String {
+    /// The `/metrics` text; also what the loop turns into StatsD reports.
+    pub fn render_metrics(&self, env: &Env) -> String {
         let (cpu_seconds, resident_bytes) = metrics::process_usage();
         let gauges = Gauges {
             connections: env.conns.len(),

@@ -45,6 +45,7 @@ use crate::pubsub::history::History;
 use crate::pubsub::redis::{self, Event};
 use crate::rlimit::NoFile;
 use crate::session::Sessions;
+use crate::statsd::Reporter;
 use crate::timer::{self, Timer};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -169,6 +170,17 @@ pub struct Server {
     /// Reconnect hints, for the drain and for subscribers that missed messages.
     jitter: Jitter,
     counters: Counters,
+    /// `--statsd`: what the last report sent, and the socket reports go out on.
+    statsd: Option<Statsd>,
+}
+
+/// `--statsd`'s state in the loop.
+#[derive(Debug)]
+struct Statsd {
+    reporter: Reporter,
+    socket: std::net::UdpSocket,
+    /// The last send failed: logged once at warn, until one goes through again.
+    failing: bool,
 }
 
 impl Server {
@@ -192,6 +204,27 @@ impl Server {
                     .register(&mut l, AGENT, Interest::READABLE)?;
                 info!("agent-check on {}", l.local_addr()?);
                 Some(l)
+            }
+            None => None,
+        };
+        let statsd = match &cfg.statsd {
+            Some(settings) => {
+                let socket = net::statsd_socket(settings.target)?;
+                info!(
+                    "StatsD: every {} s to {} ({})",
+                    settings.interval.as_secs(),
+                    settings.target,
+                    if settings.tags.is_some() {
+                        "DogStatsD tags"
+                    } else {
+                        "plain, no tags"
+                    }
+                );
+                Some(Statsd {
+                    reporter: Reporter::new(settings.clone(), Instant::now()),
+                    socket,
+                    failing: false,
+                })
             }
             None => None,
         };
@@ -258,6 +291,7 @@ impl Server {
                 crate::pubsub::history::wall_clock_seed(),
             ),
             counters: Counters::default(),
+            statsd,
         })
     }
 
@@ -278,6 +312,7 @@ impl Server {
                 break code;
             }
             self.fire_timers(now);
+            self.report_statsd(now, false);
             self.service_redis(now);
             self.accept_connections(now);
             self.flush_responses(now);
@@ -288,6 +323,8 @@ impl Server {
                 break code;
             }
         };
+        // The counts since the last report, which would otherwise die with the process.
+        self.report_statsd(Instant::now(), true);
         self.save_state(Instant::now());
         Ok(code)
     }
@@ -324,6 +361,7 @@ impl Server {
                 self.pubsub.redis().and_then(redis::Redis::next_deadline),
                 self.drain.redis_wait(),
                 self.pacer.as_ref().and_then(Pacer::next_deadline),
+                self.statsd.as_ref().map(|s| s.reporter.next_deadline()),
             ]
             .into_iter()
             .flatten()
@@ -709,6 +747,41 @@ impl Server {
                 Timer::Grant => {
                     self.sessions
                         .on_grant_timer(&mut self.conns, &mut self.pubsub, id, now)
+                }
+            }
+        }
+    }
+
+    /// `--statsd`: when a report is due (or `now` at exit), send what `/metrics` would
+    /// say, as StatsD lines. Each datagram is sent once: a full socket buffer or an absent
+    /// agent loses that sample, never the loop's time.
+    fn report_statsd(&mut self, now: Instant, at_exit: bool) {
+        if !self
+            .statsd
+            .as_ref()
+            .is_some_and(|s| at_exit || s.reporter.due(now))
+        {
+            return;
+        }
+        let exposition = {
+            let (front, env) = self.env();
+            front.render_metrics(&env)
+        };
+        let Some(statsd) = &mut self.statsd else {
+            return;
+        };
+        let target = statsd.reporter.settings().target;
+        for datagram in statsd.reporter.report(&exposition, now) {
+            match statsd.socket.send_to(&datagram, target) {
+                Ok(_) => {
+                    if mem::take(&mut statsd.failing) {
+                        info!("StatsD: reports reach {target} again");
+                    }
+                }
+                Err(e) if statsd.failing => debug!("StatsD: report to {target} lost: {e}"),
+                Err(e) => {
+                    statsd.failing = true;
+                    warn!("StatsD: report to {target} lost ({e}); it is not retried");
                 }
             }
         }

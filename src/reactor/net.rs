@@ -1,6 +1,7 @@
 //! Socket helpers without policy: the listener with our backlog and the options its
 //! accepted sockets inherit (TCP_NODELAY, `--sndbuf`), the immediate refusal written to a
-//! connection we will not keep, and the `sendmsg` writer every flush uses.
+//! connection we will not keep, the `sendmsg` writer every flush uses, and the UDP socket
+//! StatsD reports go out on.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -64,6 +65,22 @@ pub fn set_client_options(listener: &TcpListener, sndbuf: Option<usize>) {
         ),
         Err(e) => warn!("--sndbuf {bytes}: reading SO_SNDBUF back failed: {e}"),
     }
+}
+
+/// The UDP socket StatsD reports go out on: any port of the agent's family, nonblocking,
+/// so a full socket buffer loses a report instead of stalling the loop. Not connected:
+/// the kernel then reports no ICMP "port unreachable" back to us, so an agent that is
+/// down costs its samples and nothing else, as StatsD intends (a connected socket would
+/// turn every other send into ECONNREFUSED).
+pub fn statsd_socket(agent: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let any: SocketAddr = if agent.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(any)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 /// The listener systemd passed (socket activation: `LISTEN_FDS`, `LISTEN_PID`), if any.

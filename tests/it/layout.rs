@@ -41,6 +41,7 @@ const PURE: &[&str] = &[
     "outq",
     "drain",
     "metrics",
+    "statsd",
     "id",
     "config",
     "rlimit",
@@ -65,6 +66,8 @@ const SOCKET_CALLS: &[&str] = &[
     "mio::net",
     "Registry",
     "socket2",
+    // StatsD's datagrams: the socket lives in the loop, beside the TCP ones.
+    "UdpSocket",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

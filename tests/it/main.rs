@@ -19,5 +19,6 @@ mod redis;
 mod redis_history;
 mod restarts;
 mod signals;
+mod statsd;
 mod topics;
 mod util;

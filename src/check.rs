@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{CheckArgs, Config};
-use crate::rlimit::FD_RESERVE;
+use crate::config::{CheckArgs, Config, ListenFrom};
+use crate::rlimit::{FD_RESERVE, default_max_connections};
 
 /// Memory to budget per connection: herald's own ~0.4 KiB (README, measured) plus the
 /// kernel's ~5 KiB per socket, with headroom for buffers of active connections.
@@ -107,6 +107,8 @@ pub struct Settings {
     pub reuse_port: bool,
     /// `--sndbuf`; `None`: the kernel's autotuned send buffers.
     pub sndbuf: Option<u64>,
+    /// Whether `listen` came from `--listen`, `HOST`, `PORT` alone or the default.
+    pub listen_from: ListenFrom,
 }
 
 impl Settings {
@@ -120,6 +122,7 @@ impl Settings {
             agent_listen: cfg.agent_listen,
             reuse_port: cfg.reuse_port,
             sndbuf: cfg.sndbuf.map(|b| b as u64),
+            listen_from: cfg.listen_from,
         }
     }
 }
@@ -275,6 +278,113 @@ pub fn assess_host(host: &Host, n: u64, settings: &Settings) -> Vec<Finding> {
         ));
     }
     out.extend(assess_send_buffers(host, n, settings.sndbuf));
+    out
+}
+
+/// Heroku's router closes a connection that has carried nothing for this long (its
+/// documented idle timeout, which a WebSocket's pings reset).
+const HEROKU_IDLE_TIMEOUT: Duration = Duration::from_secs(55);
+
+/// The platforms (PaaS) `herald check` recognises, by the variable each sets in every
+/// process it runs.
+const PLATFORMS: &[(&str, &str)] = &[
+    ("Heroku", "DYNO"),
+    ("Fly.io", "FLY_APP_NAME"),
+    ("Render", "RENDER"),
+];
+
+/// What the environment says about the platform herald runs on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Platform {
+    /// The platform's name and its marker as `VAR=value`.
+    pub name: Option<(&'static str, String)>,
+    /// `PORT`, where the platform's router connects.
+    pub port: Option<String>,
+}
+
+impl Platform {
+    pub fn read(env: &dyn Fn(&str) -> Option<String>) -> Platform {
+        let name = PLATFORMS.iter().find_map(|(name, var)| {
+            env(var)
+                .filter(|v| !v.is_empty())
+                .map(|v| (*name, format!("{var}={v}")))
+        });
+        Platform {
+            name,
+            port: env("PORT").filter(|p| !p.is_empty()),
+        }
+    }
+}
+
+/// The platform's side: which one this is, whether its router can reach the address
+/// herald binds, the connection budget its fd limit allows (a platform's limit is fixed
+/// by the plan, so the fix is more processes), and its router's idle timeout against
+/// `--ping-interval`.
+pub fn assess_platform(p: &Platform, host: &Host, n: u64, settings: &Settings) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let markers = PLATFORMS
+        .iter()
+        .map(|(_, var)| *var)
+        .collect::<Vec<_>>()
+        .join(", ");
+    out.push(Finding::note(match &p.name {
+        Some((name, marker)) => format!("platform: {name} ({marker})"),
+        None => format!("platform: none recognised (no {markers} in the environment)"),
+    }));
+    let listen = settings.listen;
+    out.push(match (&p.port, settings.listen_from) {
+        (Some(port), ListenFrom::PortOnly) => Finding::ok(format!(
+            "PORT={port}: herald binds {listen}, every interface, where the platform's router connects"
+        )),
+        (Some(port), from) => {
+            let why = match from {
+                ListenFrom::Flag => "--listen (or HERALD_LISTEN) wins over PORT",
+                _ => "HOST is set, so PORT only gives the port",
+            };
+            let reachable = !listen.ip().is_loopback() && port == &listen.port().to_string();
+            let what = format!("PORT={port}, but herald binds {listen}: {why}");
+            match (&p.name, reachable) {
+                (Some((name, _)), false) => Finding::fail(
+                    format!("{what}; {name}'s router connects to $PORT from outside and cannot reach it"),
+                    vec![
+                        "unset HERALD_LISTEN and HOST (and drop --listen): PORT alone binds 0.0.0.0:$PORT".to_string(),
+                        format!("or --listen 0.0.0.0:{port}"),
+                    ],
+                ),
+                _ => Finding::note(what),
+            }
+        }
+        (None, _) => Finding::note(format!("PORT is not set: herald binds {listen}")),
+    });
+    // herald raises its soft limit to the hard one and keeps FD_RESERVE back.
+    let budget = default_max_connections(host.nofile_hard) as u64;
+    let what = format!(
+        "connection budget: fd limit {} (hard) gives up to {budget} connections per process \
+         ({FD_RESERVE} descriptors kept back), for {n}",
+        host.nofile_hard
+    );
+    out.push(match &p.name {
+        Some((name, _)) => Finding::judge(
+            budget >= n,
+            what,
+            vec![format!(
+                "{name} fixes the fd limit per instance: run {} instances sharing topics through --redis",
+                n.div_ceil(budget.max(1))
+            )],
+        ),
+        None => Finding::note(what),
+    });
+    if let Some(("Heroku", _)) = &p.name {
+        out.push(Finding::judge(
+            settings.ping_interval < HEROKU_IDLE_TIMEOUT,
+            format!(
+                "--ping-interval {}s against Heroku's router idle timeout of {}s: a quiet WebSocket must see a ping first",
+                settings.ping_interval.as_secs(),
+                HEROKU_IDLE_TIMEOUT.as_secs()
+            ),
+            vec!["--ping-interval 25".to_string()],
+        ));
+    }
     out
 }
 
@@ -483,6 +593,10 @@ fn effective(settings: &Settings, command: &str, env: &str) -> Settings {
         sndbuf: setting("sndbuf")
             .and_then(|v| v.parse().ok())
             .or(settings.sndbuf),
+        listen_from: match addr("listen") {
+            Some(_) => ListenFrom::Flag,
+            None => settings.listen_from,
+        },
     }
 }
 
@@ -1305,10 +1419,15 @@ pub fn run(args: &CheckArgs, settings: &Settings) -> Result<bool, String> {
         sndbuf: sndbuf.and_then(|all| all.into_iter().max()),
         ..*settings
     };
-    let mut sections = vec![(
-        "host".to_string(),
-        assess_host(&Host::read(), n, &host_settings),
-    )];
+    let host = Host::read();
+    let platform = Platform::read(&env);
+    let mut sections = vec![
+        ("host".to_string(), assess_host(&host, n, &host_settings)),
+        (
+            "platform".to_string(),
+            assess_platform(&platform, &host, n, settings),
+        ),
+    ];
     sections.extend(files);
     println!(
         "herald check: {n} connections (drain timeout {}s, ping interval {}s, backlog {})",
@@ -1349,7 +1468,100 @@ mod tests {
             agent_listen: None,
             reuse_port: false,
             sndbuf: None,
+            listen_from: ListenFrom::Default,
         }
+    }
+
+    fn platform(vars: &[(&str, &str)]) -> Platform {
+        Platform::read(&|name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    fn host_with_nofile(hard: u64) -> Host {
+        Host {
+            nofile_soft: 1024,
+            nofile_hard: hard,
+            ..Host::default()
+        }
+    }
+
+    #[test]
+    fn platform_is_recognised_by_its_marker_and_port_alone_binds_every_interface() {
+        let p = platform(&[("DYNO", "web.1"), ("PORT", "5000")]);
+        assert_eq!(p.name, Some(("Heroku", "DYNO=web.1".to_string())));
+        let on_port = Settings {
+            listen: "0.0.0.0:5000".parse().unwrap(),
+            listen_from: ListenFrom::PortOnly,
+            ..settings()
+        };
+        let found = assess_platform(&p, &host_with_nofile(10_000), 5000, &on_port);
+        let text: Vec<String> = found.iter().map(|f| f.to_string()).collect();
+        assert!(
+            text[0].contains("platform: Heroku (DYNO=web.1)"),
+            "{text:?}"
+        );
+        assert!(
+            text[1].starts_with("ok    PORT=5000: herald binds 0.0.0.0:5000"),
+            "{text:?}"
+        );
+        assert!(
+            text[2].starts_with("ok    connection budget: fd limit 10000 (hard) gives up to 9936"),
+            "{text:?}"
+        );
+        assert!(
+            text[3].starts_with("ok    --ping-interval 25s against Heroku"),
+            "{text:?}"
+        );
+        assert!(found.iter().all(|f| f.verdict != Verdict::Fail));
+
+        assert_eq!(
+            platform(&[("FLY_APP_NAME", "push")]).name.unwrap().0,
+            "Fly.io"
+        );
+        assert_eq!(platform(&[("RENDER", "true")]).name.unwrap().0, "Render");
+        assert_eq!(platform(&[("PORT", "5000")]).name, None);
+    }
+
+    #[test]
+    fn platform_failures_name_their_fix() {
+        let p = platform(&[("DYNO", "web.1"), ("PORT", "5000")]);
+        // --listen on loopback: Heroku's router cannot reach it.
+        let slow_pings = Settings {
+            ping_interval: Duration::from_secs(60),
+            listen_from: ListenFrom::Flag,
+            ..settings()
+        };
+        let found = assess_platform(&p, &host_with_nofile(10_000), 20_000, &slow_pings);
+        let fails: Vec<String> = found
+            .iter()
+            .filter(|f| f.verdict == Verdict::Fail)
+            .map(|f| f.to_string())
+            .collect();
+        assert_eq!(fails.len(), 3, "{fails:?}");
+        assert!(
+            fails[0].contains("PORT=5000, but herald binds 127.0.0.1:8080")
+                && fails[0].contains("fix: or --listen 0.0.0.0:5000"),
+            "{fails:?}"
+        );
+        assert!(
+            fails[1].contains("run 3 instances sharing topics through --redis"),
+            "{fails:?}"
+        );
+        assert!(fails[2].contains("fix: --ping-interval 25"), "{fails:?}");
+        // Off a platform the same facts are notes: the host section judges the fd limit.
+        let found = assess_platform(
+            &platform(&[("PORT", "5000")]),
+            &host_with_nofile(10_000),
+            20_000,
+            &slow_pings,
+        );
+        assert!(
+            found.iter().all(|f| f.verdict == Verdict::Note),
+            "{found:?}"
+        );
     }
 
     fn with_agent(agent: &str) -> Settings {

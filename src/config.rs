@@ -14,6 +14,9 @@ use crate::topic::Patterns;
 /// Default bind address when neither `--listen`, `HOST` nor `PORT` says otherwise.
 const DEFAULT_HOST: &str = "127.0.0.1";
 const DEFAULT_PORT: u16 = 8080;
+/// With `PORT` and neither `HOST` nor `--listen`: a platform (Heroku, Fly, Render) says
+/// which port its router connects to, from outside, on any interface.
+const PORT_ONLY_HOST: &str = "0.0.0.0";
 /// `--sndbuf`'s bounds. Less than a page saves nothing worth having and costs a `sendmsg`
 /// per fragment of each frame (the kernel raises anything under ~2.3 KiB to its floor,
 /// SOCK_MIN_SNDBUF, anyway); setsockopt takes a C int.
@@ -26,10 +29,12 @@ const MAX_SNDBUF: usize = i32::MAX as usize;
     version,
     about = "WebSocket push server: publish over HTTP, subscribe over WebSocket.",
     after_help = "Every flag can also be set by its HERALD_* variable. PORT and HOST are \
-                  honoured too (PaaS convention) and lose to --listen / HERALD_LISTEN."
+                  honoured too (PaaS convention) and lose to --listen / HERALD_LISTEN; \
+                  PORT alone binds 0.0.0.0:$PORT."
 )]
 pub struct Args {
-    /// Address to bind [default: 127.0.0.1:8080, or $HOST:$PORT when those are set]
+    /// Address to bind [default: 127.0.0.1:8080; $HOST:$PORT when those are set;
+    /// 0.0.0.0:$PORT when only PORT is, as on Heroku, Fly or Render]
     #[arg(long, env = "HERALD_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
 
@@ -356,6 +361,7 @@ pub struct CheckArgs {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub listen_from: ListenFrom,
     pub api_key: Option<String>,
     /// `None` until `rlimit` derives it from the fd limit.
     pub max_connections: Option<usize>,
@@ -399,7 +405,8 @@ impl Args {
     /// Validate and derive. `host`/`port` are the PaaS variables, passed in so tests need
     /// no process environment.
     pub fn into_config(self, host: Option<String>, port: Option<String>) -> Result<Config, String> {
-        let listen = resolve_listen(self.listen.as_deref(), host.as_deref(), port.as_deref())?;
+        let (listen, listen_from) =
+            resolve_listen(self.listen.as_deref(), host.as_deref(), port.as_deref())?;
         if self.max_message_size == 0 {
             return Err("--max-message-size must be at least 1".into());
         }
@@ -550,6 +557,7 @@ impl Args {
             redis,
             reuse_port: self.reuse_port,
             listen,
+            listen_from,
             api_key,
             max_connections: self.max_connections,
             max_message_size: self.max_message_size,
@@ -581,17 +589,44 @@ impl Args {
     }
 }
 
-/// `--listen` wins; otherwise `HOST` and `PORT` fill in whichever half they name.
+/// Where the listen address came from, for the log line that says why and for `herald
+/// check`'s platform report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenFrom {
+    /// `--listen` or `HERALD_LISTEN`.
+    Flag,
+    /// `HOST` (and perhaps `PORT`).
+    HostEnv,
+    /// `PORT` alone: every interface, because a platform's router (Heroku, Fly, Render)
+    /// connects from outside the container and could never reach 127.0.0.1.
+    PortOnly,
+    /// Nothing set: loopback, for HAProxy on the same host.
+    Default,
+}
+
+/// `--listen` wins; otherwise `HOST` and `PORT` fill in whichever half they name, and
+/// `PORT` alone binds every interface (`PORT_ONLY_HOST`).
 fn resolve_listen(
     listen: Option<&str>,
     host: Option<&str>,
     port: Option<&str>,
-) -> Result<SocketAddr, String> {
+) -> Result<(SocketAddr, ListenFrom), String> {
+    let host = host.filter(|h| !h.is_empty());
+    let port = port.filter(|p| !p.is_empty());
+    let from = match (listen, host, port) {
+        (Some(_), _, _) => ListenFrom::Flag,
+        (None, Some(_), _) => ListenFrom::HostEnv,
+        (None, None, Some(_)) => ListenFrom::PortOnly,
+        (None, None, None) => ListenFrom::Default,
+    };
     let text = match listen {
         Some(addr) => addr.to_string(),
         None => {
-            let host = host.filter(|h| !h.is_empty()).unwrap_or(DEFAULT_HOST);
-            let port = match port.filter(|p| !p.is_empty()) {
+            let host = match from {
+                ListenFrom::PortOnly => PORT_ONLY_HOST,
+                _ => host.unwrap_or(DEFAULT_HOST),
+            };
+            let port = match port {
                 Some(p) => p
                     .parse::<u16>()
                     .map_err(|_| format!("PORT={p} is not a port"))?,
@@ -605,10 +640,12 @@ fn resolve_listen(
             }
         }
     };
-    text.to_socket_addrs()
+    let addr = text
+        .to_socket_addrs()
         .map_err(|e| format!("listen address {text}: {e}"))?
         .next()
-        .ok_or_else(|| format!("listen address {text} resolves to nothing"))
+        .ok_or_else(|| format!("listen address {text} resolves to nothing"))?;
+    Ok((addr, from))
 }
 
 #[cfg(test)]
@@ -631,8 +668,19 @@ mod tests {
             .into_config(Some("0.0.0.0".into()), Some("9000".into()))
             .unwrap();
         assert_eq!(cfg.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(cfg.listen_from, ListenFrom::HostEnv);
+        // PORT alone, as a platform sets it: every interface, so its router can connect.
         let cfg = args(&[]).into_config(None, Some("9001".into())).unwrap();
-        assert_eq!(cfg.listen, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(cfg.listen, "0.0.0.0:9001".parse().unwrap());
+        assert_eq!(cfg.listen_from, ListenFrom::PortOnly);
+        let cfg = args(&[])
+            .into_config(Some(String::new()), Some("9001".into()))
+            .unwrap();
+        assert_eq!(
+            cfg.listen,
+            "0.0.0.0:9001".parse().unwrap(),
+            "an empty HOST is unset"
+        );
         let cfg = args(&[])
             .into_config(Some("::1".into()), Some("9002".into()))
             .unwrap();
@@ -643,6 +691,11 @@ mod tests {
     fn explicit_listen_beats_host_and_port() {
         let cfg = args(&["--listen", "127.0.0.2:7000"])
             .into_config(Some("0.0.0.0".into()), Some("9000".into()))
+            .unwrap();
+        assert_eq!(cfg.listen, "127.0.0.2:7000".parse().unwrap());
+        assert_eq!(cfg.listen_from, ListenFrom::Flag);
+        let cfg = args(&["--listen", "127.0.0.2:7000"])
+            .into_config(None, Some("9000".into()))
             .unwrap();
         assert_eq!(cfg.listen, "127.0.0.2:7000".parse().unwrap());
     }

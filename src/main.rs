@@ -60,6 +60,13 @@ fn run() -> Result<i32, String> {
     );
 
     let listen = cfg.listen;
+    if cfg.listen_from == config::ListenFrom::PortOnly {
+        info!(
+            "binding {listen}: PORT is set and neither HOST nor --listen is, so every \
+             interface (a platform's router connects from outside; set HOST=127.0.0.1 to \
+             stay on loopback)"
+        );
+    }
     let server = reactor::Server::bind(cfg, nofile, max_connections)
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     info!("listening on {}", server.local_addr());

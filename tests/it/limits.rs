@@ -106,6 +106,10 @@ fn help_lists_every_flag_with_its_variable() {
         "compression",
         "no-compression",
         "compression-min-size",
+        "statsd",
+        "statsd-interval",
+        "statsd-prefix",
+        "statsd-tags",
     ] {
         assert!(
             help.contains(&format!("--{flag}")),

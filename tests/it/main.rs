@@ -14,6 +14,7 @@ mod layout;
 mod limits;
 mod liveness;
 mod overload;
+mod package;
 mod platform;
 mod presence;
 mod redis;

@@ -285,6 +285,13 @@ pub fn tls(
 fn tls_error(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "TLS handshake timed out".into(),
+        // `openssl req -x509` marks its certificate CA:TRUE, which WebPKI (and so rustls)
+        // refuses as a server's own certificate, trusted or not.
+        _ if e.to_string().contains("CaUsedAsEndEntity") => format!(
+            "TLS: {e}: the server's certificate is a CA certificate (as `openssl req -x509` \
+             makes by default); serve a leaf certificate signed by it, or make the \
+             self-signed one with `-addext basicConstraints=critical,CA:FALSE`"
+        ),
         _ => format!("TLS: {e}"),
     }
 }
@@ -439,6 +446,23 @@ impl HttpAnswer {
     }
 }
 
+/// Why a request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpError {
+    /// No connection to send it on (DNS, TCP, TLS).
+    Connect(String),
+    /// Sent, and the connection failed or closed before a whole answer head.
+    Answer(String),
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpError::Connect(e) | HttpError::Answer(e) => f.write_str(e),
+        }
+    }
+}
+
 /// One request on its own connection (`Connection: close`), answered within `timeout`.
 pub fn http_request(
     target: &Target,
@@ -447,8 +471,8 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
     timeout: Duration,
-) -> Result<HttpAnswer, String> {
-    let mut stream = connect(target, tls_config, timeout)?;
+) -> Result<HttpAnswer, HttpError> {
+    let mut stream = connect(target, tls_config, timeout).map_err(HttpError::Connect)?;
     let mut head = format!(
         "{method} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: herald/{}\r\n",
         target.path,
@@ -465,7 +489,7 @@ pub fn http_request(
     stream
         .write_all(&[head.as_bytes(), body].concat())
         .and_then(|()| stream.flush())
-        .map_err(|e| format!("sending the request: {e}"))?;
+        .map_err(|e| HttpError::Answer(format!("sending the request: {e}")))?;
     let deadline = Instant::now() + timeout;
     let mut got = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -476,14 +500,16 @@ pub fn http_request(
             // A TLS peer that closes without close_notify (HAProxy often does) has still
             // sent what it sent.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !got.is_empty() => break,
-            Err(e) if got.is_empty() => return Err(format!("reading the answer: {e}")),
+            Err(e) if got.is_empty() => {
+                return Err(HttpError::Answer(format!("reading the answer: {e}")));
+            }
             Err(_) => break,
         }
         if answer_complete(&got) {
             break;
         }
     }
-    parse_answer(&got)
+    parse_answer(&got).map_err(HttpError::Answer)
 }
 
 /// Whether `got` holds a whole Content-Length-framed answer (so a server that keeps the

@@ -20,7 +20,9 @@ use tungstenite::WebSocket;
 
 use crate::check::{Finding, Verdict};
 use crate::config::LiveArgs;
-use crate::probe::client::{self, Event, HttpAnswer, Kind, Stream, Target, UpgradeError};
+use crate::probe::client::{
+    self, Event, HttpAnswer, HttpError, Kind, Stream, Target, UpgradeError,
+};
 
 /// The probe topics' prefix: a topic an application never uses.
 const PROBE_PREFIX: &str = "herald-check.";
@@ -141,7 +143,7 @@ pub fn judge_ping(wait: &PingWait, interval: Duration) -> Finding {
 pub fn judge_public_path(
     label: &str,
     url: &str,
-    public: &Result<HttpAnswer, String>,
+    public: &Result<HttpAnswer, HttpError>,
     own: Option<&HttpAnswer>,
 ) -> Finding {
     let fix: &[&str] = &[
@@ -151,7 +153,18 @@ pub fn judge_public_path(
          --api-key trusts loopback to publish and read history",
     ];
     let answer = match public {
-        Err(e) => return ok(format!("{label:<10} not answered through {url} ({e})")),
+        // Nothing to judge: the chain above says why the public URL cannot be reached.
+        Err(HttpError::Connect(e)) => {
+            return finding(
+                Verdict::Note,
+                format!("{label:<10} not checked: no connection to {url} ({e})"),
+                Vec::new(),
+            );
+        }
+        // Asked, and the connection was dropped: a proxy may refuse that way.
+        Err(HttpError::Answer(e)) => {
+            return ok(format!("{label:<10} not answered through {url} ({e})"));
+        }
         Ok(a) => a,
     };
     let status = answer.status;
@@ -223,15 +236,13 @@ struct Report {
 }
 
 impl Report {
-    fn add(&mut self, f: Finding) -> bool {
-        let good = f.verdict != Verdict::Fail;
-        if good {
-            self.passed += 1;
-        } else {
-            self.failed += 1;
+    fn add(&mut self, f: Finding) {
+        match f.verdict {
+            Verdict::Ok => self.passed += 1,
+            Verdict::Fail => self.failed += 1,
+            Verdict::Note => {}
         }
         println!("  {f}");
-        good
     }
 }
 
@@ -673,7 +684,7 @@ mod tests {
     #[test]
     fn herald_api_answers_through_the_public_origin_fail() {
         let url = "https://push.example.com";
-        let judge = |public: Result<HttpAnswer, String>, own: Option<HttpAnswer>| {
+        let judge = |public: Result<HttpAnswer, HttpError>, own: Option<HttpAnswer>| {
             judge_public_path("/publish", url, &public, own.as_ref()).verdict
         };
         // The proxy's refusal, whatever herald would have said.
@@ -683,7 +694,15 @@ mod tests {
             judge(Ok(haproxy.clone()), Some(herald_401.clone())),
             Verdict::Ok
         );
-        assert_eq!(judge(Err("refused".into()), None), Verdict::Ok);
+        assert_eq!(
+            judge(Err(HttpError::Answer("reset".into())), None),
+            Verdict::Ok
+        );
+        // No connection at all proves nothing either way.
+        assert_eq!(
+            judge(Err(HttpError::Connect("refused".into())), None),
+            Verdict::Note
+        );
         // Success is reachable, and so is herald's own refusal passed through.
         assert_eq!(judge(Ok(answer(200, "{\"id\":1}")), None), Verdict::Fail);
         assert_eq!(

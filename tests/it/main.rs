@@ -15,6 +15,7 @@ mod limits;
 mod liveness;
 mod overload;
 mod presence;
+mod probe;
 mod redis;
 mod redis_history;
 mod restarts;

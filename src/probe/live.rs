@@ -511,7 +511,7 @@ impl Probe<'_> {
         }) {
             Ok(v) if v["data"]["probe"] == nonce.as_str() => {
                 report.add(ok(format!(
-                    "deliver    {:>9}  from the publish to the message (id {})",
+                    "deliver    {:>9}  since the publish began (id {})",
                     took(start.elapsed()),
                     v["id"]
                 )));

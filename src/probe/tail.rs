@@ -274,7 +274,7 @@ pub fn run(args: &TailArgs) -> Result<i32, String> {
         };
         if let Some(code) = code {
             let line = serde_json::json!({"op": "close", "code": code, "reason": reason});
-            println!("{line}");
+            emit(&line.to_string());
         }
         if !args.follow {
             return Ok(match end {
@@ -359,6 +359,15 @@ fn session(
     }
 }
 
+/// One line on stdout, flushed, so a pipe reads each message when it comes. A reader
+/// that went away (`herald tail ... | head -3`) ends tail quietly, as it ends `tail -f`.
+fn emit(line: &str) {
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
 fn ping(ws: &mut WebSocket<Stream>) -> Result<(), String> {
     ws.send(Message::Ping(Default::default()))
         .map_err(|e| e.to_string())
@@ -373,13 +382,11 @@ fn handle(text: &str, positions: &mut Positions, hint: &mut Option<Duration>) {
     match frame.op.as_str() {
         "message" => {
             let (Some(topic), Some(id)) = (&frame.topic, frame.id) else {
-                println!("{}", one_json_line(text));
+                emit(&one_json_line(text));
                 return;
             };
             if positions.message(topic, id) == Verdict::Print {
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{}", one_json_line(text));
-                let _ = out.flush();
+                emit(&one_json_line(text));
             }
         }
         "subscribed" => {

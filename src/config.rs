@@ -381,6 +381,10 @@ pub struct TailArgs {
     /// The longest a connection attempt (DNS, TCP, TLS, upgrade) may take
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub timeout: u64,
+    /// Ping the server after this long with nothing from it; as long again with nothing,
+    /// not even the pong, and the connection is lost
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub keepalive: u64,
 }
 
 /// Validated settings. Durations are `Duration`, lists are parsed, the address resolved.

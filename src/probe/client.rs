@@ -371,6 +371,8 @@ pub enum Event {
     Text(String),
     /// A WebSocket ping from the server; its pong is on its way.
     Ping,
+    /// The answer to a ping of ours.
+    Pong,
     /// The server's close frame (code 1005 when it carried none).
     Closed {
         code: u16,
@@ -409,6 +411,7 @@ pub fn next_event(ws: &mut WebSocket<Stream>, deadline: Instant) -> Event {
                 let _ = ws.flush();
                 return Event::Closed { code, reason };
             }
+            Ok(Message::Pong(_)) => return Event::Pong,
             Ok(_) => continue,
             Err(tungstenite::Error::Io(e))
                 if matches!(

@@ -558,7 +558,7 @@ impl Probe<'_> {
                         return Ok(v);
                     }
                 }
-                Event::Ping => continue,
+                Event::Ping | Event::Pong => continue,
                 Event::Closed { code, reason } => {
                     return Err(format!("the server closed with {code} {reason:?}"));
                 }
@@ -579,7 +579,7 @@ impl Probe<'_> {
             let silent = last_sent.elapsed();
             return match event {
                 Event::Ping => PingWait::Pinged { silent },
-                Event::Text(_) => continue,
+                Event::Text(_) | Event::Pong => continue,
                 Event::Closed { code, reason } => PingWait::Closed {
                     silent,
                     code,

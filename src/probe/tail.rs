@@ -29,11 +29,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A connection that stayed open this long starts the backoff over.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
-/// Silence after which tail pings the server itself (a little over herald's default
-/// 25 s --ping-interval, so a default herald's own pings usually come first), and how
-/// long it then waits for anything before calling the connection dead.
-const IDLE_PING: Duration = Duration::from_secs(30);
-const PONG_WAIT: Duration = Duration::from_secs(20);
 
 /// Where each topic stands: its epoch and the last id printed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -240,9 +235,12 @@ pub fn run(args: &TailArgs) -> Result<i32, String> {
     for topic in &args.topics {
         crate::topic::check_name(topic).map_err(|e| format!("topic {topic:?}: {e}"))?;
     }
-    if args.timeout == 0 {
-        return Err("--timeout must be at least 1 second".into());
+    if args.timeout == 0 || args.keepalive == 0 {
+        return Err("--timeout and --keepalive must be at least 1 second".into());
     }
+    // Its default, 30 s, is a little over herald's default --ping-interval (25 s), so a
+    // default herald's own pings come first and tail sends none.
+    let keepalive = Duration::from_secs(args.keepalive);
     let tls = if target.tls {
         Some(client::tls_config(args.ca_file.as_deref())?)
     } else {
@@ -261,6 +259,7 @@ pub fn run(args: &TailArgs) -> Result<i32, String> {
             tls.as_ref(),
             &origin,
             timeout,
+            keepalive,
             &mut positions,
             &mut hint,
         );
@@ -305,6 +304,7 @@ fn session(
     tls: Option<&Arc<ClientConfig>>,
     origin: &str,
     timeout: Duration,
+    keepalive: Duration,
     positions: &mut Positions,
     hint: &mut Option<Duration>,
 ) -> End {
@@ -327,9 +327,9 @@ fn session(
     let mut pinged = false;
     loop {
         let deadline = if pinged {
-            last_heard + IDLE_PING + PONG_WAIT
+            last_heard + keepalive * 2
         } else {
-            last_heard + IDLE_PING
+            last_heard + keepalive
         };
         match client::next_event(&mut ws, deadline) {
             Event::Text(text) => {
@@ -337,7 +337,7 @@ fn session(
                 pinged = false;
                 handle(&text, positions, hint);
             }
-            Event::Ping => {
+            Event::Ping | Event::Pong => {
                 last_heard = Instant::now();
                 pinged = false;
             }
@@ -346,7 +346,7 @@ fn session(
             Event::Timeout if pinged => {
                 return End::Lost(format!(
                     "nothing from the server for {}s, not even a pong",
-                    (IDLE_PING + PONG_WAIT).as_secs()
+                    (keepalive * 2).as_secs()
                 ));
             }
             Event::Timeout => {

@@ -581,3 +581,38 @@ fn tail_follow_gets_every_id_once_across_a_restart() {
     assert!(stderr.contains("the server's hint"), "{stderr}");
     assert!(!stderr.contains("not recovered"), "{stderr}");
 }
+
+#[test]
+fn tail_keeps_a_quiet_connection_with_its_own_pings() {
+    // herald would ping only after a minute; tail pings after 1 s of silence, and its
+    // pongs must count as news, or it would call the connection lost after 2 s.
+    let herald = Herald::start(&["--ping-interval", "60"]);
+    let tail = Tail::start(&[
+        "--follow",
+        "--keepalive",
+        "1",
+        &format!("ws://{}/ws", herald.addr),
+        "quiet",
+    ]);
+    tail.await_stderr("subscribed quiet", 1);
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(
+        herald.publish("quiet", "1")["delivered"],
+        1,
+        "{}",
+        tail.stderr()
+    );
+    tail.await_messages(1);
+    assert!(
+        !tail.json().iter().any(|v| v["op"] == "close"),
+        "{:?}\n{}",
+        tail.stdout(),
+        tail.stderr()
+    );
+    assert_eq!(
+        tail.stderr().matches("connected to").count(),
+        1,
+        "{}",
+        tail.stderr()
+    );
+}

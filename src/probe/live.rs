@@ -26,8 +26,9 @@ use crate::probe::client::{
 
 /// The probe topics' prefix: a topic an application never uses.
 const PROBE_PREFIX: &str = "herald-check.";
-/// herald's ping timer fires at the deadline rounded up to its poll's resolution, and
-/// the ping crosses the proxy: allow this much past the interval, plus a tenth of it.
+/// herald pings once a socket has been silent for the interval, when its loop next wakes
+/// for the timer (later on a busy process), and the ping crosses the proxy: allow this
+/// much past the interval, plus a tenth of it.
 const PING_GRACE: Duration = Duration::from_secs(1);
 
 fn finding(verdict: Verdict, what: String, fix: Vec<String>) -> Finding {

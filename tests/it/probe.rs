@@ -154,8 +154,8 @@ fn private_ca(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (dir.join("ca.pem"), dir.join("site.pem"))
 }
 
-/// herald behind HAProxy running `config`, with the TLS listener when `tls`. Returns the
-/// public port, and the TLS port with the certificate to trust.
+/// herald behind HAProxy running `config`: the public port, and with TLS its port and
+/// the CA certificate to trust.
 struct Kit {
     herald: Herald,
     _haproxy: HaProxy,
@@ -257,6 +257,17 @@ fn check_live_passes_over_tls_and_fails_on_an_untrusted_certificate() {
     }
     assert!(out.contains("all 11 checks passed"), "{out}");
 
+    // tail over the same wss://.
+    let tail = Tail::start(&[&url, "secure", "--ca-file", cert.to_str().unwrap()]);
+    tail.await_stderr("subscribed secure", 1);
+    assert_eq!(
+        kit.herald.publish("secure", r#""over tls""#)["delivered"],
+        1
+    );
+    tail.await_messages(1);
+    assert_eq!(tail.messages()[0]["data"], "over tls");
+    drop(tail);
+
     // Without the certificate to trust, TLS fails and says how to fix it.
     let o = check_live(&[&url, "--publish", &publish, "--ping-interval", PING]);
     let out = report(&o);
@@ -273,7 +284,7 @@ fn check_live_passes_over_tls_and_fails_on_an_untrusted_certificate() {
 #[test]
 fn check_live_fails_when_the_tunnel_timeout_is_shorter_than_the_ping_interval() {
     let shipped = std::fs::read_to_string(repo("haproxy/haproxy.cfg")).unwrap();
-    let wrong = "    timeout tunnel 1s\n";
+    let wrong = "    timeout tunnel 2s\n";
     let edited = shipped.replacen("    timeout tunnel 1h\n", wrong, 1);
     assert!(
         edited.contains(wrong),

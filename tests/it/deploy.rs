@@ -45,7 +45,7 @@ fn text(o: &Output) -> String {
 }
 
 /// A self-signed certificate for `localhost`: (certificate, certificate + key for HAProxy).
-pub(crate) fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     require("openssl", "openssl");
     let (cert, key, pem) = (
         dir.join("cert.pem"),

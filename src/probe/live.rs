@@ -230,7 +230,7 @@ type ApiRequest<'a> = (
     &'a [u8],
 );
 
-/// One check, printed as it comes.
+/// The tally of the checks; each is printed as it is judged.
 struct Report {
     passed: usize,
     failed: usize,

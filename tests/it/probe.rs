@@ -627,3 +627,24 @@ fn tail_keeps_a_quiet_connection_with_its_own_pings() {
         tail.stderr()
     );
 }
+
+#[test]
+fn check_live_sends_the_pages_origin_and_names_allowed_origins_when_refused() {
+    // The URL's own origin is what a page on that site sends; herald allows another.
+    let herald = Herald::start(&["--allowed-origins", "https://app.example"]);
+    let o = check_live(&[
+        &format!("ws://{}/ws", herald.addr),
+        "--publish",
+        &format!("http://{}/publish", herald.addr),
+    ]);
+    let out = report(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert_fail(&out, "upgrade");
+    assert!(line(&out, "upgrade").contains("403"), "{out}");
+    assert!(out.contains("--allowed-origins"), "{out}");
+    assert!(
+        !out.lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("subscribe")),
+        "the chain went on past a refused upgrade:\n{out}"
+    );
+}

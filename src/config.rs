@@ -338,6 +338,9 @@ pub enum Command {
     /// Check whether this host, and optionally deployment files, can hold N connections;
     /// print the fix for each gap. Exit 0 only when everything fits
     Check(CheckArgs),
+    /// Subscribe to TOPICs and print each message as one JSON line; with --follow,
+    /// reconnect and resume so nothing is missed or printed twice
+    Tail(TailArgs),
 }
 
 /// `herald check`'s own flags (the check itself lives in `check.rs`).
@@ -355,6 +358,69 @@ pub struct CheckArgs {
     /// An HAProxy configuration to check against herald's settings
     #[arg(long, value_name = "FILE")]
     pub haproxy: Option<PathBuf>,
+    #[command(flatten)]
+    pub live: LiveArgs,
+}
+
+/// `herald check --live`: a deployment checked end to end (`probe/live.rs`).
+#[derive(clap::Args, Debug)]
+pub struct LiveArgs {
+    /// Check a deployment end to end instead of this host: connect to this public ws:// or
+    /// wss:// URL as a browser would, publish through --publish, wait for the delivery
+    #[arg(long, value_name = "URL", requires = "publish")]
+    pub live: Option<String>,
+    /// With --live: herald's internal /publish URL (http:// or https://)
+    #[arg(long, value_name = "URL", requires = "live")]
+    pub publish: Option<String>,
+    /// With --live: the key herald's /publish wants
+    #[arg(
+        long,
+        env = "HERALD_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// With --live: the server's --ping-interval; a ping must come within it (plus a
+    /// grace) [default: herald's own, from --ping-interval or HERALD_PING_INTERVAL]
+    #[arg(long, value_name = "SECS")]
+    pub ping_interval: Option<u64>,
+    /// With --live: the Origin header of the upgrade [default: the URL's origin]
+    #[arg(long, value_name = "ORIGIN")]
+    pub origin: Option<String>,
+    /// With --live: trust this PEM certificate (or CA) too, besides the system's
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// With --live: the longest any one step may take
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub timeout: u64,
+}
+
+/// `herald tail` (`probe/tail.rs`).
+#[derive(clap::Args, Debug)]
+pub struct TailArgs {
+    /// herald's WebSocket URL, ws:// or wss:// (e.g. wss://push.example.com/ws)
+    #[arg(value_name = "URL")]
+    pub url: String,
+    /// Topics to subscribe to
+    #[arg(value_name = "TOPIC", required = true)]
+    pub topics: Vec<String>,
+    /// Reconnect when the connection ends (with backoff, after the server's reconnect
+    /// hint) and resume each topic from the last id printed
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// The Origin header of the upgrade [default: the URL's origin]
+    #[arg(long, value_name = "ORIGIN")]
+    pub origin: Option<String>,
+    /// Trust this PEM certificate (or CA) too, besides the system's
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// The longest a connection attempt (DNS, TCP, TLS, upgrade) may take
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub timeout: u64,
+    /// Ping the server after this long with nothing from it; as long again with nothing,
+    /// not even the pong, and the connection is lost
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub keepalive: u64,
 }
 
 /// Validated settings. Durations are `Duration`, lists are parsed, the address resolved.

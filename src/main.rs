@@ -15,6 +15,7 @@ mod http;
 mod id;
 mod metrics;
 mod outq;
+mod probe;
 mod pubsub;
 mod reactor;
 mod rlimit;
@@ -43,8 +44,14 @@ fn run() -> Result<i32, String> {
     let mut args = config::Args::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let command = args.command.take();
+    if let Some(config::Command::Tail(tail)) = &command {
+        return probe::tail::run(tail);
+    }
     let cfg = args.into_config(std::env::var("HOST").ok(), std::env::var("PORT").ok())?;
     if let Some(config::Command::Check(check)) = command {
+        if check.live.live.is_some() {
+            return probe::live::run(&check.live, cfg.ping_interval);
+        }
         let fits = check::run(&check, &check::Settings::from_config(&cfg))?;
         return Ok(if fits { 0 } else { 1 });
     }

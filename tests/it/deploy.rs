@@ -21,11 +21,11 @@ use crate::util::{
 /// The shipped supervisord.conf has one control socket path; one supervisord at a time.
 static SUPERVISORD: Mutex<()> = Mutex::new(());
 
-fn repo(path: &str) -> PathBuf {
+pub(crate) fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
+pub(crate) fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("herald-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -74,18 +74,23 @@ fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
 
 // ---- the programs ------------------------------------------------------------------
 
-struct HaProxy {
+pub(crate) struct HaProxy {
     child: Child,
     stats: SocketAddr,
 }
 
 impl HaProxy {
-    fn start(env: &[(&str, String)]) -> HaProxy {
+    pub(crate) fn start(env: &[(&str, String)]) -> HaProxy {
+        HaProxy::start_with(&repo("haproxy/haproxy.cfg"), env)
+    }
+
+    /// HAProxy on another configuration (the shipped one, edited by a test).
+    pub(crate) fn start_with(config: &Path, env: &[(&str, String)]) -> HaProxy {
         require("haproxy", "haproxy");
         let stats: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new("haproxy")
             .args(["-db", "-f"])
-            .arg(repo("haproxy/haproxy.cfg"))
+            .arg(config)
             .env("HERALD_STATS_BIND", stats.to_string())
             // This host's hard fd limit cannot hold the shipped 100000 (2 fds each).
             .env("HERALD_HAPROXY_MAXCONN", "4000")
@@ -104,7 +109,7 @@ impl HaProxy {
     }
 
     /// The `status` column of the stats CSV for herald's server: "UP", "DOWN", ...
-    fn herald_status(&self) -> String {
+    pub(crate) fn herald_status(&self) -> String {
         self.server_status("herald1")
     }
 

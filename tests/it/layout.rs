@@ -50,7 +50,15 @@ const HANDLERS: &[&str] = &["http::front", "session", "pubsub::pipeline"];
 const TABLE: &[&str] = &["conn"];
 const LOOP: &[&str] = &["reactor", "reactor::net", "reactor::state"];
 /// Outside the layers, and the only modules besides the loop that may use the loop.
-const START: &[&str] = &[ROOT, "check"];
+const START: &[&str] = &[
+    ROOT,
+    "check",
+    // The operator's probes (`check --live`, `tail`): separate commands with blocking
+    // sockets of their own; no server module uses them.
+    "probe::client",
+    "probe::live",
+    "probe::tail",
+];
 
 /// Only these make socket system calls (the Redis link's I/O methods are called by the
 /// loop only).

@@ -17,6 +17,7 @@ mod overload;
 mod package;
 mod platform;
 mod presence;
+mod probe;
 mod redis;
 mod redis_history;
 mod restarts;

@@ -280,6 +280,15 @@ fn the_debian_package_installs_verifies_runs_and_purges() {
     ] {
         assert!(out.contains(section), "{section:?} missing:\n{out}");
     }
+    // The operators' probes come in the same binary.
+    for (sub, flag) in [("tail", "--follow"), ("check", "--live")] {
+        let o = run(Command::new("/usr/bin/herald").args([sub, "--help"]));
+        assert!(
+            text(&o).contains(flag),
+            "herald {sub} --help lacks {flag}: {}",
+            text(&o)
+        );
+    }
     let mut cmd = Command::new("setpriv");
     cmd.args([
         "--reuid=herald",

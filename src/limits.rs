@@ -723,3 +723,170 @@ mod tests {
         assert_eq!(a.len(), 0);
     }
 }
+
+/// The rules as the handlers apply them: through the front door and the session handler,
+/// wired as the reactor wires them (`testkit`), with no socket.
+#[cfg(test)]
+mod wired {
+    use std::net::IpAddr;
+    use std::time::Duration;
+
+    use crate::conn::{ClientAddr, State};
+    use crate::http::proxy::tests::header;
+    use crate::testkit::World;
+
+    const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+                           Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                           Sec-WebSocket-Version: 13\r\n";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn proxied(client: &str) -> Vec<u8> {
+        header(ip(client), ip("127.0.0.1"), &[])
+    }
+
+    #[test]
+    fn a_trusted_proxys_header_names_the_client_even_in_pieces() {
+        let mut w = World::new(&[]);
+        let id = w.connect();
+        let mut bytes = proxied("203.0.113.5");
+        bytes.extend_from_slice(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+        for chunk in bytes.chunks(5) {
+            w.send(id, chunk);
+        }
+        assert!(w.take_text(id).starts_with("HTTP/1.1 200"));
+        assert_eq!(w.conns[id].client_ip(), ip("203.0.113.5"));
+        assert_eq!(w.conns.addresses.connections(ip("203.0.113.5")), 1);
+        // However it ends (here: finished after a response, as a drain does), removing
+        // the record releases the count.
+        let _ = w.conns.finish(id, w.now);
+        assert_eq!(w.conns.addresses.connections(ip("203.0.113.5")), 1);
+        w.conns.remove(id);
+        assert_eq!(w.conns.addresses.connections(ip("203.0.113.5")), 0);
+        // LOCAL (a health check) names nobody: the proxy's own connection.
+        let check = w.connect();
+        let mut local = crate::http::proxy::SIGNATURE.to_vec();
+        local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+        local.extend_from_slice(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+        w.send(check, &local);
+        assert!(w.take_text(check).starts_with("HTTP/1.1 200"));
+        assert_eq!(w.conns[check].client(), ClientAddr::ProxyOwn);
+    }
+
+    #[test]
+    fn a_proxy_header_from_an_untrusted_peer_is_refused() {
+        let mut w = World::new(&[]);
+        let id = w.connect_from("198.51.100.7");
+        let mut bytes = proxied("10.9.9.9");
+        bytes.extend_from_slice(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+        w.send(id, &bytes);
+        let out = w.take_text(id);
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        assert!(out.contains("--trusted-proxies"), "{out}");
+        assert_eq!(w.conns[id].client_ip(), ip("198.51.100.7"));
+        assert_eq!(w.counters.refusals.get(super::Refused::ProxyUntrusted), 1);
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_from_trusted_peers_and_only_on_upgrades() {
+        let mut w = World::new(&["--max-connections-per-ip", "1"]);
+        // From a trusted peer: the rightmost untrusted address is the client.
+        let xff = "X-Forwarded-For: 6.6.6.6, 203.0.113.8\r\n";
+        let (a, _) = w.open_with("/ws", xff);
+        assert_eq!(w.conns[a].client_ip(), ip("203.0.113.8"));
+        // A second WebSocket for that client is one too many.
+        let b = w.connect();
+        w.send(b, format!("{UPGRADE}{xff}\r\n").as_bytes());
+        let out = w.take_text(b);
+        assert!(out.starts_with("HTTP/1.1 429"), "{out}");
+        assert!(
+            out.contains("too many connections from your address"),
+            "{out}"
+        );
+        // From an untrusted peer, the header is ignored: the peer is the client.
+        let c = w.connect_from("192.0.2.50");
+        w.send(c, format!("{UPGRADE}{xff}\r\n").as_bytes());
+        assert!(w.take_text(c).starts_with("HTTP/1.1 101"));
+        assert_eq!(w.conns[c].client_ip(), ip("192.0.2.50"));
+        // The first one ends: its address may connect again.
+        let _ = w.conns.kill(a);
+        for id in w.conns.take_reap() {
+            w.conns.remove(id);
+        }
+        let d = w.connect();
+        w.send(d, format!("{UPGRADE}{xff}\r\n").as_bytes());
+        assert!(w.take_text(d).starts_with("HTTP/1.1 101"));
+    }
+
+    #[test]
+    fn require_proxy_protocol_refuses_a_trusted_peer_without_a_header() {
+        let mut w = World::new(&["--require-proxy-protocol"]);
+        let id = w.connect();
+        w.send(id, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+        let out = w.take_text(id);
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        assert!(out.contains("--require-proxy-protocol"), "{out}");
+        let ok = w.connect();
+        let mut bytes = proxied("203.0.113.9");
+        bytes.extend_from_slice(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+        w.send(ok, &bytes);
+        assert!(w.take_text(ok).starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn the_metrics_port_answers_metrics_and_health_only() {
+        let mut w = World::new(&["--metrics-listen", "127.0.0.1:0"]);
+        let main = w.connect();
+        w.send(main, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(w.take_text(main).starts_with("HTTP/1.1 404"));
+        let scrape = w.connect();
+        w.conns[scrape].metrics_port = true;
+        w.send(scrape, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let out = w.take_text(scrape);
+        assert!(out.starts_with("HTTP/1.1 200") && out.contains("herald_refusals_total"));
+        w.send(scrape, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(w.take_text(scrape).starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn an_op_flood_gets_rate_limited_then_1008() {
+        let mut w = World::new(&["--client-op-rate", "10/s", "--client-op-burst", "5"]);
+        let id = w.open("/ws");
+        for _ in 0..5 {
+            w.send_text(id, r#"{"op":"ping"}"#);
+        }
+        assert!(w.messages(id).iter().all(|m| m["op"] == "pong"));
+        w.send_text(id, r#"{"op":"ping"}"#);
+        assert_eq!(w.messages(id)[0]["error"], "rate_limited");
+        // Waiting earns it back.
+        w.advance(Duration::from_millis(300));
+        w.send_text(id, r#"{"op":"ping"}"#);
+        assert_eq!(w.messages(id)[0]["op"], "pong");
+        // Persisting closes it.
+        for _ in 0..20 {
+            w.send_text(id, r#"{"op":"ping"}"#);
+        }
+        let frames = w.frames(id);
+        assert_eq!(frames.last().and_then(|f| f.close_code()), Some(1008));
+        assert!(matches!(w.conns[id].state, State::Closing(_)));
+        assert_eq!(w.counters.refusals.get(super::Refused::OpRateClosed), 1);
+    }
+
+    #[test]
+    fn subscriptions_past_the_cap_are_unavailable_at_connect_and_later() {
+        let mut w = World::new(&["--max-subscriptions", "2"]);
+        let a = w.open("/ws?topics=x,y,z");
+        let got = w.messages(a);
+        assert_eq!(got[2]["error"], "unavailable", "{got:?}");
+        let b = w.open("/ws");
+        w.send_text(b, r#"{"op":"subscribe","topic":"x"}"#);
+        assert_eq!(w.messages(b)[0]["error"], "unavailable");
+        w.send_text(a, r#"{"op":"unsubscribe","topic":"x"}"#);
+        let _ = w.messages(a);
+        w.send_text(b, r#"{"op":"subscribe","topic":"x"}"#);
+        assert_eq!(w.messages(b)[0]["op"], "subscribed");
+        assert_eq!(w.pubsub.subscriptions(), (2, 2));
+    }
+}

@@ -14,6 +14,7 @@ mod layout;
 mod limits;
 mod liveness;
 mod overload;
+mod per_ip;
 mod presence;
 mod redis;
 mod redis_history;

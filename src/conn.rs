@@ -20,7 +20,7 @@ use slab::Slab;
 
 use crate::auth::Grant;
 pub use crate::id::ConnId;
-use crate::limits::{Addresses, Limit, OpBudget, Rate};
+use crate::limits::{Addresses, Limit, OpBudget};
 use crate::outq::OutQueue;
 use crate::timer::{Timer, TimerTable, Timers};
 use crate::ws::codec::Ws;
@@ -65,13 +65,13 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(ws: Ws, kind: Kind, ops: Rate, now: Instant) -> Session {
+    pub fn new(ws: Ws, kind: Kind, ops: OpBudget, now: Instant) -> Session {
         Session {
             ws,
             kind,
             last_seen: now,
             grant: None,
-            ops: OpBudget::new(ops, now),
+            ops,
         }
     }
 }

@@ -25,7 +25,7 @@ use crate::auth::{self, Grant, TokenError, Verifier};
 use crate::close::CloseReason;
 use crate::config::Config;
 use crate::conn::{CLOSE_GRACE, ConnId, Conns, Session, State};
-use crate::limits::{OpVerdict, Rate, Refused};
+use crate::limits::{OpBudget, OpVerdict, Rate, Refused};
 use crate::metrics::Counters;
 use crate::pubsub::Fanout;
 use crate::pubsub::hub::{MAX_TOPICS_PER_CONNECTION, SubscribeError};
@@ -62,6 +62,8 @@ pub struct Sessions {
     tokens: Option<Arc<Verifier>>,
     /// `--client-op-rate` and `--client-op-burst`.
     op_rate: Rate,
+    /// What the op budgets' millisecond clocks count from.
+    origin: Instant,
     /// Shared by every session, borrowed for one call at a time (never across another).
     zlib: RefCell<Zlib>,
 }
@@ -85,6 +87,7 @@ impl Sessions {
             client_publish: cfg.client_publish.clone(),
             tokens: cfg.tokens.clone(),
             op_rate: cfg.limits.ops,
+            origin: Instant::now(),
             zlib: RefCell::new(Zlib {
                 inflater: Inflater::default(),
                 deflater: Deflater::new(cfg.compression_min_size),
@@ -130,7 +133,8 @@ impl Sessions {
         conns.disarm(id, Timer::Request);
         conns.disarm(id, Timer::Idle);
         let ws = Ws::new(self.max_message_size, deflate.map(|a| a.window));
-        let mut session = Session::new(ws, kind, self.op_rate, now);
+        let ops = OpBudget::new(self.op_rate, self.ms(now));
+        let mut session = Session::new(ws, kind, ops, now);
         let mut notes = Vec::new();
         match grant {
             Some(Ok(g)) => {
@@ -353,6 +357,11 @@ impl Sessions {
         conns.queue(id, reply);
     }
 
+    /// `now` on the op budgets' clock (milliseconds, wrapping).
+    fn ms(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.origin).as_millis() as u32
+    }
+
     /// Spend one op of the session's budget (`--client-op-rate`). Past it the op is not
     /// executed: it is answered `rate_limited`, and a client that goes on regardless
     /// (`limits::OP_OVERDRAFT` ops past its budget) is closed with 1008. True when the op
@@ -368,7 +377,8 @@ impl Sessions {
         let Some(session) = conns[id].session_mut() else {
             return true;
         };
-        match session.ops.spend(self.op_rate, now) {
+        let now_ms = self.ms(now);
+        match session.ops.spend(self.op_rate, now_ms) {
             OpVerdict::Serve => false,
             OpVerdict::Refuse => {
                 counters.refusals.bump(Refused::OpRate);

@@ -87,14 +87,20 @@ pub enum ClientAddr {
     /// tool): no client address was named, so no per-address limit applies. An upgrade's
     /// `X-Forwarded-For` may still name one.
     ProxyOwn,
-    /// Named by a trusted proxy (PROXY header or `X-Forwarded-For`), counted under it.
+    /// Named by a trusted proxy's PROXY header, for the whole connection; counted.
     Forwarded(IpAddr),
+    /// Named by a trusted proxy's `X-Forwarded-For` on an upgrade; counted. A proxy may
+    /// reuse a connection for another client's requests, so the next upgrade names again.
+    ForwardedFor(IpAddr),
 }
 
 impl ClientAddr {
     /// Counted in the per-address table (released when the connection is removed).
     fn counted(self) -> bool {
-        matches!(self, ClientAddr::Peer | ClientAddr::Forwarded(_))
+        matches!(
+            self,
+            ClientAddr::Peer | ClientAddr::Forwarded(_) | ClientAddr::ForwardedFor(_)
+        )
     }
 }
 
@@ -168,7 +174,7 @@ impl Conn {
     /// count, and what an application is told as the client's `remote_addr`.
     pub fn client_ip(&self) -> IpAddr {
         match self.client {
-            ClientAddr::Forwarded(ip) => ip,
+            ClientAddr::Forwarded(ip) | ClientAddr::ForwardedFor(ip) => ip,
             _ => self.peer.ip().to_canonical(),
         }
     }
@@ -229,13 +235,14 @@ impl Conns {
         ConnId(self.slab.insert(Conn::new(peer, client, self.next_serial)))
     }
 
-    /// A trusted proxy named the client (`Some`), or said it is its own connection
-    /// (`None`). A named client is checked against the per-address limits and counted;
-    /// refused, the connection stays the proxy's own, for the caller to answer 429.
+    /// A trusted proxy named the client (`Some`), in its PROXY header (`header`) or in
+    /// `X-Forwarded-For`, or said it is its own connection (`None`). A named client is
+    /// checked against the per-address limits and counted; refused, the connection stays
+    /// the proxy's own, for the caller to answer 429.
     pub fn name_client(
         &mut self,
         id: ConnId,
-        ip: Option<IpAddr>,
+        (ip, header): (Option<IpAddr>, bool),
         now: Instant,
     ) -> Result<(), Limit> {
         let Some(conn) = self.slab.get_mut(id.0) else {
@@ -250,7 +257,11 @@ impl Conns {
         };
         self.addresses.check(ip, now)?;
         self.addresses.count(ip, now);
-        conn.client = ClientAddr::Forwarded(ip);
+        conn.client = if header {
+            ClientAddr::Forwarded(ip)
+        } else {
+            ClientAddr::ForwardedFor(ip)
+        };
         Ok(())
     }
 

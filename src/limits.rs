@@ -831,6 +831,31 @@ mod wired {
     }
 
     #[test]
+    fn a_proxy_connection_reused_for_another_client_names_it_at_its_upgrade() {
+        let mut w = World::new(&[
+            "--require-token",
+            "--token-secret",
+            "a-secret-of-32-bytes-for-tests!!",
+        ]);
+        let id = w.connect();
+        // Refused with 401, keep-alive: the proxy may send the next client's request here.
+        w.send(
+            id,
+            format!("{UPGRADE}X-Forwarded-For: 192.0.2.1\r\n\r\n").as_bytes(),
+        );
+        assert!(w.take_text(id).starts_with("HTTP/1.1 401"));
+        assert_eq!(w.conns[id].client_ip(), ip("192.0.2.1"));
+        w.send(
+            id,
+            format!("{UPGRADE}X-Forwarded-For: 192.0.2.2\r\n\r\n").as_bytes(),
+        );
+        assert!(w.take_text(id).starts_with("HTTP/1.1 401"));
+        assert_eq!(w.conns[id].client_ip(), ip("192.0.2.2"));
+        assert_eq!(w.conns.addresses.connections(ip("192.0.2.1")), 0);
+        assert_eq!(w.conns.addresses.connections(ip("192.0.2.2")), 1);
+    }
+
+    #[test]
     fn require_proxy_protocol_refuses_a_trusted_peer_without_a_header() {
         let mut w = World::new(&["--require-proxy-protocol"]);
         let id = w.connect();

@@ -255,13 +255,13 @@ impl Front {
                 )
             }
             Ok(Prelude::None) => {
-                let _ = env.conns.name_client(id, None, now);
+                let _ = env.conns.name_client(id, (None, true), now);
                 return self.on_input(env, id, &data, now);
             }
             Ok(Prelude::Header { client, len }) => {
                 // A proxy behind a proxy: its address says nothing; XFF may, at upgrade.
                 let client = client.filter(|ip| !env.conns.addresses.is_trusted(*ip));
-                match env.conns.name_client(id, client, now) {
+                match env.conns.name_client(id, (client, true), now) {
                     Ok(()) if data.len() > len => return self.on_input(env, id, &data[len..], now),
                     Ok(()) => return,
                     Err(limit) => {
@@ -276,7 +276,7 @@ impl Front {
             }
         };
         if env.conns[id].client() == ClientAddr::ProxyUnread {
-            let _ = env.conns.name_client(id, None, now);
+            let _ = env.conns.name_client(id, (None, true), now);
         }
         self.respond(env, id, Response::refuse(&refused), false, now);
     }
@@ -290,17 +290,23 @@ impl Front {
         req: &Request,
         now: Instant,
     ) -> Result<(), Reject> {
-        if env.conns[id].client() != ClientAddr::ProxyOwn {
+        if !matches!(
+            env.conns[id].client(),
+            ClientAddr::ProxyOwn | ClientAddr::ForwardedFor(_)
+        ) {
             return Ok(());
         }
-        let Some(header) = req.forwarded_for.as_deref() else {
-            return Ok(());
-        };
-        let client = crate::limits::forwarded_client(header, &env.conns.addresses.settings.trusted);
-        env.conns.name_client(id, client, now).map_err(|limit| {
-            env.counters.refusals.bump(limit.refused());
-            Reject::Limited(limit)
-        })
+        let trusted = &env.conns.addresses.settings.trusted;
+        let client = req
+            .forwarded_for
+            .as_deref()
+            .and_then(|h| crate::limits::forwarded_client(h, trusted));
+        env.conns
+            .name_client(id, (client, false), now)
+            .map_err(|limit| {
+                env.counters.refusals.bump(limit.refused());
+                Reject::Limited(limit)
+            })
     }
 
     /// The peer sent FIN on an HTTP connection.

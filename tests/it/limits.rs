@@ -106,6 +106,15 @@ fn help_lists_every_flag_with_its_variable() {
         "compression",
         "no-compression",
         "compression-min-size",
+        "trusted-proxies",
+        "require-proxy-protocol",
+        "max-connections-per-ip",
+        "connect-rate-per-ip",
+        "connect-burst-per-ip",
+        "client-op-rate",
+        "client-op-burst",
+        "max-subscriptions",
+        "metrics-listen",
     ] {
         assert!(
             help.contains(&format!("--{flag}")),

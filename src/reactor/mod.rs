@@ -605,6 +605,7 @@ impl Server {
             && let Err(limit) = self.conns.addresses.check(peer.ip(), now)
         {
             self.counters.refusals.bump(limit.refused());
+            debug!("refused {peer}: {}", limit.refused().label());
             let reject = Reject::Limited(limit);
             net::refuse(stream, &Response::refuse(&reject).encode(false));
             return;

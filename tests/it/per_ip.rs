@@ -184,10 +184,15 @@ fn connections_per_client_address_are_capped_through_haproxy_and_released_on_clo
     let (third, _) = upgrade_from(2, haproxy.public, "X-Forwarded-For: 198.51.100.3\r\n");
     assert_eq!(third.status, 429, "{}", third.text());
     assert_eq!(third.text(), "too many connections from your address\n");
+    // A plain request names no client in X-Forwarded-For; only the PROXY header can have
+    // counted this connection as 127.0.0.2's.
+    let mut js = HttpConn::from_stream(connect_from(2, haproxy.public));
+    let r = js.exchange(b"GET /herald.js HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 429, "{}", r.text());
     // Another client address is another client, behind the same proxy.
     let (other, _other) = upgrade_from(3, haproxy.public, "");
     assert_eq!(other.status, 101, "{}", other.text());
-    assert_eq!(refusals(&herald, "max_connections_per_ip"), 1.0);
+    assert_eq!(refusals(&herald, "max_connections_per_ip"), 2.0);
     assert!(herald.metric("herald_client_addresses") >= 2.0);
     // One of 127.0.0.2's connections ends: it may open another.
     drop(b_conn);
@@ -302,20 +307,26 @@ fn an_op_flood_is_rate_limited_then_closed_with_1008_and_others_go_on() {
         }
     };
     assert_eq!(code, 1008);
-    assert!((5..=7).contains(&pongs), "{pongs} pongs");
+    // The burst of 5, plus what refilled while the 40 arrived (a loaded machine is slow).
+    assert!((5..=15).contains(&pongs), "{pongs} pongs");
     assert!(limited >= 5, "{limited} rate_limited errors");
     assert_eq!(refusals(&herald, "client_op_rate_closed"), 1.0);
     // The calm subscriber was not touched.
     assert_eq!(herald.publish("t", "1")["delivered"], 1);
     assert_eq!(next_json(&mut calm)["op"], "message");
     // A client told `rate_limited` that waits is served again.
+    // Twelve at once: the burst, then refusals, short of the 10 that would close it.
     let mut patient = herald.ws("/ws");
-    for _ in 0..6 {
+    for _ in 0..12 {
         send_json(&mut patient, json!({"op":"ping"}));
     }
-    let replies: Vec<_> = (0..6).map(|_| next_json(&mut patient)).collect();
-    assert_eq!(replies[5]["error"], "rate_limited", "{replies:?}");
-    std::thread::sleep(Duration::from_millis(1500));
+    let replies: Vec<_> = (0..12).map(|_| next_json(&mut patient)).collect();
+    assert!(
+        replies.iter().any(|r| r["error"] == "rate_limited"),
+        "{replies:?}"
+    );
+    // Seven tokens below empty at worst; at 5/s, 2.5 s refills the whole burst.
+    std::thread::sleep(Duration::from_millis(2500));
     send_json(&mut patient, json!({"op":"ping"}));
     assert_eq!(next_json(&mut patient)["op"], "pong");
 }

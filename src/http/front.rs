@@ -19,8 +19,7 @@ use log::info;
 
 use crate::close::Reject;
 use crate::config::Config;
-use crate::conn::ClientAddr;
-use crate::conn::{ConnId, Conns, State};
+use crate::conn::{ClientAddr, ConnId, Conns, State};
 use crate::http::api::{self, Policy, Route};
 use crate::http::proxy::{self, Prelude};
 use crate::http::{Method, Parsed, Request, Response, parse};
@@ -224,7 +223,10 @@ impl Front {
                     // before any HTTP byte (`on_prelude`), or not to be believed.
                     let reject = if proxy::looks_like_proxy(rest) {
                         env.counters.refusals.bump(Refused::ProxyUntrusted);
-                        Reject::Proxy("PROXY protocol header from a peer outside --trusted-proxies")
+                        Reject::Proxy(
+                            "PROXY protocol header not accepted: only from --trusted-proxies, \
+                             before any HTTP byte",
+                        )
                     } else {
                         reject
                     };

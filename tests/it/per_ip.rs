@@ -400,3 +400,25 @@ fn metrics_listen_serves_metrics_apart_and_the_main_port_stops() {
         2.0
     );
 }
+
+#[test]
+fn require_proxy_protocol_refuses_a_trusted_peer_without_a_header() {
+    let herald = Herald::start(&["--require-proxy-protocol"]);
+    let r = herald.request("GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 400);
+    assert!(
+        r.text().contains("--require-proxy-protocol"),
+        "{}",
+        r.text()
+    );
+    let mut conn = HttpConn::connect(herald.addr);
+    let mut bytes = proxy_v2(Ipv4Addr::new(192, 0, 2, 77));
+    bytes.extend_from_slice(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(conn.exchange(&bytes).status, 200);
+    let r = conn.exchange(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+    let m = parse_metrics(&r.text());
+    assert_eq!(
+        m["herald_refusals_total{reason=\"proxy_header_missing\"}"],
+        1.0
+    );
+}

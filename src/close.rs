@@ -6,6 +6,8 @@ use std::borrow::Cow;
 
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::limits::Limit;
+
 /// Why an HTTP request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reject {
@@ -36,6 +38,11 @@ pub enum Reject {
     AtCapacity,
     /// Redis is down or refused the publish: nothing was (surely) delivered.
     RedisUnavailable,
+    /// A per-address limit (`--max-connections-per-ip`, `--connect-rate-per-ip`).
+    Limited(Limit),
+    /// A PROXY protocol header where none may be, or none where one must be, or a broken
+    /// one (the text says which).
+    Proxy(&'static str),
 }
 
 impl Reject {
@@ -62,6 +69,13 @@ impl Reject {
             Reject::Draining => (503, "draining", true),
             Reject::AtCapacity => (503, "server at connection capacity", true),
             Reject::RedisUnavailable => (503, "redis unavailable", false),
+            Reject::Limited(Limit::ConnectionsPerIp) => {
+                (429, "too many connections from your address", true)
+            }
+            Reject::Limited(Limit::ConnectRate) => {
+                (429, "connecting too often from your address", true)
+            }
+            Reject::Proxy(why) => (400, why, true),
         };
         let headers = match self {
             Reject::Unauthorized => vec![("WWW-Authenticate", "Bearer")],
@@ -69,6 +83,8 @@ impl Reject {
             Reject::UpgradeRequired => {
                 vec![("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
             }
+            // RFC 6585 §4: when to try again. A bucket refills within seconds.
+            Reject::Limited(Limit::ConnectRate) => vec![("Retry-After", "1")],
             _ => Vec::new(),
         };
         Refusal {
@@ -110,6 +126,8 @@ pub enum CloseReason {
     SlowConsumer,
     /// A frame or message larger than `--max-message-size`.
     TooBig,
+    /// Ops past `--client-op-rate` after being told `rate_limited` (`limits::OP_OVERDRAFT`).
+    RateLimited,
     /// A failure of ours; should not happen.
     Internal,
 }
@@ -121,7 +139,7 @@ impl CloseReason {
             CloseReason::Protocol => CloseCode::Protocol,
             CloseReason::Unsupported => CloseCode::Unsupported,
             CloseReason::InvalidUtf8 | CloseReason::BadCompression => CloseCode::Invalid,
-            CloseReason::SlowConsumer => CloseCode::Policy,
+            CloseReason::SlowConsumer | CloseReason::RateLimited => CloseCode::Policy,
             CloseReason::TooBig => CloseCode::Size,
             CloseReason::Internal => CloseCode::Error,
         }
@@ -133,7 +151,10 @@ impl CloseReason {
     /// trusted with more input anyway.
     pub fn awaits_reply(self) -> bool {
         match self {
-            CloseReason::GoingAway | CloseReason::SlowConsumer | CloseReason::Internal => true,
+            CloseReason::GoingAway
+            | CloseReason::SlowConsumer
+            | CloseReason::RateLimited
+            | CloseReason::Internal => true,
             CloseReason::Protocol
             | CloseReason::Unsupported
             | CloseReason::InvalidUtf8
@@ -152,6 +173,7 @@ impl CloseReason {
             CloseReason::BadCompression => "compressed message does not inflate",
             CloseReason::SlowConsumer => "slow consumer",
             CloseReason::TooBig => "message too big",
+            CloseReason::RateLimited => "too many ops: rate limit exceeded",
             CloseReason::Internal => "internal error",
         }
     }
@@ -176,6 +198,9 @@ impl Reject {
             Reject::Draining,
             Reject::AtCapacity,
             Reject::RedisUnavailable,
+            Reject::Limited(Limit::ConnectionsPerIp),
+            Reject::Limited(Limit::ConnectRate),
+            Reject::Proxy("PROXY protocol header from an untrusted peer"),
         ]
     }
 }
@@ -203,11 +228,15 @@ mod tests {
             CloseReason::BadCompression,
             CloseReason::SlowConsumer,
             CloseReason::TooBig,
+            CloseReason::RateLimited,
             CloseReason::Internal,
         ]
         .iter()
         .map(|r| r.code().into())
         .collect();
-        assert_eq!(codes, [1001, 1002, 1003, 1007, 1007, 1008, 1009, 1011]);
+        assert_eq!(
+            codes,
+            [1001, 1002, 1003, 1007, 1007, 1008, 1009, 1008, 1011]
+        );
     }
 }

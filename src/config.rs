@@ -329,6 +329,87 @@ pub struct Args {
     #[arg(long, env = "HERALD_STATSD_TAGS", value_name = "K:V,...")]
     pub statsd_tags: Option<String>,
 
+    // ---- limits per client address (limits.rs, http/proxy.rs) ----
+    /// Peers (comma-separated CIDRs, or `none`) that may name the client: in a PROXY
+    /// protocol v2 header (HAProxy send-proxy-v2) or X-Forwarded-For on an upgrade. Other
+    /// peers are their own client; their X-Forwarded-For is ignored and a PROXY header
+    /// refused. A trusted peer that names no client is not limited per address
+    #[arg(
+        long,
+        env = "HERALD_TRUSTED_PROXIES",
+        value_name = "CIDRS",
+        default_value = "127.0.0.0/8,::1"
+    )]
+    pub trusted_proxies: String,
+
+    /// Refuse a connection from a trusted proxy that does not begin with a PROXY v2
+    /// header (catches a proxy without send-proxy-v2, which would make every client one)
+    #[arg(long, env = "HERALD_REQUIRE_PROXY_PROTOCOL")]
+    pub require_proxy_protocol: bool,
+
+    /// Open connections per client address (IPv6: per /64); past it, 429. 0: no limit
+    #[arg(
+        long,
+        env = "HERALD_MAX_CONNECTIONS_PER_IP",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub max_connections_per_ip: u32,
+
+    /// New connections per second per client address, after a burst of
+    /// --connect-burst-per-ip; past it, 429. 0: no limit
+    #[arg(
+        long,
+        env = "HERALD_CONNECT_RATE_PER_IP",
+        value_name = "R/s",
+        default_value = "50/s"
+    )]
+    pub connect_rate_per_ip: String,
+
+    /// New connections a client address may open at once (a token bucket's size)
+    #[arg(
+        long,
+        env = "HERALD_CONNECT_BURST_PER_IP",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub connect_burst_per_ip: u32,
+
+    /// Ops per second one WebSocket may send, after a burst of --client-op-burst; past
+    /// it, {"op":"error","error":"rate_limited"}, and 1008 for a client that goes on
+    /// (10 ops past its budget). 0: no limit
+    #[arg(
+        long,
+        env = "HERALD_CLIENT_OP_RATE",
+        value_name = "R/s",
+        default_value = "50/s"
+    )]
+    pub client_op_rate: String,
+
+    /// Ops one WebSocket may send at once
+    #[arg(
+        long,
+        env = "HERALD_CLIENT_OP_BURST",
+        value_name = "N",
+        default_value_t = 300
+    )]
+    pub client_op_burst: u32,
+
+    /// Subscriptions (connection x topic) in the whole process; past it a subscribe gets
+    /// an `unavailable` error. 0: no cap
+    #[arg(
+        long,
+        env = "HERALD_MAX_SUBSCRIPTIONS",
+        value_name = "N",
+        default_value_t = 1_000_000
+    )]
+    pub max_subscriptions: usize,
+
+    /// Serve GET /metrics (and /health) on this address instead; the main port then
+    /// answers /metrics with 404 [default: /metrics on the main port]
+    #[arg(long, env = "HERALD_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -465,6 +546,12 @@ pub struct Config {
     pub max_memory: Option<u64>,
     /// `--statsd*`; `None` without `--statsd`.
     pub statsd: Option<crate::statsd::Settings>,
+
+    /// Trusted proxies and the per-address limits.
+    pub limits: crate::limits::Settings,
+    /// `--max-subscriptions`; 0: no cap.
+    pub max_subscriptions: usize,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Args {
@@ -552,6 +639,16 @@ impl Args {
                     self.statsd_tags.as_deref(),
                 )?)
             }
+            None => None,
+        };
+        let limits = self.limit_settings()?;
+        let metrics_listen = match &self.metrics_listen {
+            Some(text) => Some(
+                text.to_socket_addrs()
+                    .map_err(|e| format!("--metrics-listen {text}: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("--metrics-listen {text} resolves to nothing"))?,
+            ),
             None => None,
         };
         if self.backlog < 1 {
@@ -651,6 +748,41 @@ impl Args {
             agent_listen,
             max_memory: self.max_memory,
             statsd,
+
+            limits,
+            max_subscriptions: self.max_subscriptions,
+            metrics_listen,
+        })
+    }
+
+    fn limit_settings(&self) -> Result<crate::limits::Settings, String> {
+        use crate::limits::{Rate, Settings, Trusted, parse_rate};
+        let trusted =
+            Trusted::parse(&self.trusted_proxies).map_err(|e| format!("--trusted-proxies: {e}"))?;
+        let rate = |flag: &str, text: &str, burst: u32| -> Result<Rate, String> {
+            let per_sec = parse_rate(text).map_err(|e| format!("{flag}: {e}"))?;
+            if per_sec > 0.0 && burst == 0 {
+                return Err(format!("{flag} needs a burst of at least 1"));
+            }
+            Ok(Rate {
+                per_sec,
+                burst: f64::from(burst),
+            })
+        };
+        Ok(Settings {
+            trusted,
+            require_proxy: self.require_proxy_protocol,
+            max_per_ip: self.max_connections_per_ip,
+            connect: rate(
+                "--connect-rate-per-ip",
+                &self.connect_rate_per_ip,
+                self.connect_burst_per_ip,
+            )?,
+            ops: rate(
+                "--client-op-rate",
+                &self.client_op_rate,
+                self.client_op_burst,
+            )?,
         })
     }
 }
@@ -829,6 +961,45 @@ mod tests {
                 .compression_min_size,
             256
         );
+    }
+
+    #[test]
+    fn limit_flags_have_protective_defaults_and_can_be_turned_off() {
+        let cfg = args(&[]).into_config(None, None).unwrap();
+        let l = &cfg.limits;
+        assert!(l.trusted.contains("127.0.0.1".parse().unwrap()));
+        assert!(!l.trusted.contains("10.0.0.1".parse().unwrap()));
+        assert_eq!(l.max_per_ip, 1000);
+        assert_eq!((l.connect.per_sec, l.connect.burst), (50.0, 1000.0));
+        assert_eq!((l.ops.per_sec, l.ops.burst), (50.0, 300.0));
+        assert_eq!(cfg.max_subscriptions, 1_000_000);
+        assert_eq!(cfg.metrics_listen, None);
+        let cfg = args(&[
+            "--trusted-proxies",
+            "none",
+            "--max-connections-per-ip",
+            "0",
+            "--connect-rate-per-ip",
+            "0",
+            "--client-op-rate",
+            "120/m",
+            "--metrics-listen",
+            "127.0.0.1:9100",
+        ])
+        .into_config(None, None)
+        .unwrap();
+        assert!(!cfg.limits.trusted.contains("127.0.0.1".parse().unwrap()));
+        assert!(cfg.limits.connect.is_off());
+        assert_eq!(cfg.limits.ops.per_sec, 2.0);
+        assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        for (flag, value) in [
+            ("--trusted-proxies", "10.0.0.0/40"),
+            ("--connect-rate-per-ip", "fast"),
+            ("--client-op-rate", "3/h"),
+        ] {
+            let err = args(&[flag, value]).into_config(None, None).unwrap_err();
+            assert!(err.contains(flag), "{err}");
+        }
     }
 
     #[test]

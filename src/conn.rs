@@ -11,7 +11,7 @@
 //! so a slab key is never reused within one.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::{Index, IndexMut};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use slab::Slab;
 
 use crate::auth::Grant;
 pub use crate::id::ConnId;
+use crate::limits::{Addresses, Limit, OpBudget};
 use crate::outq::OutQueue;
 use crate::timer::{Timer, TimerTable, Timers};
 use crate::ws::codec::Ws;
@@ -59,16 +60,47 @@ pub struct Session {
     pub last_seen: Instant,
     /// What the client's token allows, once it presented a valid one.
     pub grant: Option<Box<Grant>>,
+    /// Its budget of client ops (`--client-op-rate`).
+    pub ops: OpBudget,
 }
 
 impl Session {
-    pub fn new(ws: Ws, kind: Kind, now: Instant) -> Session {
+    pub fn new(ws: Ws, kind: Kind, ops: OpBudget, now: Instant) -> Session {
         Session {
             ws,
             kind,
             last_seen: now,
             grant: None,
+            ops,
         }
+    }
+}
+
+/// Who the client is, as far as the per-address limits go (`limits.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAddr {
+    /// A peer outside `--trusted-proxies`: the client itself, counted under its address.
+    Peer,
+    /// A trusted proxy's connection before its first byte: a PROXY header may come.
+    ProxyUnread,
+    /// A trusted proxy's own connection (a health check, a PROXY LOCAL header, a local
+    /// tool): no client address was named, so no per-address limit applies. An upgrade's
+    /// `X-Forwarded-For` may still name one.
+    ProxyOwn,
+    /// Named by a trusted proxy's PROXY header, for the whole connection; counted.
+    Forwarded(IpAddr),
+    /// Named by a trusted proxy's `X-Forwarded-For` on an upgrade; counted. A proxy may
+    /// reuse a connection for another client's requests, so the next upgrade names again.
+    ForwardedFor(IpAddr),
+}
+
+impl ClientAddr {
+    /// Counted in the per-address table (released when the connection is removed).
+    fn counted(self) -> bool {
+        matches!(
+            self,
+            ClientAddr::Peer | ClientAddr::Forwarded(_) | ClientAddr::ForwardedFor(_)
+        )
     }
 }
 
@@ -86,15 +118,22 @@ pub struct Conn {
     pub peer_shut: bool,
     /// `100 Continue` already went out for the request in progress.
     pub sent_continue: bool,
+    /// Came in on `--metrics-listen`: it is answered `/metrics` and `/health` only.
+    pub metrics_port: bool,
     /// Unique for the life of the process: a reply that arrives after its connection is
     /// gone must not reach another connection that reuses the slab key.
     pub serial: u64,
+    /// Who the client is; see `client_ip`. Changed only through `Conns`, which keeps the
+    /// per-address counts.
+    client: ClientAddr,
 }
 
 impl Conn {
-    fn new(peer: SocketAddr, serial: u64) -> Conn {
+    fn new(peer: SocketAddr, client: ClientAddr, serial: u64) -> Conn {
         Conn {
             peer,
+            client,
+            metrics_port: false,
             state: State::ReadingRequest,
             partial: Vec::new(),
             out: OutQueue::default(),
@@ -129,6 +168,20 @@ impl Conn {
     pub fn is_open(&self) -> bool {
         matches!(self.state, State::Open(_))
     }
+
+    /// The client's address: the one a trusted proxy named (PROXY v2 header, or
+    /// `X-Forwarded-For` on the upgrade), else the TCP peer's. What per-address limits
+    /// count, and what an application is told as the client's `remote_addr`.
+    pub fn client_ip(&self) -> IpAddr {
+        match self.client {
+            ClientAddr::Forwarded(ip) | ClientAddr::ForwardedFor(ip) => ip,
+            _ => self.peer.ip().to_canonical(),
+        }
+    }
+
+    pub fn client(&self) -> ClientAddr {
+        self.client
+    }
 }
 
 /// A connection that just ended while subscribed to topics (it was `Open`). The hub must
@@ -151,17 +204,65 @@ pub struct Conns {
     /// Connections to remove after this pass.
     reap: Vec<ConnId>,
     next_serial: u64,
+    /// Open connections and connect buckets per client address, kept by `insert`,
+    /// `name_client` and `remove`, so every way a connection ends releases its count.
+    pub addresses: Addresses,
 }
 
 impl Conns {
+    pub fn new(addresses: Addresses) -> Conns {
+        Conns {
+            addresses,
+            ..Conns::default()
+        }
+    }
+
     /// The id the next `insert` will use, so the socket can be registered under it first.
     pub fn next_id(&self) -> ConnId {
         ConnId(self.slab.vacant_key())
     }
 
-    pub fn insert(&mut self, peer: SocketAddr) -> ConnId {
+    /// A new connection from `peer`. A trusted proxy's waits for its first bytes; any
+    /// other peer is counted under its own address (`Addresses::check` said it may come).
+    pub fn insert(&mut self, peer: SocketAddr, now: Instant) -> ConnId {
         self.next_serial += 1;
-        ConnId(self.slab.insert(Conn::new(peer, self.next_serial)))
+        let client = if self.addresses.is_trusted(peer.ip()) {
+            ClientAddr::ProxyUnread
+        } else {
+            self.addresses.count(peer.ip(), now);
+            ClientAddr::Peer
+        };
+        ConnId(self.slab.insert(Conn::new(peer, client, self.next_serial)))
+    }
+
+    /// A trusted proxy named the client (`Some`), in its PROXY header (`header`) or in
+    /// `X-Forwarded-For`, or said it is its own connection (`None`). A named client is
+    /// checked against the per-address limits and counted; refused, the connection stays
+    /// the proxy's own, for the caller to answer 429.
+    pub fn name_client(
+        &mut self,
+        id: ConnId,
+        (ip, header): (Option<IpAddr>, bool),
+        now: Instant,
+    ) -> Result<(), Limit> {
+        let Some(conn) = self.slab.get_mut(id.0) else {
+            return Ok(());
+        };
+        if conn.client.counted() {
+            self.addresses.release(conn.client_ip());
+        }
+        conn.client = ClientAddr::ProxyOwn;
+        let Some(ip) = ip else {
+            return Ok(());
+        };
+        self.addresses.check(ip, now)?;
+        self.addresses.count(ip, now);
+        conn.client = if header {
+            ClientAddr::Forwarded(ip)
+        } else {
+            ClientAddr::ForwardedFor(ip)
+        };
+        Ok(())
     }
 
     pub fn get(&self, id: ConnId) -> Option<&Conn> {
@@ -329,6 +430,9 @@ impl Conns {
     pub fn remove(&mut self, id: ConnId) -> Option<Conn> {
         let mut conn = self.slab.try_remove(id.0)?;
         self.timers.disarm_all(&mut conn.timers, id.0);
+        if conn.client.counted() {
+            self.addresses.release(conn.client_ip());
+        }
         Some(conn)
     }
 }

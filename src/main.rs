@@ -13,6 +13,7 @@ mod conn;
 mod drain;
 mod http;
 mod id;
+mod limits;
 mod metrics;
 mod outq;
 mod probe;

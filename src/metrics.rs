@@ -38,6 +38,18 @@ pub struct Counters {
     pub handshake_timeouts: u64,
     pub idle_timeouts: u64,
     pub pong_timeouts: u64,
+    /// Refusals by limits per client address, op rate, subscription cap and PROXY rules.
+    pub refusals: crate::limits::Refusals,
+}
+
+/// The limits' state, read at scrape time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LimitGauges {
+    pub subscriptions: usize,
+    /// `--max-subscriptions`; 0: no cap.
+    pub max_subscriptions: usize,
+    /// Client addresses the per-address table holds (bounded).
+    pub addresses: usize,
 }
 
 /// The Redis links' state, read at scrape time.
@@ -91,6 +103,7 @@ pub struct Gauges {
     /// Without --redis (with it, history lives in Redis).
     pub history: Option<HistoryGauges>,
     pub resumes: Resumes,
+    pub limits: LimitGauges,
     /// This process's user + system CPU time and resident memory, when readable.
     pub cpu_seconds: Option<f64>,
     pub resident_bytes: Option<u64>,
@@ -278,6 +291,34 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
             ("epoch_changed", r.epoch_changed),
             ("unavailable", r.unavailable),
         ],
+    );
+    o.metric(
+        "herald_subscriptions",
+        "gauge",
+        "Subscriptions (connection x topic) held.",
+        g.limits.subscriptions,
+    );
+    o.metric(
+        "herald_max_subscriptions",
+        "gauge",
+        "--max-subscriptions: past it a subscribe gets `unavailable` (0: no cap).",
+        g.limits.max_subscriptions,
+    );
+    o.metric(
+        "herald_client_addresses",
+        "gauge",
+        "Client addresses tracked for the per-address limits (bounded).",
+        g.limits.addresses,
+    );
+    let refusals: Vec<(&str, u64)> = crate::limits::Refused::ALL
+        .iter()
+        .map(|&r| (r.label(), c.refusals.get(r)))
+        .collect();
+    o.by_label(
+        "herald_refusals_total",
+        "Connections, ops and subscribes refused by a limit or a PROXY protocol rule, by reason.",
+        "reason",
+        &refusals,
     );
     if let Some(cpu) = g.cpu_seconds {
         let help = "User and system CPU time spent, in seconds.";

@@ -25,6 +25,7 @@ use crate::auth::{self, Grant, TokenError, Verifier};
 use crate::close::CloseReason;
 use crate::config::Config;
 use crate::conn::{CLOSE_GRACE, ConnId, Conns, Session, State};
+use crate::limits::{OpBudget, OpVerdict, Rate, Refused};
 use crate::metrics::Counters;
 use crate::pubsub::Fanout;
 use crate::pubsub::hub::{MAX_TOPICS_PER_CONNECTION, SubscribeError};
@@ -59,6 +60,10 @@ pub struct Sessions {
     private_topics: Patterns,
     client_publish: Patterns,
     tokens: Option<Arc<Verifier>>,
+    /// `--client-op-rate` and `--client-op-burst`.
+    op_rate: Rate,
+    /// What the op budgets' millisecond clocks count from.
+    origin: Instant,
     /// Shared by every session, borrowed for one call at a time (never across another).
     zlib: RefCell<Zlib>,
 }
@@ -81,6 +86,8 @@ impl Sessions {
             private_topics: cfg.private_topics.clone(),
             client_publish: cfg.client_publish.clone(),
             tokens: cfg.tokens.clone(),
+            op_rate: cfg.limits.ops,
+            origin: Instant::now(),
             zlib: RefCell::new(Zlib {
                 inflater: Inflater::default(),
                 deflater: Deflater::new(cfg.compression_min_size),
@@ -126,7 +133,8 @@ impl Sessions {
         conns.disarm(id, Timer::Request);
         conns.disarm(id, Timer::Idle);
         let ws = Ws::new(self.max_message_size, deflate.map(|a| a.window));
-        let mut session = Session::new(ws, kind, now);
+        let ops = OpBudget::new(self.op_rate, self.ms(now));
+        let mut session = Session::new(ws, kind, ops, now);
         let mut notes = Vec::new();
         match grant {
             Some(Ok(g)) => {
@@ -157,7 +165,12 @@ impl Sessions {
         // `?topics=` was capped at the per-connection limit when it was parsed.
         for (topic, resume) in topics {
             let watch = presence.contains(&topic);
-            let _ = pubsub.subscribe(conns, id, &topic, (resume.as_ref(), watch), now);
+            if let Err(SubscribeError::AtCapacity) =
+                pubsub.subscribe(conns, id, &topic, (resume.as_ref(), watch), now)
+            {
+                let e = at_capacity(counters, &topic);
+                conns.queue(id, op_error(counters, e));
+            }
         }
         conns.mark_dirty(id);
         if !rest.is_empty() {
@@ -259,6 +272,10 @@ impl Sessions {
         text: &str,
         now: Instant,
     ) {
+        let topics = conns[id].session().is_some_and(|s| s.kind == Kind::Topics);
+        if topics && self.over_op_rate(conns, pubsub, counters, id, now) {
+            return;
+        }
         let State::Open(session) = &conns[id].state else {
             return;
         };
@@ -284,6 +301,10 @@ impl Sessions {
                             format!("at most {MAX_TOPICS_PER_CONNECTION} topics per connection"),
                         ),
                     ),
+                    Err(SubscribeError::AtCapacity) => {
+                        let e = at_capacity(counters, &topic);
+                        op_error(counters, e)
+                    }
                 }
             }
             Ok(Op::Unsubscribe(topic)) => {
@@ -334,6 +355,54 @@ impl Sessions {
             Err(e) => op_error(counters, e),
         };
         conns.queue(id, reply);
+    }
+
+    /// `now` on the op budgets' clock (milliseconds, wrapping).
+    fn ms(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.origin).as_millis() as u32
+    }
+
+    /// Spend one op of the session's budget (`--client-op-rate`). Past it the op is not
+    /// executed: it is answered `rate_limited`, and a client that goes on regardless
+    /// (`limits::OP_OVERDRAFT` ops past its budget) is closed with 1008. True when the op
+    /// must not run.
+    fn over_op_rate(
+        &self,
+        conns: &mut Conns,
+        pubsub: &mut PubSub,
+        counters: &mut Counters,
+        id: ConnId,
+        now: Instant,
+    ) -> bool {
+        let Some(session) = conns[id].session_mut() else {
+            return true;
+        };
+        let now_ms = self.ms(now);
+        match session.ops.spend(self.op_rate, now_ms) {
+            OpVerdict::Serve => false,
+            OpVerdict::Refuse => {
+                counters.refusals.bump(Refused::OpRate);
+                let e = OpError::new(
+                    "rate_limited",
+                    format!(
+                        "more than {} ops per second: this op was not executed; slow down \
+                         or be disconnected",
+                        self.op_rate.per_sec
+                    ),
+                );
+                conns.queue(id, op_error(counters, e));
+                true
+            }
+            OpVerdict::Close => {
+                counters.refusals.bump(Refused::OpRateClosed);
+                info!(
+                    "{}: ops past --client-op-rate; closing with 1008",
+                    conns[id].peer
+                );
+                self.close(conns, pubsub, counters, id, CloseReason::RateLimited, now);
+                true
+            }
+        }
     }
 
     // ---- grants ----------------------------------------------------------------------
@@ -557,6 +626,15 @@ impl Sessions {
 fn op_error(counters: &mut Counters, e: OpError) -> Bytes {
     counters.op_errors += 1;
     protocol::error(&e)
+}
+
+/// The error for a subscribe past `--max-subscriptions`.
+fn at_capacity(counters: &mut Counters, topic: &str) -> OpError {
+    counters.refusals.bump(Refused::Subscriptions);
+    OpError::new(
+        "unavailable",
+        format!("not subscribed to {topic:?}: the server holds its most subscriptions"),
+    )
 }
 
 /// The error for a private topic the connection has no grant for.

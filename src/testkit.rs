@@ -73,7 +73,7 @@ impl World {
         let now = Instant::now();
         let rules = Rules::new(&cfg, 1024, 1000);
         World {
-            conns: Conns::default(),
+            conns: Conns::new(crate::limits::Addresses::new(cfg.limits.clone())),
             front: Front::new(rules),
             sessions: Sessions::new(&cfg),
             pubsub: PubSub::new(&cfg, History::new(cfg.history, 7), now),
@@ -94,7 +94,7 @@ impl World {
         let peer: SocketAddr = format!("{ip}:{}", self.next_port)
             .parse()
             .expect("an address");
-        self.conns.insert(peer)
+        self.conns.insert(peer, self.now)
     }
 
     /// Bytes from the peer, routed to the handler for the connection's state, as the

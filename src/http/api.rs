@@ -73,6 +73,21 @@ pub struct Policy<'a> {
     pub compression: bool,
 }
 
+/// `--metrics-listen`: its port answers `/metrics` and `/health` and nothing else, and
+/// the main port no longer answers `/metrics` (`metrics_elsewhere`).
+pub fn for_port(
+    routed: Result<Route, Reject>,
+    metrics_port: bool,
+    metrics_elsewhere: bool,
+) -> Result<Route, Reject> {
+    match routed {
+        Ok(Route::Metrics) if metrics_elsewhere && !metrics_port => Err(Reject::NotFound),
+        ok @ Ok(Route::Metrics | Route::Health) => ok,
+        _ if metrics_port => Err(Reject::NotFound),
+        other => other,
+    }
+}
+
 pub fn route(req: &Request, policy: &Policy) -> Result<Route, Reject> {
     let read_only = |route| match req.method {
         Method::Get | Method::Head => Ok(route),

@@ -19,9 +19,11 @@ use log::info;
 
 use crate::close::Reject;
 use crate::config::Config;
-use crate::conn::{ConnId, Conns, State};
+use crate::conn::{ClientAddr, ConnId, Conns, State};
 use crate::http::api::{self, Policy, Route};
+use crate::http::proxy::{self, Prelude};
 use crate::http::{Method, Parsed, Request, Response, parse};
+use crate::limits::Refused;
 use crate::metrics::{self, Counters, Gauges};
 use crate::pubsub::PubSub;
 use crate::pubsub::history::History;
@@ -109,6 +111,8 @@ pub struct Rules {
     /// For `/metrics`.
     pub fd_limit: u64,
     pub max_connections: usize,
+    /// `--metrics-listen` is set: the main port does not answer `/metrics`.
+    pub metrics_elsewhere: bool,
 }
 
 /// What a request may touch besides the front door's own state: the connections, the
@@ -144,6 +148,7 @@ impl Rules {
             compression: cfg.compression,
             fd_limit,
             max_connections,
+            metrics_elsewhere: cfg.metrics_listen.is_some(),
         }
     }
 }
@@ -159,6 +164,9 @@ impl Front {
 
     /// Bytes from a connection in `ReadingRequest` or `AwaitingRedis`.
     pub fn on_input(&mut self, env: &mut Env, id: ConnId, input: &[u8], now: Instant) {
+        if env.conns[id].client() == ClientAddr::ProxyUnread {
+            return self.on_prelude(env, id, input, now);
+        }
         let conn = &mut env.conns[id];
         // Parse straight from the scratch slice unless part of a request is already held.
         let mut held = mem::take(&mut conn.partial);
@@ -211,11 +219,96 @@ impl Front {
                     return;
                 }
                 Err(reject) => {
+                    // No PROXY header is read here: one is either a trusted proxy's, read
+                    // before any HTTP byte (`on_prelude`), or not to be believed.
+                    let reject = if proxy::looks_like_proxy(rest) {
+                        env.counters.refusals.bump(Refused::ProxyUntrusted);
+                        Reject::Proxy(
+                            "PROXY protocol header not accepted: only from --trusted-proxies, \
+                             before any HTTP byte",
+                        )
+                    } else {
+                        reject
+                    };
                     self.respond(env, id, Response::refuse(&reject), false, now);
                     return;
                 }
             }
         }
+    }
+
+    /// A trusted proxy's first bytes: a PROXY v2 header naming the client (or LOCAL, its
+    /// own connection), else HTTP straight away (refused with `--require-proxy-protocol`).
+    /// The header may come in pieces; it is held in `partial` under the request timer.
+    fn on_prelude(&mut self, env: &mut Env, id: ConnId, input: &[u8], now: Instant) {
+        let conn = &mut env.conns[id];
+        let mut data = mem::take(&mut conn.partial);
+        data.extend_from_slice(input);
+        let refused = match proxy::parse(&data) {
+            Ok(Prelude::NeedMore) => {
+                env.conns[id].partial = data;
+                return;
+            }
+            Ok(Prelude::None) if env.conns.addresses.settings.require_proxy => {
+                env.counters.refusals.bump(Refused::ProxyMissing);
+                Reject::Proxy(
+                    "a PROXY protocol v2 header is required from this peer \
+                     (--require-proxy-protocol)",
+                )
+            }
+            Ok(Prelude::None) => {
+                let _ = env.conns.name_client(id, (None, true), now);
+                return self.on_input(env, id, &data, now);
+            }
+            Ok(Prelude::Header { client, len }) => {
+                // A proxy behind a proxy: its address says nothing; XFF may, at upgrade.
+                let client = client.filter(|ip| !env.conns.addresses.is_trusted(*ip));
+                match env.conns.name_client(id, (client, true), now) {
+                    Ok(()) if data.len() > len => return self.on_input(env, id, &data[len..], now),
+                    Ok(()) => return,
+                    Err(limit) => {
+                        env.counters.refusals.bump(limit.refused());
+                        Reject::Limited(limit)
+                    }
+                }
+            }
+            Err(e) => {
+                env.counters.refusals.bump(Refused::ProxyMalformed);
+                Reject::Proxy(e.text())
+            }
+        };
+        if env.conns[id].client() == ClientAddr::ProxyUnread {
+            let _ = env.conns.name_client(id, (None, true), now);
+        }
+        self.respond(env, id, Response::refuse(&refused), false, now);
+    }
+
+    /// A trusted proxy's upgrade without a PROXY header: its `X-Forwarded-For` names the
+    /// WebSocket's client, who is then held to the per-address limits.
+    fn forwarded_upgrade(
+        &mut self,
+        env: &mut Env,
+        id: ConnId,
+        req: &Request,
+        now: Instant,
+    ) -> Result<(), Reject> {
+        if !matches!(
+            env.conns[id].client(),
+            ClientAddr::ProxyOwn | ClientAddr::ForwardedFor(_)
+        ) {
+            return Ok(());
+        }
+        let trusted = &env.conns.addresses.settings.trusted;
+        let client = req
+            .forwarded_for
+            .as_deref()
+            .and_then(|h| crate::limits::forwarded_client(h, trusted));
+        env.conns
+            .name_client(id, (client, false), now)
+            .map_err(|limit| {
+                env.counters.refusals.bump(limit.refused());
+                Reject::Limited(limit)
+            })
     }
 
     /// The peer sent FIN on an HTTP connection.
@@ -259,7 +352,9 @@ impl Front {
         let policy = Policy {
             api_key: self.rules.api_key.as_deref(),
             allowed_origins: self.rules.allowed_origins.as_deref(),
-            peer_is_loopback: is_loopback(env.conns[id].peer.ip()),
+            // The client's address, not the proxy's: a request HAProxy relays from afar
+            // is not a loopback one.
+            peer_is_loopback: is_loopback(env.conns[id].client_ip()),
             draining,
             console: self.rules.console,
             compression: self.rules.compression,
@@ -274,7 +369,18 @@ impl Front {
                 return Next::Hold;
             }
         }
-        let mut response = match api::route(&req, &policy) {
+        let mut routed = api::for_port(
+            api::route(&req, &policy),
+            env.conns[id].metrics_port,
+            self.rules.metrics_elsewhere,
+        );
+        if req.upgrade.is_some()
+            && routed.is_ok()
+            && let Err(reject) = self.forwarded_upgrade(env, id, &req, now)
+        {
+            routed = Err(reject);
+        }
+        let mut response = match routed {
             Err(reject) => Response::refuse(&reject),
             Ok(Route::Health) if draining => Response::refuse(&Reject::Draining),
             Ok(Route::Asset(asset)) => asset.respond(req.if_none_match.as_deref()),
@@ -660,6 +766,11 @@ impl Front {
             redis: env.pubsub.redis_gauges(),
             history: (!env.pubsub.through_redis()).then(|| env.pubsub.history_gauges()),
             resumes: env.pubsub.resumes(),
+            limits: metrics::LimitGauges {
+                subscriptions: env.pubsub.subscriptions().0,
+                max_subscriptions: env.pubsub.subscriptions().1,
+                addresses: env.conns.addresses.len(),
+            },
         };
         metrics::render(env.counters, &gauges)
     }

@@ -7,6 +7,7 @@ pub mod api;
 pub mod assets;
 pub mod front;
 pub mod parse;
+pub mod proxy;
 pub mod upgrade;
 
 pub use parse::{Method, Parsed, Request, Response, parse};

@@ -42,6 +42,9 @@ pub struct Request {
     pub authorization: Option<String>,
     /// `If-None-Match`, for the embedded assets' ETags.
     pub if_none_match: Option<String>,
+    /// `X-Forwarded-For`, every occurrence joined by commas in order (believed only from
+    /// `--trusted-proxies`, on upgrades: `limits::forwarded_client`).
+    pub forwarded_for: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -112,6 +115,7 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Parsed, Reject> {
         origin: None,
         authorization: None,
         if_none_match: None,
+        forwarded_for: None,
         body: Vec::new(),
     };
     let mut content_length: Option<usize> = None;
@@ -161,6 +165,12 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Parsed, Reject> {
             request.authorization = Some(value());
         } else if name.eq_ignore_ascii_case("if-none-match") {
             request.if_none_match = Some(value());
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            let value = value();
+            request.forwarded_for = Some(match request.forwarded_for.take() {
+                Some(earlier) => format!("{earlier}, {value}"),
+                None => value,
+            });
         } else if name.eq_ignore_ascii_case("expect") {
             expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
         }
@@ -269,6 +279,7 @@ fn status_text(status: u16) -> &'static str {
         411 => "Length Required",
         413 => "Content Too Large",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",

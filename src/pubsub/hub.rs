@@ -94,6 +94,8 @@ pub struct Published {
 #[derive(Debug, PartialEq, Eq)]
 pub enum SubscribeError {
     TooManyTopics,
+    /// `--max-subscriptions` reached in the whole process.
+    AtCapacity,
 }
 
 /// How a subscribe changed things.
@@ -123,9 +125,25 @@ pub struct Hub {
     /// Each connection's memberships, indexed by its slab key (empty when it has none).
     /// One membership is held inline (no allocation): most connections have one topic.
     memberships: Vec<Memberships>,
+    /// Memberships in all topics, and the most there may be (0: no cap).
+    subscriptions: usize,
+    max_subscriptions: usize,
 }
 
 impl Hub {
+    /// A hub that refuses subscriptions past `max` (`--max-subscriptions`; 0: no cap).
+    pub fn with_cap(max: usize) -> Hub {
+        Hub {
+            max_subscriptions: max,
+            ..Hub::default()
+        }
+    }
+
+    /// Memberships held now (a gauge, beside the cap).
+    pub fn subscriptions(&self) -> (usize, usize) {
+        (self.subscriptions, self.max_subscriptions)
+    }
+
     /// Add `conn` to `name`; `live`: it receives messages from now on (else see
     /// `set_live`); `deflate`: it takes compressed frames. Subscribing twice is not an
     /// error (`Joined::Already`).
@@ -148,6 +166,10 @@ impl Hub {
         if memberships.len() >= MAX_TOPICS_PER_CONNECTION {
             return Err(SubscribeError::TooManyTopics);
         }
+        if self.max_subscriptions > 0 && self.subscriptions >= self.max_subscriptions {
+            return Err(SubscribeError::AtCapacity);
+        }
+        self.subscriptions += 1;
         let mut joined = Joined::Existing;
         let topic = match self.by_name.get(name) {
             Some(&topic) => topic,
@@ -210,6 +232,7 @@ impl Hub {
 
     /// The topic's name if this membership was its last one.
     fn leave(&mut self, m: Membership) -> Option<Rc<str>> {
+        self.subscriptions -= 1;
         let topic = &mut self.topics[m.topic];
         topic.subscribers.remove(m.slot);
         if topic.subscribers.is_empty() {
@@ -548,6 +571,31 @@ mod tests {
         assert_eq!(hub.unsubscribe(ConnId(0), "never"), Left::NotSubscribed);
     }
 
+    #[test]
+    fn subscriptions_past_the_process_cap_are_refused_until_some_leave() {
+        let mut hub = Hub::with_cap(3);
+        for (conn, topic) in [(0, "a"), (0, "b"), (1, "a")] {
+            hub.subscribe(ConnId(conn), topic, true, false).unwrap();
+        }
+        assert_eq!(hub.subscriptions(), (3, 3));
+        assert_eq!(
+            hub.subscribe(ConnId(2), "a", true, false),
+            Err(SubscribeError::AtCapacity)
+        );
+        // Subscribing again to what it holds is not a new subscription.
+        assert_eq!(
+            hub.subscribe(ConnId(0), "a", true, false),
+            Ok(Joined::Already)
+        );
+        hub.unsubscribe(ConnId(0), "b");
+        assert_eq!(
+            hub.subscribe(ConnId(2), "a", true, false),
+            Ok(Joined::Existing)
+        );
+        let _ = hub.unsubscribe_all(ConnId(0));
+        assert_eq!(hub.subscriptions(), (2, 3));
+    }
+
     /// Random joins and leaves against a naive map of sets.
     #[test]
     fn matches_a_naive_reference_under_churn() {
@@ -585,6 +633,8 @@ mod tests {
             }
             reference.retain(|_, s| !s.is_empty());
             assert_eq!(hub.topic_count(), reference.len());
+            let memberships: usize = reference.values().map(BTreeSet::len).sum();
+            assert_eq!(hub.subscriptions().0, memberships);
         }
         for (topic, subs) in &reference {
             let p = hub.published(topic, 0, Bytes::new());

@@ -208,7 +208,7 @@ impl<'a> Frames<'a> {
 impl PubSub {
     pub fn new(cfg: &Config, history: History, now: Instant) -> PubSub {
         PubSub {
-            hub: Hub::default(),
+            hub: Hub::with_cap(cfg.max_subscriptions),
             history,
             redis: cfg.redis.clone().map(|c| Redis::new(c, now)),
             pending_acks: HashMap::new(),
@@ -984,6 +984,11 @@ impl PubSub {
 
     pub fn topic_count(&self) -> usize {
         self.hub.topic_count()
+    }
+
+    /// Subscriptions held and `--max-subscriptions` (0: no cap).
+    pub fn subscriptions(&self) -> (usize, usize) {
+        self.hub.subscriptions()
     }
 
     pub fn resumes(&self) -> Resumes {

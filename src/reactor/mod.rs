@@ -51,6 +51,13 @@ use crate::timer::{self, Timer};
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 const AGENT: Token = Token(usize::MAX - 5);
+/// `--metrics-listen`.
+const METRICS: Token = Token(usize::MAX - 8);
+/// Scrapers accepted per wakeup on `--metrics-listen` (Prometheus makes one connection per
+/// scrape), and how many may be open beyond `--max-connections`: a server at capacity is
+/// when its metrics matter most.
+const METRICS_ACCEPTS_PER_PASS: usize = 16;
+const METRICS_RESERVE: usize = 16;
 /// Agent-check connections answered per wakeup (HAProxy makes one per server per
 /// `agent-inter`; more is someone else).
 const AGENT_ACCEPTS_PER_PASS: usize = 16;
@@ -129,6 +136,8 @@ pub struct Server {
     exit: Option<i32>,
     /// `--agent-listen`: HAProxy's agent-check.
     agent: Option<TcpListener>,
+    /// `--metrics-listen`: `/metrics` away from the public port.
+    metrics: Option<TcpListener>,
     /// A descriptor held in reserve, so the agent can still accept HAProxy's check (and
     /// say `drain`) when the process is out of descriptors.
     spare_fd: Option<std::fs::File>,
@@ -228,6 +237,16 @@ impl Server {
             }
             None => None,
         };
+        let metrics = match cfg.metrics_listen {
+            Some(addr) => {
+                let mut l = net::listen(addr, 64, false)?;
+                poll.registry()
+                    .register(&mut l, METRICS, Interest::READABLE)?;
+                info!("metrics on http://{}/metrics", l.local_addr()?);
+                Some(l)
+            }
+            None => None,
+        };
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
@@ -261,6 +280,7 @@ impl Server {
                 .as_ref()
                 .and_then(|_| std::fs::File::open("/dev/null").ok()),
             agent,
+            metrics,
             operator_drain: false,
             max_memory: cfg.max_memory,
             accepting: Accepting {
@@ -279,7 +299,7 @@ impl Server {
             redis_messages: Vec::new(),
             state_file,
             sockets: Vec::new(),
-            conns: Conns::default(),
+            conns: Conns::new(crate::limits::Addresses::new(cfg.limits.clone())),
             front: Front::new(rules),
             sessions: Sessions::new(&cfg),
             pubsub: PubSub::new(&cfg, history, now),
@@ -410,6 +430,7 @@ impl Server {
             match token {
                 LISTENER => self.accepting.ready = true,
                 AGENT => self.answer_agents(now),
+                METRICS => self.accept_scrapers(now),
                 // Seen through `signalled` already; this only empties the pipe.
                 SIGNALS => self.on_signals(now),
                 redis::COMMAND_TOKEN | redis::SUBSCRIPTION_TOKEN => {
@@ -507,6 +528,26 @@ impl Server {
         // Edge-triggered: what is left raises no new event; it waits for the next check.
     }
 
+    /// `--metrics-listen`: scrapers are connections like any other, marked so that the
+    /// front door answers them `/metrics` and `/health` only.
+    fn accept_scrapers(&mut self, now: Instant) {
+        for _ in 0..METRICS_ACCEPTS_PER_PASS {
+            let Some(listener) = self.metrics.as_ref() else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer, now, true),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("metrics accept: {e}");
+                    return;
+                }
+            }
+        }
+        // Edge-triggered: any left wait for the next scraper's event.
+    }
+
     fn load(&self, now: Instant) -> crate::agent::Load {
         let (_, resident_bytes) = crate::metrics::process_usage();
         crate::agent::Load {
@@ -552,7 +593,7 @@ impl Server {
         // If the budget runs out, `ready` stays set and the next pass goes on accepting.
         for _ in 0..ACCEPTS_PER_PASS {
             match listener.accept() {
-                Ok((stream, peer)) => self.admit(stream, peer, now),
+                Ok((stream, peer)) => self.admit(stream, peer, now, false),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.accepting.ready = false;
                     break;
@@ -590,10 +631,21 @@ impl Server {
         }
     }
 
-    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Instant) {
-        if self.conns.len() >= self.max_connections {
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Instant, metrics: bool) {
+        let reserve = if metrics { METRICS_RESERVE } else { 0 };
+        if self.conns.len() >= self.max_connections + reserve {
             self.counters.rejected_at_capacity += 1;
             net::refuse(stream, &self.at_capacity);
+            return;
+        }
+        // A trusted proxy's clients are checked once it names them (front door).
+        if !self.conns.addresses.is_trusted(peer.ip())
+            && let Err(limit) = self.conns.addresses.check(peer.ip(), now)
+        {
+            self.counters.refusals.bump(limit.refused());
+            debug!("refused {peer}: {}", limit.refused().label());
+            let reject = Reject::Limited(limit);
+            net::refuse(stream, &Response::refuse(&reject).encode(false));
             return;
         }
         let id = self.conns.next_id();
@@ -605,7 +657,8 @@ impl Server {
             warn!("register {peer}: {e}");
             return;
         }
-        let id = self.conns.insert(peer);
+        let id = self.conns.insert(peer, now);
+        self.conns[id].metrics_port = metrics;
         if self.sockets.len() <= id.0 {
             self.sockets.resize_with(id.0 + 1, || None);
         }

@@ -23,6 +23,7 @@ const ROOT: &str = "main";
 
 const PURE: &[&str] = &[
     "http::parse",
+    "http::proxy",
     "http::api",
     "http::upgrade",
     "http::assets",
@@ -45,6 +46,7 @@ const PURE: &[&str] = &[
     "id",
     "config",
     "rlimit",
+    "limits",
 ];
 const HANDLERS: &[&str] = &["http::front", "session", "pubsub::pipeline"];
 const TABLE: &[&str] = &["conn"];

@@ -110,6 +110,15 @@ fn help_lists_every_flag_with_its_variable() {
         "statsd-interval",
         "statsd-prefix",
         "statsd-tags",
+        "trusted-proxies",
+        "require-proxy-protocol",
+        "max-connections-per-ip",
+        "connect-rate-per-ip",
+        "connect-burst-per-ip",
+        "client-op-rate",
+        "client-op-burst",
+        "max-subscriptions",
+        "metrics-listen",
     ] {
         assert!(
             help.contains(&format!("--{flag}")),

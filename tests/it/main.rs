@@ -16,6 +16,8 @@ mod liveness;
 mod overload;
 mod package;
 mod platform;
+
+mod per_ip;
 mod presence;
 mod probe;
 mod redis;

@@ -36,6 +36,12 @@ pub enum Reject {
     AtCapacity,
     /// Redis is down or refused the publish: nothing was (surely) delivered.
     RedisUnavailable,
+    /// `--auth-url` answered 401 or 403: that status and the application's one-line
+    /// reason. The connection closes: bytes pipelined behind the upgrade were frames.
+    AppRefused(u16, String),
+    /// `--auth-url` answered anything else, too late, or not at all: never an accidental
+    /// allow, and the connection closes.
+    AppUnavailable,
 }
 
 impl Reject {
@@ -62,6 +68,8 @@ impl Reject {
             Reject::Draining => (503, "draining", true),
             Reject::AtCapacity => (503, "server at connection capacity", true),
             Reject::RedisUnavailable => (503, "redis unavailable", false),
+            Reject::AppRefused(status, why) => (*status, why.as_str(), true),
+            Reject::AppUnavailable => (503, "authentication unavailable", true),
         };
         let headers = match self {
             Reject::Unauthorized => vec![("WWW-Authenticate", "Bearer")],
@@ -176,6 +184,8 @@ impl Reject {
             Reject::Draining,
             Reject::AtCapacity,
             Reject::RedisUnavailable,
+            Reject::AppRefused(403, "banned".into()),
+            Reject::AppUnavailable,
         ]
     }
 }

@@ -293,6 +293,10 @@ pub struct Args {
     #[arg(long, env = "HERALD_BACKLOG", value_name = "N", default_value_t = 4096)]
     pub backlog: i32,
 
+    /// --auth-* and --webhook-*: the application decides (`app.rs`).
+    #[command(flatten)]
+    pub app: crate::app::AppArgs,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -360,6 +364,8 @@ pub struct Config {
     pub compression_min_size: usize,
     pub agent_listen: Option<SocketAddr>,
     pub max_memory: Option<u64>,
+    /// Callbacks and webhooks to the application; `None` when neither is configured.
+    pub app: Option<crate::app::Settings>,
 }
 
 impl Args {
@@ -476,9 +482,12 @@ impl Args {
             Some(list) => Patterns::parse(list).map_err(|e| format!("--private-topics: {e}"))?,
             None => Patterns::default(),
         };
-        if tokens.is_none() && (self.private_topics.is_some() || self.require_token) {
+        let app = self.app.settings(self.redis.is_some())?;
+        let callbacks = app.as_ref().is_some_and(|a| a.auth.is_some());
+        if tokens.is_none() && !callbacks && (self.private_topics.is_some() || self.require_token) {
             return Err(
-                "--private-topics and --require-token need --token-secret or --token-public-key"
+                "--private-topics and --require-token need --token-secret, --token-public-key \
+                 or --auth-url"
                     .into(),
             );
         }
@@ -527,6 +536,7 @@ impl Args {
             compression_min_size: self.compression_min_size,
             agent_listen,
             max_memory: self.max_memory,
+            app,
         })
     }
 }

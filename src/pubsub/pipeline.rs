@@ -31,6 +31,8 @@ use bytes::Bytes;
 use log::debug;
 use serde_json::value::RawValue;
 
+use crate::app::App;
+use crate::app::webhook::Kind as Hook;
 use crate::config::Config;
 use crate::conn::{ConnId, Conns, Ended};
 use crate::metrics::{Counters, HistoryGauges, RedisGauges, Resumes};
@@ -163,6 +165,10 @@ pub struct PubSub {
     presence_beat_at: Instant,
     /// Compresses each published message once, for the subscribers that take it.
     deflater: Deflater,
+    /// The application (`--auth-url`, `--webhook-url`): kept here beside the Redis link,
+    /// the other party outside, so every handler that reaches the pipeline reaches it,
+    /// and the webhook events come from where subscriptions start and end.
+    app: App,
 }
 
 /// A message's frames during one fan-out: the plain one, and its compressed twin, made
@@ -223,6 +229,7 @@ impl PubSub {
             presence_reads: HashMap::new(),
             presence_beat_at: now,
             deflater: Deflater::new(cfg.compression_min_size),
+            app: App::new(cfg.app.as_ref()),
         }
     }
 
@@ -411,6 +418,7 @@ impl PubSub {
             let joined = self.hub.subscribe(id, topic, true, deflate)?;
             if joined == Joined::NewTopic {
                 self.history.retain(topic);
+                self.app.event(Hook::TopicOccupied, topic, None, now);
             }
             self.answer_from_history(conns, id, topic, from.as_ref());
             return Ok(());
@@ -739,6 +747,13 @@ impl PubSub {
         if !change.edge {
             return;
         }
+        let hook = if join {
+            Hook::MemberAdded
+        } else {
+            Hook::MemberRemoved
+        };
+        self.app
+            .event(hook, &change.topic, Some(&change.member), now);
         // The count within the cap before and after: `change.count` is the one after.
         let busiest = change.count + usize::from(!join);
         if self.presence.listed(busiest) {
@@ -911,7 +926,10 @@ impl PubSub {
         for topic in freed {
             match self.redis.as_mut() {
                 Some(r) => r.unsubscribe(&topic),
-                None => self.history.release(&topic, now),
+                None => {
+                    self.history.release(&topic, now);
+                    self.app.event(Hook::TopicVacated, &topic, None, now);
+                }
             }
             self.pending_acks.remove(&topic);
         }
@@ -970,6 +988,14 @@ impl PubSub {
 
     pub fn redis(&self) -> Option<&Redis> {
         self.redis.as_ref()
+    }
+
+    pub fn app(&self) -> &App {
+        &self.app
+    }
+
+    pub fn app_mut(&mut self) -> &mut App {
+        &mut self.app
     }
 
     pub fn redis_mut(&mut self) -> Option<&mut Redis> {

@@ -223,16 +223,28 @@ impl Client {
         self.read(i, registry, now, done);
     }
 
-    /// Start queued requests on free connections, and write what is pending.
-    pub fn flush(&mut self, registry: &Registry, now: Instant, done: &mut Vec<Done>) {
+    /// Start queued requests on free connections, in order. A request whose asker is
+    /// gone (`wanted` says no) is dropped as it comes up, unsent: checked then rather than
+    /// every pass, so a long queue costs nothing while it waits.
+    pub fn flush(
+        &mut self,
+        registry: &Registry,
+        now: Instant,
+        done: &mut Vec<Done>,
+        mut wanted: impl FnMut(u64) -> bool,
+    ) {
         for i in 0..self.pool.len() {
-            if self.queue.is_empty() {
-                break;
-            }
             if self.pool[i].job.is_some() {
                 continue;
             }
-            let Some(job) = self.queue.pop_front() else {
+            let job = loop {
+                match self.queue.pop_front() {
+                    Some(job) if wanted(job.tag) => break Some(job),
+                    Some(_) => continue,
+                    None => break None,
+                }
+            };
+            let Some(job) = job else {
                 break;
             };
             self.start(i, job, registry, now, done);
@@ -354,7 +366,9 @@ impl Client {
         match wire::parse_response(&conn.input) {
             Ok(None) => {}
             Ok(Some((answer, used))) => {
-                let close = answer.close || used != conn.input.len();
+                // Anything past the answer, or a request the app answered before reading
+                // all of it, leaves the connection in an unknown state: not reused.
+                let close = answer.close || used != conn.input.len() || !conn.output.is_empty();
                 if let Some((job, _)) = conn.job.take() {
                     done.push(Done {
                         tag: job.tag,

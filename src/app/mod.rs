@@ -527,27 +527,25 @@ impl App {
             h.in_flight = Some(tag);
         }
         if let Some(a) = self.auth.as_mut() {
-            if a.client.queued() > 0 {
-                // A client that left while its handshake waited costs the app nothing.
-                let asks = &mut a.asks;
-                let counters = &mut a.counters;
-                a.client.retain_queued(|tag| {
-                    let keep = asks.get(&tag).is_some_and(|ask| {
-                        let (id, serial) = ask.asker();
-                        live(id, serial)
-                    });
-                    if !keep {
-                        asks.remove(&tag);
-                        counters.abandoned += 1;
-                    }
-                    keep
+            // A client that left while its handshake waited costs the app nothing.
+            let asks = &mut a.asks;
+            let counters = &mut a.counters;
+            let wanted = |tag| {
+                let keep = asks.get(&tag).is_some_and(|ask| {
+                    let (id, serial) = ask.asker();
+                    live(id, serial)
                 });
-            }
-            a.client.flush(registry, now, &mut done);
+                if !keep {
+                    asks.remove(&tag);
+                    counters.abandoned += 1;
+                }
+                keep
+            };
+            a.client.flush(registry, now, &mut done, wanted);
             a.counters.max_in_flight = a.counters.max_in_flight.max(a.client.in_flight());
         }
         if let Some(h) = self.hooks.as_mut() {
-            h.client.flush(registry, now, &mut done);
+            h.client.flush(registry, now, &mut done, |_| true);
         }
         for d in done.drain(..) {
             self.settle(d, now, out);

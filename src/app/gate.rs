@@ -135,3 +135,172 @@ fn on_connect(env: &mut Env, (id, serial): (ConnId, u64), verdict: Verdict, now:
     env.conns.queue(id, Bytes::from(response.encode(false)));
     env.pubsub.leave(env.conns.finish(id, now), now);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{World, client_frame, parse_frames};
+
+    fn world() -> World {
+        World::new(&[
+            "--auth-url",
+            "http://127.0.0.1:9/auth",
+            "--auth-secret",
+            "a-secret-of-16-bytes",
+            "--private-topics",
+            "user:*",
+        ])
+    }
+
+    /// An upgrade for `/ws?topics=user:42` with a ping op pipelined behind it; returns
+    /// the connection, waiting for the application.
+    fn waiting(w: &mut World) -> ConnId {
+        let id = w.connect();
+        let mut request = b"GET /ws?topics=user:42 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+            Sec-WebSocket-Version: 13\r\nCookie: session=alice\r\n\r\n"
+            .to_vec();
+        request.extend_from_slice(&client_frame(0x1, br#"{"op":"ping"}"#));
+        w.send(id, &request);
+        assert!(matches!(w.conns[id].state, State::AwaitingApp(_)));
+        assert!(
+            w.take_output(id).is_empty(),
+            "nothing is said before the app answers"
+        );
+        id
+    }
+
+    fn answer(w: &mut World, answered: Answered) {
+        let mut env = Env {
+            conns: &mut w.conns,
+            pubsub: &mut w.pubsub,
+            counters: &mut w.counters,
+            sessions: &w.sessions,
+            draining: w.draining,
+        };
+        on_answer(&mut env, answered, w.now);
+    }
+
+    fn grant() -> Grant {
+        Grant {
+            sub: Some("42".into()),
+            exp: crate::auth::unix_now() + 3600,
+            topics: Patterns::parse("user:42").unwrap(),
+            publish: Patterns::default(),
+            refused: Patterns::default(),
+        }
+    }
+
+    #[test]
+    fn a_grant_opens_the_waiting_upgrade_and_reads_what_came_behind_it() {
+        let mut w = world();
+        let id = waiting(&mut w);
+        // A frame that arrives while the app thinks is held too.
+        assert!(hold_input(
+            &mut w.conns,
+            id,
+            &client_frame(0x1, br#"{"op":"ping"}"#)
+        ));
+        let serial = w.conns[id].serial;
+        let verdict = Verdict::Grant(grant());
+        answer(
+            &mut w,
+            Answered::Connect {
+                id,
+                serial,
+                verdict,
+            },
+        );
+        let wire = w.take_output(id);
+        assert!(wire.starts_with(b"HTTP/1.1 101"));
+        let head = wire.windows(4).position(|f| f == b"\r\n\r\n").unwrap() + 4;
+        let replies: Vec<serde_json::Value> = parse_frames(&wire[head..])
+            .iter()
+            .map(|f| f.json())
+            .collect();
+        assert_eq!(replies[0]["op"], "subscribed", "the grant covers user:42");
+        assert_eq!(replies[0]["sub"], "42");
+        let pongs = replies.iter().filter(|r| r["op"] == "pong").count();
+        assert_eq!(pongs, 2, "both pipelined pings answered: {replies:?}");
+    }
+
+    #[test]
+    fn refusals_carry_the_status_and_close_and_stale_answers_are_ignored() {
+        let mut w = world();
+        let id = waiting(&mut w);
+        let serial = w.conns[id].serial;
+        // An answer for an earlier connection under the same key changes nothing.
+        let verdict = Verdict::Grant(grant());
+        answer(
+            &mut w,
+            Answered::Connect {
+                id,
+                serial: serial - 1,
+                verdict,
+            },
+        );
+        assert!(matches!(w.conns[id].state, State::AwaitingApp(_)));
+        let verdict = Verdict::Refuse(403, "banned user".into());
+        answer(
+            &mut w,
+            Answered::Connect {
+                id,
+                serial,
+                verdict,
+            },
+        );
+        let text = w.take_text(id);
+        assert!(text.starts_with("HTTP/1.1 403 "), "{text}");
+        assert!(
+            text.contains("Connection: close") && text.ends_with("banned user\n"),
+            "{text}"
+        );
+        assert!(matches!(w.conns[id].state, State::Finishing));
+
+        let id = waiting(&mut w);
+        let serial = w.conns[id].serial;
+        let verdict = Verdict::Unavailable("timeout".into());
+        answer(
+            &mut w,
+            Answered::Connect {
+                id,
+                serial,
+                verdict,
+            },
+        );
+        assert!(w.take_text(id).starts_with("HTTP/1.1 503 "));
+    }
+
+    #[test]
+    fn a_grant_that_arrives_during_a_drain_opens_nothing() {
+        let mut w = world();
+        let id = waiting(&mut w);
+        w.draining = true;
+        let serial = w.conns[id].serial;
+        let verdict = Verdict::Grant(grant());
+        answer(
+            &mut w,
+            Answered::Connect {
+                id,
+                serial,
+                verdict,
+            },
+        );
+        let text = w.take_text(id);
+        assert!(
+            text.starts_with("HTTP/1.1 503 ") && text.contains("draining"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn too_much_input_while_waiting_is_refused() {
+        let mut w = world();
+        let id = waiting(&mut w);
+        assert!(!hold_input(
+            &mut w.conns,
+            id,
+            &vec![0; MAX_HELD_WHILE_ASKING]
+        ));
+    }
+}

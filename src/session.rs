@@ -267,8 +267,13 @@ impl Sessions {
                     let sub = session.grant.as_ref().and_then(|g| g.sub.as_deref());
                     let asked = (resume.map(crate::app::owned_resume), watch);
                     let asker = (id, conns[id].serial);
-                    pubsub.app_mut().ask_subscribe(asker, sub, &topic, asked);
-                    return;
+                    if pubsub.app_mut().ask_subscribe(asker, sub, &topic, asked) {
+                        return;
+                    }
+                    op_error(
+                        counters,
+                        OpError::new("busy", "too many subscribes waiting for the application"),
+                    )
                 }
             }
             Ok(Op::Subscribe(topic, resume, watch)) => {

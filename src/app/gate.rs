@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use log::{debug, info};
+use log::debug;
 
 use crate::app::{Answered, Verdict};
 use crate::auth::Grant;
@@ -24,6 +24,9 @@ use crate::ws::protocol::{self, OpError};
 /// Most bytes held from a client whose upgrade waits for the application (frames sent
 /// behind the request); past it, the client is not waiting as a browser does: cut it.
 const MAX_HELD_WHILE_ASKING: usize = 64 * 1024;
+/// Answers kept per connection (`--auth-subscribe`), allowed and refused each; past it
+/// they are not kept, and the next subscribe to such a topic asks again.
+const MAX_CACHED_ANSWERS: usize = 256;
 
 /// Bytes from a connection in `AwaitingApp`: kept for the session, if it opens.
 pub fn hold_input(conns: &mut Conns, id: ConnId, input: &[u8]) -> bool {
@@ -74,7 +77,9 @@ pub fn on_answer(env: &mut Env, answered: Answered, now: Instant) {
                 })
             });
             if !allowed {
-                grant.refused.push_exact(&topic);
+                if grant.refused.count() < MAX_CACHED_ANSWERS {
+                    grant.refused.push_exact(&topic);
+                }
                 env.counters.op_errors += 1;
                 let reply = protocol::error(&OpError::new(
                     "forbidden",
@@ -83,7 +88,9 @@ pub fn on_answer(env: &mut Env, answered: Answered, now: Instant) {
                 env.conns.queue(id, reply);
                 return;
             }
-            grant.topics.push_exact(&topic);
+            if grant.topics.count() < MAX_CACHED_ANSWERS {
+                grant.topics.push_exact(&topic);
+            }
             let asked = (resume.as_ref(), watch);
             match env.pubsub.subscribe(env.conns, id, &topic, asked, now) {
                 Ok(()) => env.conns.mark_dirty(id),
@@ -118,7 +125,8 @@ fn on_connect(env: &mut Env, (id, serial): (ConnId, u64), verdict: Verdict, now:
         // A drain began while the application thought: no new WebSocket now.
         Verdict::Grant(_) if env.draining => Reject::Draining,
         Verdict::Grant(grant) => {
-            info!("{}: the application allowed sub {:?}", conn.peer, grant.sub);
+            // The session logs the grant at info as it opens ("token accepted").
+            debug!("{}: the application allowed sub {:?}", conn.peer, grant.sub);
             let mut opening = *opening;
             opening.grant = Some(Ok(grant));
             env.sessions

@@ -40,6 +40,9 @@ use wire::Target;
 /// A callback grant without `exp` lasts for the connection; the grant timer still needs
 /// an instant, so it is this far away.
 const NO_EXPIRY_SECS: u64 = 10 * 365 * 24 * 3600;
+/// Subscribe questions one connection may have at the application at once: a client
+/// cannot queue unbounded work for the app by spraying private topic names.
+pub const MAX_ASKS_PER_CONNECTION: u32 = 16;
 /// Fewest bytes of `--auth-secret`: less is guessable offline from one signed request.
 const MIN_SECRET: usize = 16;
 
@@ -262,7 +265,20 @@ struct Auth {
     forward: Vec<String>,
     subscribe: bool,
     asks: HashMap<u64, Ask>,
+    /// Subscribe questions pending, by connection serial (absent: none).
+    asking: HashMap<u64, u32>,
     counters: AuthCounters,
+}
+
+impl Auth {
+    fn subscribe_settled(&mut self, serial: u64) {
+        if let Some(n) = self.asking.get_mut(&serial) {
+            *n -= 1;
+            if *n == 0 {
+                self.asking.remove(&serial);
+            }
+        }
+    }
 }
 
 struct Hooks {
@@ -315,6 +331,7 @@ impl App {
                 forward: s.forward.clone(),
                 subscribe: s.subscribe,
                 asks: HashMap::new(),
+                asking: HashMap::new(),
                 counters: AuthCounters::default(),
             }
         });
@@ -388,18 +405,24 @@ impl App {
     }
 
     /// Ask whether `sub` may subscribe to `topic`; the answer comes as
-    /// `Answered::Subscribe`, with what the subscribe asked for.
+    /// `Answered::Subscribe`, with what the subscribe asked for. False (nothing asked)
+    /// when the connection has `MAX_ASKS_PER_CONNECTION` questions pending already.
     pub fn ask_subscribe(
         &mut self,
         (id, serial): (ConnId, u64),
         sub: Option<&str>,
         topic: &str,
         (resume, watch): (Option<Resume<'static>>, bool),
-    ) {
+    ) -> bool {
         let tag = self.tag();
         let Some(auth) = self.auth.as_mut() else {
-            return;
+            return false;
         };
+        let pending = auth.asking.entry(serial).or_default();
+        if *pending >= MAX_ASKS_PER_CONNECTION {
+            return false;
+        }
+        *pending += 1;
         let body = json!({"sub": sub, "topic": topic});
         let request = wire::encode_request(
             auth.client.target(),
@@ -418,6 +441,7 @@ impl App {
                 watch,
             },
         );
+        true
     }
 
     /// A drain began: handshakes not yet sent to the application are answered 503 now
@@ -527,19 +551,29 @@ impl App {
             h.in_flight = Some(tag);
         }
         if let Some(a) = self.auth.as_mut() {
-            // A client that left while its handshake waited costs the app nothing.
+            // A client that left while its question waited costs the app nothing.
             let asks = &mut a.asks;
+            let asking = &mut a.asking;
             let counters = &mut a.counters;
             let wanted = |tag| {
-                let keep = asks.get(&tag).is_some_and(|ask| {
-                    let (id, serial) = ask.asker();
-                    live(id, serial)
-                });
-                if !keep {
-                    asks.remove(&tag);
-                    counters.abandoned += 1;
+                let Some(ask) = asks.get(&tag) else {
+                    return false;
+                };
+                let (id, serial) = ask.asker();
+                if live(id, serial) {
+                    return true;
                 }
-                keep
+                if matches!(ask, Ask::Subscribe { .. }) {
+                    if let Some(n) = asking.get_mut(&serial) {
+                        *n -= 1;
+                        if *n == 0 {
+                            asking.remove(&serial);
+                        }
+                    }
+                }
+                asks.remove(&tag);
+                counters.abandoned += 1;
+                false
             };
             a.client.flush(registry, now, &mut done, wanted);
             a.counters.max_in_flight = a.counters.max_in_flight.max(a.client.in_flight());
@@ -595,6 +629,7 @@ impl App {
                 resume,
                 watch,
             } => {
+                auth.subscribe_settled(serial);
                 // Only a 200 allows; a failure refuses now and is not kept, so a later
                 // subscribe asks again.
                 let allowed = matches!(&done.outcome, Outcome::Answer(a) if a.status == 200);

@@ -493,3 +493,30 @@ fn a_drain_refuses_queued_handshakes_and_does_not_wait_for_the_app() {
     );
     assert_eq!(app.stats()["requests"], 1);
 }
+
+#[test]
+fn a_client_cannot_queue_unbounded_questions_for_the_app() {
+    let app = App::start(&["--delay-ms", "1000"]);
+    let h = herald(&app.url("/auth"), &["--auth-subscribe"]);
+    let mut ws = ws_as(&h, "/ws", "alice").expect("alice is let in");
+    for i in 0..20 {
+        send_json(
+            &mut ws,
+            json!({"op":"subscribe","topic":format!("vip:t{i}")}),
+        );
+    }
+    // 16 are asked (MAX_ASKS_PER_CONNECTION); the 4 beyond are refused at once, before
+    // any answer from the app (which takes a second each).
+    let mut errors = Vec::new();
+    for _ in 0..20 {
+        errors.push(
+            next_json(&mut ws)["error"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
+    assert_eq!(&errors[..4], ["busy", "busy", "busy", "busy"], "{errors:?}");
+    assert!(errors[4..].iter().all(|e| e == "forbidden"), "{errors:?}");
+    assert_eq!(app.stats()["subscribe_asks"], 16);
+}

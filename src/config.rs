@@ -482,7 +482,7 @@ impl Args {
             Some(list) => Patterns::parse(list).map_err(|e| format!("--private-topics: {e}"))?,
             None => Patterns::default(),
         };
-        let app = self.app.settings(self.redis.is_some())?;
+        let app = self.app.settings()?;
         let callbacks = app.as_ref().is_some_and(|a| a.auth.is_some());
         if tokens.is_none() && !callbacks && (self.private_topics.is_some() || self.require_token) {
             return Err(

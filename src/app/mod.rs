@@ -130,9 +130,8 @@ pub struct Settings {
 }
 
 impl AppArgs {
-    /// `None` when neither callbacks nor webhooks are configured. `clustered`: with
-    /// `--redis`, where webhooks are refused (see the README: not decided cluster-wide yet).
-    pub fn settings(&self, clustered: bool) -> Result<Option<Settings>, String> {
+    /// `None` when neither callbacks nor webhooks are configured.
+    pub fn settings(&self) -> Result<Option<Settings>, String> {
         if self.auth_url.is_none() && self.webhook_url.is_none() {
             if self.auth_subscribe {
                 return Err("--auth-subscribe needs --auth-url".into());
@@ -160,13 +159,6 @@ impl AppArgs {
         }
         if self.auth_subscribe && self.auth_url.is_none() {
             return Err("--auth-subscribe needs --auth-url".into());
-        }
-        if self.webhook_url.is_some() && clustered {
-            return Err(
-                "--webhook-url is not supported with --redis yet: topic_occupied and \
-                        topic_vacated would be sent once per process, not once per cluster"
-                    .into(),
-            );
         }
         if self.webhook_queue == 0 {
             return Err("--webhook-queue must be at least 1".into());
@@ -912,14 +904,14 @@ mod tests {
             webhook_queue: 10,
             ..AppArgs::default()
         };
-        let s = base.settings(false).unwrap().unwrap();
+        let s = base.settings().unwrap().unwrap();
         assert_eq!(s.forward, ["cookie", "x-tenant"]);
         assert!(
             AppArgs {
                 auth_secret: None,
                 ..base.clone()
             }
-            .settings(false)
+            .settings()
             .is_err()
         );
         assert!(
@@ -927,7 +919,7 @@ mod tests {
                 auth_secret: Some("short".into()),
                 ..base.clone()
             }
-            .settings(false)
+            .settings()
             .is_err()
         );
         assert!(
@@ -935,7 +927,7 @@ mod tests {
                 auth_concurrency: 0,
                 ..base.clone()
             }
-            .settings(false)
+            .settings()
             .is_err()
         );
         assert!(
@@ -943,24 +935,16 @@ mod tests {
                 auth_timeout: 0.0,
                 ..base.clone()
             }
-            .settings(false)
+            .settings()
             .is_err()
         );
-        let hooks = AppArgs {
-            webhook_url: Some("http://127.0.0.1:9/h".into()),
-            ..base.clone()
-        };
-        assert!(
-            hooks.settings(true).is_err(),
-            "not per process under --redis"
-        );
-        assert!(AppArgs::default().settings(false).unwrap().is_none());
+        assert!(AppArgs::default().settings().unwrap().is_none());
         assert!(
             AppArgs {
                 auth_subscribe: true,
                 ..AppArgs::default()
             }
-            .settings(false)
+            .settings()
             .is_err()
         );
     }

@@ -38,6 +38,7 @@ use crate::conn::{ConnId, Conns, Ended};
 use crate::metrics::{Counters, HistoryGauges, RedisGauges, Resumes};
 use crate::pubsub::history::{self, History, Outcome};
 use crate::pubsub::hub::{self, Follow, Hub, Joined, Left, Published, SubscribeError};
+use crate::pubsub::occupancy::{Call, News, Occupancy};
 use crate::pubsub::presence::{self, Change, Presence};
 use crate::pubsub::redis::{PresenceAnswer, Redis, Stored};
 use crate::ws::codec as ws;
@@ -169,6 +170,8 @@ pub struct PubSub {
     /// the other party outside, so every handler that reaches the pipeline reaches it,
     /// and the webhook events come from where subscriptions start and end.
     app: App,
+    /// With Redis and webhooks: whether topics are occupied cluster-wide.
+    occupancy: Option<Occupancy>,
 }
 
 /// A message's frames during one fan-out: the plain one, and its compressed twin, made
@@ -230,7 +233,23 @@ impl PubSub {
             presence_beat_at: now,
             deflater: Deflater::new(cfg.compression_min_size),
             app: App::new(cfg.app.as_ref()),
+            occupancy: None,
         }
+        .with_occupancy(cfg, now)
+    }
+
+    /// Webhooks through Redis: topic_occupied and topic_vacated are decided there.
+    fn with_occupancy(mut self, cfg: &Config, now: Instant) -> PubSub {
+        if let Some(r) = self.redis.as_ref().filter(|_| self.app.hooks_on()) {
+            self.occupancy = Some(Occupancy::new(r.prefix(), r.instance(), now));
+            if cfg.presence.patterns.count() > 0 {
+                log::warn!(
+                    "webhooks: with --redis, member_added and member_removed are not sent \
+                     (not yet decided once per cluster); topic_occupied and topic_vacated are"
+                );
+            }
+        }
+        self
     }
 
     // ---- publishing ------------------------------------------------------------------
@@ -430,6 +449,9 @@ impl PubSub {
         }
         if joined == Joined::NewTopic {
             redis.subscribe(topic);
+            if let Some(o) = self.occupancy.as_mut() {
+                send(redis, o.join(topic), now);
+            }
         }
         let waiting = Waiting {
             conn: id,
@@ -889,6 +911,29 @@ impl PubSub {
             redis.presence_sync(topic, self.presence.local_members(topic), now);
         }
         self.presence_beat_at = now + self.presence.beat_interval();
+        if let Some(o) = self.occupancy.as_mut() {
+            o.renew(now);
+            for topic in self.hub.topic_names() {
+                send(redis, o.join(topic), now);
+            }
+        }
+    }
+
+    /// A script's reply from Redis: an occupancy transition this process reports.
+    pub fn on_script(&mut self, tag: u64, result: Result<Vec<String>, String>, now: Instant) {
+        let Some(news) = self
+            .occupancy
+            .as_mut()
+            .and_then(|o| o.on_reply(tag, result))
+        else {
+            return;
+        };
+        for n in news {
+            match n {
+                News::Occupied(t) => self.app.event(Hook::TopicOccupied, &t, None, now),
+                News::Vacated(t) => self.app.event(Hook::TopicVacated, &t, None, now),
+            }
+        }
     }
 
     /// With Redis, every third of the TTL: this process is alive on its presence topics.
@@ -925,7 +970,12 @@ impl PubSub {
     fn forget_topics(&mut self, freed: Vec<String>, now: Instant) {
         for topic in freed {
             match self.redis.as_mut() {
-                Some(r) => r.unsubscribe(&topic),
+                Some(r) => {
+                    r.unsubscribe(&topic);
+                    if let Some(o) = self.occupancy.as_mut() {
+                        send(r, o.leave(&topic), now);
+                    }
+                }
                 None => {
                     self.history.release(&topic, now);
                     self.app.event(Hook::TopicVacated, &topic, None, now);
@@ -971,12 +1021,28 @@ impl PubSub {
     pub fn next_deadline(&self) -> Option<Instant> {
         let beat = (self.redis_up() && self.presence.topics().next().is_some())
             .then_some(self.presence_beat_at);
-        self.history.next_expiry().into_iter().chain(beat).min()
+        let sweep = self
+            .occupancy
+            .as_ref()
+            .filter(|_| self.redis_up())
+            .map(Occupancy::next_sweep);
+        self.history
+            .next_expiry()
+            .into_iter()
+            .chain(beat)
+            .chain(sweep)
+            .min()
     }
 
     pub fn expire(&mut self, now: Instant) {
         self.history.expire(now);
         self.presence_beat(now);
+        if let (Some(o), Some(r)) = (self.occupancy.as_mut(), self.redis.as_mut())
+            && r.is_up()
+            && let Some(call) = o.sweep(now)
+        {
+            send(r, call, now);
+        }
     }
 
     /// The history, encoded for the state file.
@@ -1074,6 +1140,14 @@ fn position(at: &history::Position, recovered: Option<bool>) -> Position<'_> {
 }
 
 /// The user the connection's token names, for `subscribed`.
+/// An occupancy script to Redis (lost when Redis is down: the renewal on reconnecting
+/// makes up for it).
+fn send(redis: &mut Redis, call: Call, now: Instant) {
+    let keys: Vec<&str> = call.keys.iter().map(String::as_str).collect();
+    let args: Vec<&str> = call.args.iter().map(String::as_str).collect();
+    redis.script(call.script, &keys, &args, call.tag, now);
+}
+
 fn grant_sub(conns: &Conns, id: ConnId) -> Option<String> {
     conns
         .get(id)

@@ -930,6 +930,7 @@ impl Server {
             } => self.pubsub.on_presence_event(&topic, join, &member),
             Event::Up => self.pubsub.on_redis_up(now),
             Event::Delivery(_) => {}
+            Event::Script { tag, result } => self.pubsub.on_script(tag, result, now),
             Event::Down => self.pubsub.on_redis_down(&mut self.conns),
             Event::Pong => {
                 if self.drain.redis_wait().is_some() {

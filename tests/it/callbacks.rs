@@ -520,3 +520,55 @@ fn a_client_cannot_queue_unbounded_questions_for_the_app() {
     assert!(errors[4..].iter().all(|e| e == "forbidden"), "{errors:?}");
     assert_eq!(app.stats()["subscribe_asks"], 16);
 }
+
+fn count(app: &App, name: &str, topic: &str) -> usize {
+    hook_events(app)
+        .iter()
+        .filter(|e| e["name"] == name && e["topic"] == topic)
+        .count()
+}
+
+#[test]
+fn with_redis_a_topic_is_occupied_and_vacated_once_for_the_cluster() {
+    let redis = crate::redis::RedisServer::start();
+    let app = App::start(&[]);
+    let hook = app.url("/hook");
+    let args = ["--webhook-url", hook.as_str(), "--auth-secret", SECRET];
+    let h1 = crate::redis::herald_with(&redis, &args);
+    let h2 = crate::redis::herald_with(&redis, &args);
+    let ws1 = h1.subscriber("room");
+    let ws2 = h2.subscriber("room");
+    assert!(eventually(TIMEOUT, || count(
+        &app,
+        "topic_occupied",
+        "room"
+    ) == 1));
+    drop(ws1);
+    // h1 has no subscriber left, h2 still has one: no news. Give a wrong event time to come.
+    assert!(eventually(TIMEOUT, || h1.metric("herald_topics") == 0.0));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(count(&app, "topic_vacated", "room"), 0);
+    drop(ws2);
+    assert!(eventually(TIMEOUT, || count(&app, "topic_vacated", "room") == 1));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        count(&app, "topic_occupied", "room"),
+        1,
+        "each sent once, by one process"
+    );
+    assert_eq!(count(&app, "topic_vacated", "room"), 1);
+
+    // A process that dies with the only subscriber: another one's sweep reports the topic
+    // vacated once the dead one's membership expires (15 s, swept every 5 s).
+    let _solo = h1.subscriber("solo");
+    assert!(eventually(TIMEOUT, || count(
+        &app,
+        "topic_occupied",
+        "solo"
+    ) == 1));
+    drop(h1); // SIGKILL: no leave is ever sent
+    assert!(eventually(Duration::from_secs(60), || {
+        count(&app, "topic_vacated", "solo") == 1
+    }));
+    assert_eq!(app.stats()["forged"], 0);
+}

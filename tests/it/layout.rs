@@ -33,6 +33,7 @@ const PURE: &[&str] = &[
     "pubsub::hub",
     "pubsub::history",
     "pubsub::presence",
+    "pubsub::occupancy",
     "pubsub::redis",
     "topic",
     "auth",

@@ -293,7 +293,7 @@ pub struct Args {
     #[arg(long, env = "HERALD_BACKLOG", value_name = "N", default_value_t = 4096)]
     pub backlog: i32,
 
-    /// --auth-* and --webhook-*: the application decides (`app.rs`).
+    /// --auth-* and --webhook-*: the application decides (`app/mod.rs`).
     #[command(flatten)]
     pub app: crate::app::AppArgs,
 

@@ -376,11 +376,18 @@ impl App {
         let Some(auth) = self.auth.as_mut() else {
             return;
         };
-        let headers: serde_json::Map<String, serde_json::Value> = headers
-            .iter()
-            .filter(|(name, _)| auth.forward.contains(name))
-            .map(|(n, v)| (n.clone(), json!(v)))
-            .collect();
+        // A header sent more than once is joined, as RFC 9110 §5.3 allows, and cookies as
+        // RFC 6265 §5.4 writes them (HTTP/2 front ends split `Cookie` into several).
+        let mut forwarded = serde_json::Map::new();
+        for (name, value) in headers.iter().filter(|(n, _)| auth.forward.contains(n)) {
+            let joined = match forwarded.get(name).and_then(|v| v.as_str()) {
+                Some(earlier) if name == "cookie" => format!("{earlier}; {value}"),
+                Some(earlier) => format!("{earlier}, {value}"),
+                None => value.clone(),
+            };
+            forwarded.insert(name.clone(), json!(joined));
+        }
+        let headers = forwarded;
         let body = json!({
             "headers": headers,
             "path": path,

@@ -572,3 +572,22 @@ fn with_redis_a_topic_is_occupied_and_vacated_once_for_the_cluster() {
     }));
     assert_eq!(app.stats()["forged"], 0);
 }
+
+#[test]
+fn cookies_sent_in_several_headers_reach_the_app_joined() {
+    let app = App::start(&[]);
+    let h = herald(
+        &app.url("/auth"),
+        &["--auth-forward-headers", "cookie,x-tenant"],
+    );
+    let mut conn = h.http();
+    let raw = format!(
+        "GET /ws HTTP/1.1\r\nHost: t\r\n{UPGRADE}Cookie: theme=dark\r\nCookie: session=alice\r\n\
+         X-Tenant: acme\r\nAuthorization: Bearer not-forwarded\r\n\r\n"
+    );
+    assert_eq!(conn.exchange(raw.as_bytes()).status, 101);
+    assert_eq!(
+        app.stats()["last_connect"]["headers"],
+        json!({"cookie": "theme=dark; session=alice", "x-tenant": "acme"})
+    );
+}

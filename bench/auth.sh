@@ -8,7 +8,7 @@
 # bench/results/DATE/auth/.
 #
 #   bench/auth.sh                 # N=2000 handshakes per run
-#   N=5000 CONCURRENCY="32 128" bench/auth.sh
+#   N=10000 CONCURRENCY="32 128" OUT=bench/results/DATE/auth-10k bench/auth.sh
 #
 # Needs: a release build (done here), /usr/bin/python3, taskset (util-linux).
 set -euo pipefail
@@ -19,7 +19,7 @@ cargo build --release --locked -p herald -p herald-bench
 N="${N:-2000}"
 CONCURRENCY="${CONCURRENCY:-32}"
 SECRET="bench-secret-shared-with-the-app"
-OUT="bench/results/$(date +%Y-%m-%d)/auth"
+OUT="${OUT:-bench/results/$(date +%Y-%m-%d)/auth}"
 mkdir -p "$OUT"
 BENCH="taskset -c 1 target/release/herald-bench --url ws://127.0.0.1:9000 --json"
 PIDS=()

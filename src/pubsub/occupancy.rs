@@ -1,9 +1,10 @@
 //! With `--redis` and `--webhook-url`: whether a topic is occupied anywhere in the
-//! cluster, decided once. Each process is a member of a topic's Redis set while it has
-//! local subscribers; a script adds or removes it and says whether that made the set
-//! go from empty to not (topic_occupied) or back (topic_vacated). Redis runs one script
-//! at a time, so exactly one process sees each transition, and that process sends the
-//! webhook.
+//! cluster, and whether a presence member is there, decided once. Each process is a
+//! member of a topic's Redis set while it has local subscribers (and of a (topic, member)
+//! set while that member has local connections there); a script adds or removes it and
+//! says whether that made the set go from empty to not (topic_occupied, member_added) or
+//! back (topic_vacated, member_removed). Redis runs one script at a time, so exactly one
+//! process sees each transition, and that process sends the webhook.
 //!
 //! A process that dies holds its memberships until its liveness key expires
 //! (`OCCUPANCY_TTL`, refreshed by every script it runs and by its sweep every third of
@@ -75,18 +76,55 @@ pub struct Call {
     pub tag: u64,
 }
 
-/// A transition this process must report.
+/// What a set is about: a topic, or a presence member on a topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum News {
-    Occupied(String),
-    Vacated(String),
+pub enum Entry {
+    Topic(String),
+    Member { topic: String, member: String },
+}
+
+impl Entry {
+    /// Its name in the registry the sweep walks: topic names have no space (the topic
+    /// alphabet), so "topic member" splits back at the first one.
+    fn name(&self) -> String {
+        match self {
+            Entry::Topic(t) => t.clone(),
+            Entry::Member { topic, member } => format!("{topic} {member}"),
+        }
+    }
+
+    fn from_name(members: bool, name: String) -> Entry {
+        match name.split_once(' ') {
+            Some((topic, member)) if members => Entry::Member {
+                topic: topic.to_string(),
+                member: member.to_string(),
+            },
+            _ => Entry::Topic(name),
+        }
+    }
+
+    /// The registry (`occ-topics` or `occ-members`) and the sets' key prefix.
+    fn keys(&self, p: &str) -> (String, String) {
+        match self {
+            Entry::Topic(_) => (format!("{p}occ-topics"), format!("{p}occ:")),
+            Entry::Member { .. } => (format!("{p}occ-members"), format!("{p}occm:")),
+        }
+    }
+}
+
+/// A transition this process must report: the entry became occupied (true) or empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct News {
+    pub entry: Entry,
+    pub occupied: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Asked {
-    Join(String),
-    Leave(String),
-    Sweep,
+    Join(Entry),
+    Leave(Entry),
+    /// Of the member registry (true) or the topic one.
+    Sweep(bool),
 }
 
 #[derive(Debug)]
@@ -115,12 +153,12 @@ impl Occupancy {
         }
     }
 
-    pub fn join(&mut self, topic: &str) -> Call {
-        self.call(JOIN_LUA, Asked::Join(topic.to_string()))
+    pub fn join(&mut self, entry: Entry) -> Call {
+        self.call(JOIN_LUA, Asked::Join(entry))
     }
 
-    pub fn leave(&mut self, topic: &str) -> Call {
-        self.call(LEAVE_LUA, Asked::Leave(topic.to_string()))
+    pub fn leave(&mut self, entry: Entry) -> Call {
+        self.call(LEAVE_LUA, Asked::Leave(entry))
     }
 
     /// Redis is (again) up: from now on this process is a new member, so that whatever
@@ -137,13 +175,16 @@ impl Occupancy {
         self.sweep_at
     }
 
-    /// The sweep (and heartbeat), when due.
-    pub fn sweep(&mut self, now: Instant) -> Option<Call> {
+    /// The sweeps of both registries (and the heartbeat), when due.
+    pub fn sweep(&mut self, now: Instant) -> Option<[Call; 2]> {
         if now < self.sweep_at {
             return None;
         }
         self.sweep_at = now + OCCUPANCY_TTL / 3;
-        Some(self.call(SWEEP_LUA, Asked::Sweep))
+        Some([
+            self.call(SWEEP_LUA, Asked::Sweep(false)),
+            self.call(SWEEP_LUA, Asked::Sweep(true)),
+        ])
     }
 
     /// A script's reply came back: the news it carries for this process to report. `None`
@@ -156,17 +197,21 @@ impl Occupancy {
             return Some(Vec::new());
         };
         let code = reply.first().map(String::as_str);
+        let news = |entry, occupied| News { entry, occupied };
         Some(match asked {
-            Asked::Join(topic) => match code {
-                Some("1") => vec![News::Occupied(topic)],
-                Some("2") => vec![News::Vacated(topic.clone()), News::Occupied(topic)],
+            Asked::Join(entry) => match code {
+                Some("1") => vec![news(entry, true)],
+                Some("2") => vec![news(entry.clone(), false), news(entry, true)],
                 _ => Vec::new(),
             },
-            Asked::Leave(topic) => match code {
-                Some("1") => vec![News::Vacated(topic)],
+            Asked::Leave(entry) => match code {
+                Some("1") => vec![news(entry, false)],
                 _ => Vec::new(),
             },
-            Asked::Sweep => reply.into_iter().map(News::Vacated).collect(),
+            Asked::Sweep(members) => reply
+                .into_iter()
+                .map(|name| news(Entry::from_name(members, name), false))
+                .collect(),
         })
     }
 
@@ -179,25 +224,35 @@ impl Occupancy {
         let alive = format!("{p}alive:{}", self.member);
         let ttl = OCCUPANCY_TTL.as_millis().to_string();
         let (keys, args) = match &asked {
-            Asked::Join(topic) | Asked::Leave(topic) => (
-                vec![format!("{p}occ:{topic}"), format!("{p}occ-topics"), alive],
-                vec![
-                    self.member.clone(),
-                    ttl,
-                    format!("{p}alive:"),
-                    topic.clone(),
-                ],
-            ),
-            Asked::Sweep => (
-                vec![format!("{p}occ-topics"), format!("{p}occ-cursor"), alive],
-                vec![
-                    self.member.clone(),
-                    ttl,
-                    format!("{p}alive:"),
-                    format!("{p}occ:"),
-                    SWEEP_BATCH.to_string(),
-                ],
-            ),
+            Asked::Join(entry) | Asked::Leave(entry) => {
+                let (registry, sets) = entry.keys(p);
+                let name = entry.name();
+                (
+                    vec![format!("{sets}{name}"), registry, alive],
+                    vec![self.member.clone(), ttl, format!("{p}alive:"), name],
+                )
+            }
+            Asked::Sweep(members) => {
+                let probe = match members {
+                    true => Entry::Member {
+                        topic: String::new(),
+                        member: String::new(),
+                    },
+                    false => Entry::Topic(String::new()),
+                };
+                let (registry, sets) = probe.keys(p);
+                let cursor = format!("{registry}-cursor");
+                (
+                    vec![registry, cursor, alive],
+                    vec![
+                        self.member.clone(),
+                        ttl,
+                        format!("{p}alive:"),
+                        sets,
+                        SWEEP_BATCH.to_string(),
+                    ],
+                )
+            }
         };
         self.asked.insert(tag, asked);
         Call {
@@ -213,34 +268,72 @@ impl Occupancy {
 mod tests {
     use super::*;
 
+    fn topic(t: &str) -> Entry {
+        Entry::Topic(t.into())
+    }
+
     #[test]
     fn replies_become_news_for_the_process_that_asked() {
         let now = Instant::now();
         let mut o = Occupancy::new("h:", "host-1", now);
-        let join = o.join("a");
+        let join = o.join(topic("a"));
         assert_eq!(join.keys, ["h:occ:a", "h:occ-topics", "h:alive:host-1.0"]);
         assert_eq!(join.args[0], "host-1.0");
-        let leave = o.leave("a");
+        let leave = o.leave(topic("a"));
         assert_eq!(
             o.on_reply(join.tag, Ok(vec!["1".into()])),
-            Some(vec![News::Occupied("a".into())])
+            Some(vec![News {
+                entry: topic("a"),
+                occupied: true
+            }])
         );
         assert_eq!(o.on_reply(leave.tag, Ok(vec!["0".into()])), Some(vec![]));
         assert_eq!(o.on_reply(leave.tag, Ok(vec![])), None, "answered once");
-        let sweep = o.sweep(now).unwrap();
+        let [topics, members] = o.sweep(now).unwrap();
         assert!(o.sweep(now).is_none(), "not due again yet");
+        assert_eq!(topics.keys[..2], ["h:occ-topics", "h:occ-topics-cursor"]);
+        assert_eq!(members.args[3], "h:occm:");
         assert_eq!(
-            o.on_reply(sweep.tag, Ok(vec!["x".into(), "y".into()])),
-            Some(vec![News::Vacated("x".into()), News::Vacated("y".into())])
+            o.on_reply(topics.tag, Ok(vec!["x".into()])),
+            Some(vec![News {
+                entry: topic("x"),
+                occupied: false
+            }])
         );
-        let rejoin = o.join("b");
+        let gone = Entry::Member {
+            topic: "room".into(),
+            member: "42 the answer".into(),
+        };
+        assert_eq!(
+            o.on_reply(members.tag, Ok(vec!["room 42 the answer".into()])),
+            Some(vec![News {
+                entry: gone,
+                occupied: false
+            }]),
+            "a member name may hold spaces; topic names cannot"
+        );
+        let rejoin = o.join(topic("b"));
         assert_eq!(
             o.on_reply(rejoin.tag, Ok(vec!["2".into()])),
-            Some(vec![News::Vacated("b".into()), News::Occupied("b".into())])
+            Some(vec![
+                News {
+                    entry: topic("b"),
+                    occupied: false
+                },
+                News {
+                    entry: topic("b"),
+                    occupied: true
+                }
+            ])
         );
+        let m = o.join(Entry::Member {
+            topic: "room".into(),
+            member: "7".into(),
+        });
+        assert_eq!(m.keys[..2], ["h:occm:room 7", "h:occ-members"]);
         o.renew(now);
         assert_eq!(
-            o.join("c").args[0],
+            o.join(topic("c")).args[0],
             "host-1.1",
             "a new member after a reconnect"
         );

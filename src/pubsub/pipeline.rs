@@ -38,7 +38,7 @@ use crate::conn::{ConnId, Conns, Ended};
 use crate::metrics::{Counters, HistoryGauges, RedisGauges, Resumes};
 use crate::pubsub::history::{self, History, Outcome};
 use crate::pubsub::hub::{self, Follow, Hub, Joined, Left, Published, SubscribeError};
-use crate::pubsub::occupancy::{Call, News, Occupancy};
+use crate::pubsub::occupancy::{Call, Entry, News, Occupancy};
 use crate::pubsub::presence::{self, Change, Presence};
 use crate::pubsub::redis::{PresenceAnswer, Redis, Stored};
 use crate::ws::codec as ws;
@@ -235,19 +235,13 @@ impl PubSub {
             app: App::new(cfg.app.as_ref()),
             occupancy: None,
         }
-        .with_occupancy(cfg, now)
+        .with_occupancy(now)
     }
 
     /// Webhooks through Redis: topic_occupied and topic_vacated are decided there.
-    fn with_occupancy(mut self, cfg: &Config, now: Instant) -> PubSub {
+    fn with_occupancy(mut self, now: Instant) -> PubSub {
         if let Some(r) = self.redis.as_ref().filter(|_| self.app.hooks_on()) {
             self.occupancy = Some(Occupancy::new(r.prefix(), r.instance(), now));
-            if cfg.presence.patterns.count() > 0 {
-                log::warn!(
-                    "webhooks: with --redis, member_added and member_removed are not sent \
-                     (not yet decided once per cluster); topic_occupied and topic_vacated are"
-                );
-            }
         }
         self
     }
@@ -450,7 +444,7 @@ impl PubSub {
         if joined == Joined::NewTopic {
             redis.subscribe(topic);
             if let Some(o) = self.occupancy.as_mut() {
-                send(redis, o.join(topic), now);
+                send(redis, o.join(Entry::Topic(topic.to_string())), now);
             }
         }
         let waiting = Waiting {
@@ -764,6 +758,16 @@ impl PubSub {
             // is lost; the sync on reconnecting restores this process's members.
             let delta = if join { 1 } else { -1 };
             redis.presence_change(&change.topic, &change.member, delta, now);
+            // Webhooks: the member's first or last connection here may be its first or
+            // last anywhere; Redis decides, once.
+            if let Some(o) = self.occupancy.as_mut().filter(|_| change.edge) {
+                let entry = Entry::Member {
+                    topic: change.topic.to_string(),
+                    member: change.member.to_string(),
+                };
+                let call = if join { o.join(entry) } else { o.leave(entry) };
+                send(redis, call, now);
+            }
             return;
         }
         if !change.edge {
@@ -914,7 +918,13 @@ impl PubSub {
         if let Some(o) = self.occupancy.as_mut() {
             o.renew(now);
             for topic in self.hub.topic_names() {
-                send(redis, o.join(topic), now);
+                send(redis, o.join(Entry::Topic(topic.to_string())), now);
+            }
+            for topic in self.presence.topics() {
+                for (member, _) in self.presence.local_members(topic) {
+                    let (topic, member) = (topic.to_string(), member.to_string());
+                    send(redis, o.join(Entry::Member { topic, member }), now);
+                }
             }
         }
     }
@@ -928,10 +938,18 @@ impl PubSub {
         else {
             return;
         };
-        for n in news {
-            match n {
-                News::Occupied(t) => self.app.event(Hook::TopicOccupied, &t, None, now),
-                News::Vacated(t) => self.app.event(Hook::TopicVacated, &t, None, now),
+        for News { entry, occupied } in news {
+            match (entry, occupied) {
+                (Entry::Topic(t), true) => self.app.event(Hook::TopicOccupied, &t, None, now),
+                (Entry::Topic(t), false) => self.app.event(Hook::TopicVacated, &t, None, now),
+                (Entry::Member { topic, member }, join) => {
+                    let hook = if join {
+                        Hook::MemberAdded
+                    } else {
+                        Hook::MemberRemoved
+                    };
+                    self.app.event(hook, &topic, Some(&member), now);
+                }
             }
         }
     }
@@ -973,7 +991,7 @@ impl PubSub {
                 Some(r) => {
                     r.unsubscribe(&topic);
                     if let Some(o) = self.occupancy.as_mut() {
-                        send(r, o.leave(&topic), now);
+                        send(r, o.leave(Entry::Topic(topic.clone())), now);
                     }
                 }
                 None => {
@@ -1039,9 +1057,11 @@ impl PubSub {
         self.presence_beat(now);
         if let (Some(o), Some(r)) = (self.occupancy.as_mut(), self.redis.as_mut())
             && r.is_up()
-            && let Some(call) = o.sweep(now)
+            && let Some(calls) = o.sweep(now)
         {
-            send(r, call, now);
+            for call in calls {
+                send(r, call, now);
+            }
         }
     }
 

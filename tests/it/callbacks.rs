@@ -531,7 +531,16 @@ fn with_redis_a_topic_is_occupied_and_vacated_once_for_the_cluster() {
     let redis = crate::redis::RedisServer::start();
     let app = App::start(&[]);
     let hook = app.url("/hook");
-    let args = ["--webhook-url", hook.as_str(), "--auth-secret", SECRET];
+    let args = [
+        "--webhook-url",
+        hook.as_str(),
+        "--auth-secret",
+        SECRET,
+        "--presence",
+        "lobby",
+        "--token-secret",
+        SECRET,
+    ];
     let h1 = crate::redis::herald_with(&redis, &args);
     let h2 = crate::redis::herald_with(&redis, &args);
     let ws1 = h1.subscriber("room");
@@ -555,6 +564,35 @@ fn with_redis_a_topic_is_occupied_and_vacated_once_for_the_cluster() {
         "each sent once, by one process"
     );
     assert_eq!(count(&app, "topic_vacated", "room"), 1);
+
+    // User 42 in the lobby through both processes: added once, removed once, by whichever
+    // process saw the first arrival and the last departure.
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "42", "exp": 4_000_000_000u64}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let path = format!("/ws?topics=lobby&token={token}");
+    let mut a = h1.ws(&path);
+    let mut b = h2.ws(&path);
+    next_json(&mut a);
+    next_json(&mut b);
+    let members = |name| {
+        hook_events(&app)
+            .iter()
+            .filter(|e| e["name"] == name && e["topic"] == "lobby" && e["member"] == "42")
+            .count()
+    };
+    assert!(eventually(TIMEOUT, || members("member_added") == 1));
+    drop(a);
+    assert!(eventually(TIMEOUT, || h1.metric("herald_topics") == 0.0));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(members("member_removed"), 0, "still there through h2");
+    drop(b);
+    assert!(eventually(TIMEOUT, || members("member_removed") == 1));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!((members("member_added"), members("member_removed")), (1, 1));
 
     // A process that dies with the only subscriber: another one's sweep reports the topic
     // vacated once the dead one's membership expires (15 s, swept every 5 s).

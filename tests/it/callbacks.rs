@@ -627,3 +627,28 @@ fn cookies_sent_in_several_headers_reach_the_app_joined() {
         json!({"cookie": "theme=dark; session=alice", "x-tenant": "acme"})
     );
 }
+
+#[test]
+fn a_valid_token_needs_no_callback_and_an_invalid_one_is_the_apps_to_judge() {
+    let port = free_port(); // no application at all
+    let h = herald(
+        &format!("http://127.0.0.1:{port}/auth"),
+        &["--token-secret", SECRET],
+    );
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "42", "exp": 4_000_000_000u64, "topics": ["user:42"]}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut ws = h.ws(&format!("/ws?topics=user:42&token={token}"));
+    assert_eq!(next_json(&mut ws)["op"], "subscribed");
+    assert_eq!(h.metric("herald_auth_requests_total"), 0.0);
+    let mut conn = h.http();
+    let raw = format!("GET /ws?token=forged HTTP/1.1\r\nHost: t\r\n{UPGRADE}\r\n");
+    assert_eq!(
+        conn.exchange(raw.as_bytes()).status,
+        503,
+        "asked, and the app is down"
+    );
+}

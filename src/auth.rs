@@ -29,6 +29,9 @@ pub struct Grant {
     pub topics: Patterns,
     /// Topics the client may publish to (on top of `--client-publish`).
     pub publish: Patterns,
+    /// Private topics the application refused this connection (`--auth-subscribe`): not
+    /// asked again. Empty, and unallocated, otherwise.
+    pub refused: Patterns,
 }
 
 /// Why a token was refused; `code()` is the `error` the client sees.
@@ -150,6 +153,7 @@ impl Verifier {
             exp: claims.exp,
             topics: patterns(&claims.topics, "topics")?,
             publish: patterns(&claims.publish, "publish")?,
+            refused: Patterns::default(),
         })
     }
 }

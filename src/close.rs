@@ -43,6 +43,13 @@ pub enum Reject {
     /// A PROXY protocol header where none may be, or none where one must be, or a broken
     /// one (the text says which).
     Proxy(&'static str),
+
+    /// `--auth-url` answered 401 or 403: that status and the application's one-line
+    /// reason. The connection closes: bytes pipelined behind the upgrade were frames.
+    AppRefused(u16, String),
+    /// `--auth-url` answered anything else, too late, or not at all: never an accidental
+    /// allow, and the connection closes.
+    AppUnavailable,
 }
 
 impl Reject {
@@ -76,6 +83,9 @@ impl Reject {
                 (429, "connecting too often from your address", true)
             }
             Reject::Proxy(why) => (400, why, true),
+
+            Reject::AppRefused(status, why) => (*status, why.as_str(), true),
+            Reject::AppUnavailable => (503, "authentication unavailable", true),
         };
         let headers = match self {
             Reject::Unauthorized => vec![("WWW-Authenticate", "Bearer")],
@@ -201,6 +211,8 @@ impl Reject {
             Reject::Limited(Limit::ConnectionsPerIp),
             Reject::Limited(Limit::ConnectRate),
             Reject::Proxy("PROXY protocol header from an untrusted peer"),
+            Reject::AppRefused(403, "banned".into()),
+            Reject::AppUnavailable,
         ]
     }
 }

@@ -409,6 +409,9 @@ pub struct Args {
     /// answers /metrics with 404 [default: /metrics on the main port]
     #[arg(long, env = "HERALD_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// --auth-* and --webhook-*: the application decides (`app/mod.rs`).
+    #[command(flatten)]
+    pub app: crate::app::AppArgs,
 
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -552,6 +555,8 @@ pub struct Config {
     /// `--max-subscriptions`; 0: no cap.
     pub max_subscriptions: usize,
     pub metrics_listen: Option<SocketAddr>,
+    /// Callbacks and webhooks to the application; `None` when neither is configured.
+    pub app: Option<crate::app::Settings>,
 }
 
 impl Args {
@@ -695,9 +700,12 @@ impl Args {
             Some(list) => Patterns::parse(list).map_err(|e| format!("--private-topics: {e}"))?,
             None => Patterns::default(),
         };
-        if tokens.is_none() && (self.private_topics.is_some() || self.require_token) {
+        let app = self.app.settings()?;
+        let callbacks = app.as_ref().is_some_and(|a| a.auth.is_some());
+        if tokens.is_none() && !callbacks && (self.private_topics.is_some() || self.require_token) {
             return Err(
-                "--private-topics and --require-token need --token-secret or --token-public-key"
+                "--private-topics and --require-token need --token-secret, --token-public-key \
+                 or --auth-url"
                     .into(),
             );
         }
@@ -752,6 +760,7 @@ impl Args {
             limits,
             max_subscriptions: self.max_subscriptions,
             metrics_listen,
+            app,
         })
     }
 

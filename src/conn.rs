@@ -18,16 +18,34 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use slab::Slab;
 
-use crate::auth::Grant;
+use crate::auth::{Grant, TokenError};
 pub use crate::id::ConnId;
 use crate::limits::{Addresses, Limit, OpBudget};
 use crate::outq::OutQueue;
 use crate::timer::{Timer, TimerTable, Timers};
 use crate::ws::codec::Ws;
-use crate::ws::protocol::Kind;
+use crate::ws::deflate::Agreement;
+use crate::ws::protocol::{Kind, Resume};
 
 /// After our close frame or FIN, how long the peer has to finish before we cut it.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// A WebSocket handshake that was accepted: what it asked for.
+#[derive(Debug)]
+pub struct Opening {
+    pub kind: Kind,
+    pub accept: String,
+    /// `?topics=`, validated.
+    pub topics: Vec<String>,
+    /// `?resume=`: topics to subscribe from where the client left off.
+    pub resume: Vec<(String, Resume<'static>)>,
+    /// The outcome of `?token=`, if one was given.
+    pub grant: Option<Result<Grant, TokenError>>,
+    /// `?presence=`: topics (among those subscribed) whose join/leave events it wants.
+    pub presence: Vec<String>,
+    /// The permessage-deflate offer accepted, if any.
+    pub deflate: Option<Agreement>,
+}
 
 #[derive(Debug)]
 pub enum State {
@@ -37,6 +55,9 @@ pub enum State {
     /// but their responses wait in the group `tag` names and go out in request order when
     /// the last Redis reply arrives.
     AwaitingRedis { tag: u64 },
+    /// An accepted upgrade waits for the application's answer (`--auth-url`); bytes that
+    /// arrive meanwhile (frames pipelined behind the request) wait in `Conn::partial`.
+    AwaitingApp(Box<Opening>),
     /// A WebSocket in use.
     Open(Box<Session>),
     /// Our close frame is queued or sent; awaiting the peer's (or the grace timer).

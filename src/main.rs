@@ -5,6 +5,7 @@
 //! stops the start is printed once.
 
 mod agent;
+mod app;
 mod auth;
 mod check;
 mod close;

@@ -33,24 +33,12 @@ use crate::pubsub::pipeline::PubSub;
 use crate::timer::Timer;
 use crate::topic::Patterns;
 use crate::ws::codec::{self as ws, Ws, WsEvent};
-use crate::ws::deflate::{Agreement, Deflater, Inflater};
-use crate::ws::protocol::{self, Kind, Op, OpError, Resume};
+use crate::ws::deflate::{Deflater, Inflater};
+use crate::ws::protocol::{self, Kind, Op, OpError};
 
-/// A WebSocket handshake that was accepted: what it asked for.
-pub struct Opening {
-    pub kind: Kind,
-    pub accept: String,
-    /// `?topics=`, validated.
-    pub topics: Vec<String>,
-    /// `?resume=`: topics to subscribe from where the client left off.
-    pub resume: Vec<(String, Resume<'static>)>,
-    /// The outcome of `?token=`, if one was given.
-    pub grant: Option<Result<Grant, TokenError>>,
-    /// `?presence=`: topics (among those subscribed) whose join/leave events it wants.
-    pub presence: Vec<String>,
-    /// The permessage-deflate offer accepted, if any.
-    pub deflate: Option<Agreement>,
-}
+/// A WebSocket handshake that was accepted (defined with the table, which holds it while
+/// the application is asked).
+pub use crate::conn::Opening;
 
 /// The rules every session lives by, taken from the configuration once.
 pub struct Sessions {
@@ -288,8 +276,22 @@ impl Sessions {
             return;
         }
         let reply = match protocol::parse_op(text) {
-            Ok(Op::Subscribe(topic, ..)) if !self.may_subscribe(session, &topic) => {
-                op_error(counters, forbidden(&topic))
+            Ok(Op::Subscribe(topic, resume, watch)) if !self.may_subscribe(session, &topic) => {
+                if !self.asks_app(pubsub, session, &topic) {
+                    op_error(counters, forbidden(&topic))
+                } else {
+                    // `--auth-subscribe`: the answer subscribes or refuses (`app::gate`).
+                    let sub = session.grant.as_ref().and_then(|g| g.sub.as_deref());
+                    let asked = (resume.map(crate::app::owned_resume), watch);
+                    let asker = (id, conns[id].serial);
+                    if pubsub.app_mut().ask_subscribe(asker, sub, &topic, asked) {
+                        return;
+                    }
+                    op_error(
+                        counters,
+                        OpError::new("busy", "too many subscribes waiting for the application"),
+                    )
+                }
             }
             Ok(Op::Subscribe(topic, resume, watch)) => {
                 match pubsub.subscribe(conns, id, &topic, (resume.as_ref(), watch), now) {
@@ -414,6 +416,17 @@ impl Sessions {
                 .grant
                 .as_ref()
                 .is_some_and(|g| g.topics.matches(topic))
+    }
+
+    /// `--auth-subscribe`: a private topic the grant does not cover, and that the
+    /// application has not refused this connection already, is the application's to decide.
+    fn asks_app(&self, pubsub: &PubSub, session: &Session, topic: &str) -> bool {
+        pubsub.app().asks_subscribe()
+            && self.private_topics.matches(topic)
+            && !session
+                .grant
+                .as_ref()
+                .is_some_and(|g| g.refused.matches(topic))
     }
 
     /// A token presented with the `auth` op replaces the grant; private subscriptions
@@ -629,7 +642,7 @@ fn op_error(counters: &mut Counters, e: OpError) -> Bytes {
 }
 
 /// The error for a subscribe past `--max-subscriptions`.
-fn at_capacity(counters: &mut Counters, topic: &str) -> OpError {
+pub(crate) fn at_capacity(counters: &mut Counters, topic: &str) -> OpError {
     counters.refusals.bump(Refused::Subscriptions);
     OpError::new(
         "unavailable",

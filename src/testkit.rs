@@ -120,7 +120,7 @@ impl World {
                 bytes,
                 now,
             ),
-            State::Finishing | State::Lingering | State::Dead => {}
+            State::AwaitingApp(_) | State::Finishing | State::Lingering | State::Dead => {}
         }
         // The end of the reactor's pass: the publishes' frames reach their subscribers.
         self.sessions

@@ -56,6 +56,16 @@ impl Patterns {
         Ok(Patterns(out))
     }
 
+    /// How many patterns (a cap on what a grant may accumulate).
+    pub fn count(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Add one exact, already valid name (a topic the application allowed or refused).
+    pub fn push_exact(&mut self, topic: &str) {
+        self.0.push(Pattern::Exact(topic.to_string()));
+    }
+
     pub fn matches(&self, topic: &str) -> bool {
         self.0.iter().any(|p| match p {
             Pattern::Exact(name) => name == topic,

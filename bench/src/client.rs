@@ -68,6 +68,10 @@ pub struct ThreadPlan {
     /// Offer permessage-deflate and inflate what comes compressed.
     #[serde(default)]
     pub deflate: bool,
+    /// More handshake header lines, each ending in CRLF (`--header`: a session cookie
+    /// for `--auth-url`).
+    #[serde(default)]
+    pub headers: String,
 }
 
 /// The longest reconnect hint obeyed (herald.js's cap too): a hint is the server's, and a
@@ -191,11 +195,11 @@ const DEFLATE_OFFER: &str =
 /// RFC 7692 §7.2.2: the tail a sender removes from each compressed message.
 const DEFLATE_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-fn upgrade_request(path: &str, host: &str, deflate: bool) -> Vec<u8> {
+fn upgrade_request(path: &str, host: &str, deflate: bool, headers: &str) -> Vec<u8> {
     let offer = if deflate { DEFLATE_OFFER } else { "" };
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}{headers}\r\n"
     )
     .into_bytes()
 }
@@ -261,7 +265,7 @@ fn resume_path(path: &str, topic: &str, since: u64, epoch: &str) -> String {
 }
 
 pub fn run(plan: &ThreadPlan, control: Arc<Control>, seed: u64) -> Tally {
-    let request = upgrade_request(&plan.path, &plan.host, plan.deflate);
+    let request = upgrade_request(&plan.path, &plan.host, plan.deflate, &plan.headers);
     let mut client = Client {
         plan,
         control: &control,
@@ -552,7 +556,12 @@ impl Client<'_> {
         let st = self.clients.get(client)?;
         let epoch = st.epoch.as_deref()?;
         let path = resume_path(&self.plan.path, topic, st.last_id, epoch);
-        Some(upgrade_request(&path, &self.plan.host, self.plan.deflate))
+        Some(upgrade_request(
+            &path,
+            &self.plan.host,
+            self.plan.deflate,
+            &self.plan.headers,
+        ))
     }
 
     fn flush(&mut self, key: usize) {
@@ -1010,7 +1019,7 @@ mod tests {
         assert!(!accepts_deflate(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket"
         ));
-        let request = String::from_utf8(upgrade_request("/ws", "h", true)).unwrap();
+        let request = String::from_utf8(upgrade_request("/ws", "h", true, "")).unwrap();
         assert!(request.contains(DEFLATE_OFFER) && request.ends_with("\r\n\r\n"));
         // The one inflater serves message after message (no context between them).
         let text = br#"{"op":"message","topic":"t","id":1,"data":[1,"xxxxxxxxxxxxxxxxxxxxxxxx"]}"#;
@@ -1091,6 +1100,7 @@ mod tests {
             bound_us: None,
             hints: false,
             deflate: false,
+            headers: String::new(),
         }
     }
 

@@ -74,6 +74,9 @@ struct Cli {
     /// report counts the connections that negotiated it and the wire bytes per delivery
     #[arg(long, global = true)]
     deflate: bool,
+    /// A header line for every handshake, e.g. "Cookie: session=alice" (repeatable)
+    #[arg(long = "header", global = true, value_name = "LINE")]
+    headers: Vec<String>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -90,6 +93,9 @@ enum Scenario {
         /// Seconds to hold the connections once open
         #[arg(long, default_value_t = 1.0)]
         hold: f64,
+        /// The handshake's path (e.g. /ws?token=JWT)
+        #[arg(long, default_value = "/ws")]
+        path: String,
     },
     /// Hold N subscribed connections: server memory per connection
     Idle {
@@ -345,6 +351,12 @@ impl Planner<'_> {
                             bound_us,
                             hints: false,
                             deflate: self.cli.deflate,
+                            headers: self
+                                .cli
+                                .headers
+                                .iter()
+                                .map(|h| format!("{h}\r\n"))
+                                .collect(),
                         }
                     })
                     .collect(),
@@ -372,11 +384,12 @@ fn run(cli: &Cli) -> Result<Report, String> {
             connections,
             rate,
             hold,
+            path,
         } => {
             let cpu_before = observer.sample();
             let workers = Workers::spawn(planner.plans(
                 Mode::Connect,
-                "/ws",
+                path,
                 *connections,
                 *rate,
                 false,

@@ -456,6 +456,20 @@ impl Front {
                 deflate,
             }) => {
                 let grant = token.map(|t| env.sessions.verify_token(&t));
+                // `--auth-url`: without a valid token, the application decides.
+                if env.pubsub.app().asks_connect() && !matches!(grant, Some(Ok(_))) {
+                    let opening = Opening {
+                        kind,
+                        accept,
+                        topics,
+                        resume,
+                        grant: None,
+                        presence,
+                        deflate,
+                    };
+                    self.ask_app(env, id, &req, opening, rest, now);
+                    return Next::Stop;
+                }
                 match (&grant, self.rules.require_token) {
                     (Some(Ok(_)), _) | (_, false) => {
                         let opening = Opening {
@@ -488,6 +502,34 @@ impl Front {
         // While draining, every response says the connection ends (PRODUCT.md).
         response.close |= !req.keep_alive || draining;
         self.respond(env, id, response, head_only, now)
+    }
+
+    /// Hold the upgrade (and what came behind it) while the application is asked; the
+    /// answer opens or refuses it (`app::gate`). The request timer bounds the wait, also
+    /// in the queue behind `--auth-concurrency`.
+    fn ask_app(
+        &mut self,
+        env: &mut Env,
+        id: ConnId,
+        req: &Request,
+        opening: Opening,
+        rest: &[u8],
+        now: Instant,
+    ) {
+        let conn = &mut env.conns[id];
+        let asker = (id, conn.serial);
+        let remote = conn.client_ip();
+        let path = match &req.query {
+            Some(q) => format!("{}?{q}", req.path),
+            None => req.path.clone(),
+        };
+        conn.state = State::AwaitingApp(Box::new(opening));
+        conn.partial = rest.to_vec();
+        env.conns
+            .arm(id, Timer::Request, now + self.rules.handshake_timeout);
+        env.pubsub
+            .app_mut()
+            .ask_connect(asker, &req.headers, &path, remote);
     }
 
     /// Send each topic's message to Redis. The response waits for the replies, in a group
@@ -772,7 +814,9 @@ impl Front {
                 addresses: env.conns.addresses.len(),
             },
         };
-        metrics::render(env.counters, &gauges)
+        let mut text = metrics::render(env.counters, &gauges);
+        env.pubsub.app().render_metrics(&mut text);
+        text
     }
 }
 

@@ -45,6 +45,10 @@ pub struct Request {
     /// `X-Forwarded-For`, every occurrence joined by commas in order (believed only from
     /// `--trusted-proxies`, on upgrades: `limits::forwarded_client`).
     pub forwarded_for: Option<String>,
+
+    /// Every header of a `GET` (names lower-cased), for `--auth-forward-headers`; empty
+    /// for other methods, so a publish allocates nothing more.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
 
@@ -116,6 +120,8 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Parsed, Reject> {
         authorization: None,
         if_none_match: None,
         forwarded_for: None,
+
+        headers: Vec::new(),
         body: Vec::new(),
     };
     let mut content_length: Option<usize> = None;
@@ -123,6 +129,9 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Parsed, Reject> {
     for h in req.headers.iter() {
         let value = || String::from_utf8_lossy(h.value).trim().to_string();
         let name = h.name;
+        if request.method == Method::Get {
+            request.headers.push((name.to_ascii_lowercase(), value()));
+        }
         if name.eq_ignore_ascii_case("connection") {
             // A comma list: `keep-alive, Upgrade` is common from browsers.
             for token in String::from_utf8_lossy(h.value).split(',') {

@@ -5,6 +5,7 @@
 
 pub mod history;
 pub mod hub;
+pub mod occupancy;
 pub mod pipeline;
 pub mod presence;
 pub mod redis;

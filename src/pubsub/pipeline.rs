@@ -31,11 +31,14 @@ use bytes::Bytes;
 use log::debug;
 use serde_json::value::RawValue;
 
+use crate::app::App;
+use crate::app::webhook::Kind as Hook;
 use crate::config::Config;
 use crate::conn::{ConnId, Conns, Ended};
 use crate::metrics::{Counters, HistoryGauges, RedisGauges, Resumes};
 use crate::pubsub::history::{self, History, Outcome};
 use crate::pubsub::hub::{self, Follow, Hub, Joined, Left, Published, SubscribeError};
+use crate::pubsub::occupancy::{Call, Entry, News, Occupancy};
 use crate::pubsub::presence::{self, Change, Presence};
 use crate::pubsub::redis::{PresenceAnswer, Redis, Stored};
 use crate::ws::codec as ws;
@@ -163,6 +166,12 @@ pub struct PubSub {
     presence_beat_at: Instant,
     /// Compresses each published message once, for the subscribers that take it.
     deflater: Deflater,
+    /// The application (`--auth-url`, `--webhook-url`): kept here beside the Redis link,
+    /// the other party outside, so every handler that reaches the pipeline reaches it,
+    /// and the webhook events come from where subscriptions start and end.
+    app: App,
+    /// With Redis and webhooks: whether topics are occupied cluster-wide.
+    occupancy: Option<Occupancy>,
 }
 
 /// A message's frames during one fan-out: the plain one, and its compressed twin, made
@@ -223,7 +232,18 @@ impl PubSub {
             presence_reads: HashMap::new(),
             presence_beat_at: now,
             deflater: Deflater::new(cfg.compression_min_size),
+            app: App::new(cfg.app.as_ref()),
+            occupancy: None,
         }
+        .with_occupancy(now)
+    }
+
+    /// Webhooks through Redis: topic_occupied and topic_vacated are decided there.
+    fn with_occupancy(mut self, now: Instant) -> PubSub {
+        if let Some(r) = self.redis.as_ref().filter(|_| self.app.hooks_on()) {
+            self.occupancy = Some(Occupancy::new(r.prefix(), r.instance(), now));
+        }
+        self
     }
 
     // ---- publishing ------------------------------------------------------------------
@@ -411,6 +431,7 @@ impl PubSub {
             let joined = self.hub.subscribe(id, topic, true, deflate)?;
             if joined == Joined::NewTopic {
                 self.history.retain(topic);
+                self.app.event(Hook::TopicOccupied, topic, None, now);
             }
             self.answer_from_history(conns, id, topic, from.as_ref());
             return Ok(());
@@ -422,6 +443,9 @@ impl PubSub {
         }
         if joined == Joined::NewTopic {
             redis.subscribe(topic);
+            if let Some(o) = self.occupancy.as_mut() {
+                send(redis, o.join(Entry::Topic(topic.to_string())), now);
+            }
         }
         let waiting = Waiting {
             conn: id,
@@ -734,11 +758,28 @@ impl PubSub {
             // is lost; the sync on reconnecting restores this process's members.
             let delta = if join { 1 } else { -1 };
             redis.presence_change(&change.topic, &change.member, delta, now);
+            // Webhooks: the member's first or last connection here may be its first or
+            // last anywhere; Redis decides, once.
+            if let Some(o) = self.occupancy.as_mut().filter(|_| change.edge) {
+                let entry = Entry::Member {
+                    topic: change.topic.to_string(),
+                    member: change.member.to_string(),
+                };
+                let call = if join { o.join(entry) } else { o.leave(entry) };
+                send(redis, call, now);
+            }
             return;
         }
         if !change.edge {
             return;
         }
+        let hook = if join {
+            Hook::MemberAdded
+        } else {
+            Hook::MemberRemoved
+        };
+        self.app
+            .event(hook, &change.topic, Some(&change.member), now);
         // The count within the cap before and after: `change.count` is the one after.
         let busiest = change.count + usize::from(!join);
         if self.presence.listed(busiest) {
@@ -874,6 +915,43 @@ impl PubSub {
             redis.presence_sync(topic, self.presence.local_members(topic), now);
         }
         self.presence_beat_at = now + self.presence.beat_interval();
+        if let Some(o) = self.occupancy.as_mut() {
+            o.renew(now);
+            for topic in self.hub.topic_names() {
+                send(redis, o.join(Entry::Topic(topic.to_string())), now);
+            }
+            for topic in self.presence.topics() {
+                for (member, _) in self.presence.local_members(topic) {
+                    let (topic, member) = (topic.to_string(), member.to_string());
+                    send(redis, o.join(Entry::Member { topic, member }), now);
+                }
+            }
+        }
+    }
+
+    /// A script's reply from Redis: an occupancy transition this process reports.
+    pub fn on_script(&mut self, tag: u64, result: Result<Vec<String>, String>, now: Instant) {
+        let Some(news) = self
+            .occupancy
+            .as_mut()
+            .and_then(|o| o.on_reply(tag, result))
+        else {
+            return;
+        };
+        for News { entry, occupied } in news {
+            match (entry, occupied) {
+                (Entry::Topic(t), true) => self.app.event(Hook::TopicOccupied, &t, None, now),
+                (Entry::Topic(t), false) => self.app.event(Hook::TopicVacated, &t, None, now),
+                (Entry::Member { topic, member }, join) => {
+                    let hook = if join {
+                        Hook::MemberAdded
+                    } else {
+                        Hook::MemberRemoved
+                    };
+                    self.app.event(hook, &topic, Some(&member), now);
+                }
+            }
+        }
     }
 
     /// With Redis, every third of the TTL: this process is alive on its presence topics.
@@ -910,8 +988,16 @@ impl PubSub {
     fn forget_topics(&mut self, freed: Vec<String>, now: Instant) {
         for topic in freed {
             match self.redis.as_mut() {
-                Some(r) => r.unsubscribe(&topic),
-                None => self.history.release(&topic, now),
+                Some(r) => {
+                    r.unsubscribe(&topic);
+                    if let Some(o) = self.occupancy.as_mut() {
+                        send(r, o.leave(Entry::Topic(topic.clone())), now);
+                    }
+                }
+                None => {
+                    self.history.release(&topic, now);
+                    self.app.event(Hook::TopicVacated, &topic, None, now);
+                }
             }
             self.pending_acks.remove(&topic);
         }
@@ -953,12 +1039,30 @@ impl PubSub {
     pub fn next_deadline(&self) -> Option<Instant> {
         let beat = (self.redis_up() && self.presence.topics().next().is_some())
             .then_some(self.presence_beat_at);
-        self.history.next_expiry().into_iter().chain(beat).min()
+        let sweep = self
+            .occupancy
+            .as_ref()
+            .filter(|_| self.redis_up())
+            .map(Occupancy::next_sweep);
+        self.history
+            .next_expiry()
+            .into_iter()
+            .chain(beat)
+            .chain(sweep)
+            .min()
     }
 
     pub fn expire(&mut self, now: Instant) {
         self.history.expire(now);
         self.presence_beat(now);
+        if let (Some(o), Some(r)) = (self.occupancy.as_mut(), self.redis.as_mut())
+            && r.is_up()
+            && let Some(calls) = o.sweep(now)
+        {
+            for call in calls {
+                send(r, call, now);
+            }
+        }
     }
 
     /// The history, encoded for the state file.
@@ -970,6 +1074,14 @@ impl PubSub {
 
     pub fn redis(&self) -> Option<&Redis> {
         self.redis.as_ref()
+    }
+
+    pub fn app(&self) -> &App {
+        &self.app
+    }
+
+    pub fn app_mut(&mut self) -> &mut App {
+        &mut self.app
     }
 
     pub fn redis_mut(&mut self) -> Option<&mut Redis> {
@@ -1053,6 +1165,14 @@ fn position(at: &history::Position, recovered: Option<bool>) -> Position<'_> {
 }
 
 /// The user the connection's token names, for `subscribed`.
+/// An occupancy script to Redis (lost when Redis is down: the renewal on reconnecting
+/// makes up for it).
+fn send(redis: &mut Redis, call: Call, now: Instant) {
+    let keys: Vec<&str> = call.keys.iter().map(String::as_str).collect();
+    let args: Vec<&str> = call.args.iter().map(String::as_str).collect();
+    redis.script(call.script, &keys, &args, call.tag, now);
+}
+
 fn grant_sub(conns: &Conns, id: ConnId) -> Option<String> {
     conns
         .get(id)

@@ -274,6 +274,12 @@ pub enum Event {
     Pong,
     /// The delivery probe came back in time (true) or did not (false): a change only.
     Delivery(bool),
+    /// A `script` finished: its reply as strings (an integer, a bulk string, or an array of
+    /// them, flattened), or the error.
+    Script {
+        tag: u64,
+        result: Result<Vec<String>, String>,
+    },
 }
 
 /// A topic's position and history as Redis holds them.
@@ -306,6 +312,8 @@ enum Pending {
     Presence,
     /// A presence read.
     PresenceRead(u64),
+    /// Another module's script (`script`), whose reply goes back by tag.
+    Script(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -713,6 +721,33 @@ impl Redis {
         true
     }
 
+    /// Run another module's Lua `script` (EVAL) on the command link; the reply comes back
+    /// as `Event::Script` with `tag`. Keys are named in full by the caller (see `prefix`).
+    /// False when Redis is down.
+    pub fn script(
+        &mut self,
+        script: &str,
+        keys: &[&str],
+        args: &[&str],
+        tag: u64,
+        now: Instant,
+    ) -> bool {
+        if !self.up {
+            return false;
+        }
+        let count = keys.len().to_string();
+        let mut parts: Vec<&[u8]> = vec![b"EVAL", script.as_bytes(), count.as_bytes()];
+        parts.extend(keys.iter().chain(args).map(|a| a.as_bytes()));
+        command(&mut self.command.output, &parts);
+        self.in_flight.push_back((Pending::Script(tag), now));
+        true
+    }
+
+    /// `--redis-prefix`: the start of every key and channel herald uses.
+    pub fn prefix(&self) -> &str {
+        &self.cfg.prefix
+    }
+
     /// The topic's id counter, epoch key and history stream.
     fn keys(&self, topic: &str) -> [String; 3] {
         let p = &self.cfg.prefix;
@@ -999,6 +1034,10 @@ impl Redis {
                             result: Err(why()),
                         }),
                         Pending::Publish(None) | Pending::Probe | Pending::Presence => {}
+                        Pending::Script(tag) => events.push(Event::Script {
+                            tag,
+                            result: Err(why()),
+                        }),
                         Pending::PresenceRead(tag) => events.push(Event::PresenceRead {
                             tag,
                             result: Err(why()),
@@ -1121,6 +1160,17 @@ impl Redis {
                             other => Ok(parse_presence(other)?),
                         };
                         events.push(Event::PresenceRead { tag, result });
+                        return Ok(());
+                    }
+                    Pending::Script(tag) => {
+                        let result = match frame {
+                            OwnedFrame::Error(e) => {
+                                warn!("redis: script refused: {e}");
+                                Err(e)
+                            }
+                            other => Ok(flatten(other)?),
+                        };
+                        events.push(Event::Script { tag, result });
                         return Ok(());
                     }
                     Pending::Publish(tag) => tag,
@@ -1273,6 +1323,24 @@ fn parse_presence_event(payload: &[u8]) -> Result<Option<(bool, String)>, String
         Some(("leave", m)) if !m.is_empty() => Ok(Some((false, m.to_string()))),
         _ => Err(format!("unexpected presence event {text:?}")),
     }
+}
+
+/// A script's reply as strings: integers and bulk strings, nested arrays flattened.
+fn flatten(frame: OwnedFrame) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut stack = vec![frame];
+    while let Some(f) = stack.pop() {
+        match f {
+            OwnedFrame::Integer(n) => out.push(n.to_string()),
+            OwnedFrame::BulkString(b) | OwnedFrame::SimpleString(b) => {
+                out.push(String::from_utf8(b).map_err(|_| "script reply is not UTF-8".to_string())?)
+            }
+            OwnedFrame::Array(items) => stack.extend(items.into_iter().rev()),
+            OwnedFrame::Null => {}
+            other => return Err(format!("unexpected script reply {other:?}")),
+        }
+    }
+    Ok(out)
 }
 
 /// The presence read's reply: `[count, [member, conns, ...]]`, or `[count]` past the cap.

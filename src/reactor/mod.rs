@@ -335,6 +335,7 @@ impl Server {
             self.report_statsd(now, false);
             self.service_redis(now);
             self.accept_connections(now);
+            self.service_app(now);
             self.flush_responses(now);
             self.flush_redis(now);
             self.flush_websockets(now);
@@ -346,6 +347,7 @@ impl Server {
         // The counts since the last report, which would otherwise die with the process.
         self.report_statsd(Instant::now(), true);
         self.save_state(Instant::now());
+        self.pubsub.app().exit_report();
         Ok(code)
     }
 
@@ -382,6 +384,7 @@ impl Server {
                 self.drain.redis_wait(),
                 self.pacer.as_ref().and_then(Pacer::next_deadline),
                 self.statsd.as_ref().map(|s| s.reporter.next_deadline()),
+                self.pubsub.app().next_deadline(),
             ]
             .into_iter()
             .flatten()
@@ -438,6 +441,10 @@ impl Server {
                         r.on_ready(token, self.poll.registry(), now, &mut self.redis_events);
                     }
                     self.handle_redis_events(now);
+                }
+                token if self.pubsub.app().owns(token) => {
+                    let app = self.pubsub.app_mut();
+                    app.on_ready(token, self.poll.registry(), now);
                 }
                 Token(key) => {
                     let id = ConnId(key);
@@ -765,6 +772,11 @@ impl Server {
                 input,
                 now,
             ),
+            State::AwaitingApp(_) => {
+                if !crate::app::gate::hold_input(&mut self.conns, id, input) {
+                    self.kill(id, now);
+                }
+            }
             // Nothing more is wanted from this peer; reading only watches for its FIN.
             State::Finishing | State::Lingering | State::Dead => {}
         }
@@ -1044,6 +1056,7 @@ impl Server {
             } => self.pubsub.on_presence_event(&topic, join, &member),
             Event::Up => self.pubsub.on_redis_up(now),
             Event::Delivery(_) => {}
+            Event::Script { tag, result } => self.pubsub.on_script(tag, result, now),
             Event::Down => self.pubsub.on_redis_down(&mut self.conns),
             Event::Pong => {
                 if self.drain.redis_wait().is_some() {
@@ -1090,6 +1103,34 @@ impl Server {
                 fanout,
                 now,
             );
+        }
+    }
+
+    // ---- the application (`--auth-url`, `--webhook-url`) -------------------------------
+
+    /// After this pass's handshakes were read: expire callbacks past their deadline, send
+    /// what is due (in a drain, handshakes still queued are refused instead), and hand
+    /// the answers to `app::gate`.
+    fn service_app(&mut self, now: Instant) {
+        let mut answered = Vec::new();
+        let app = self.pubsub.app_mut();
+        if !app.asks_connect() && !app.hooks_on() {
+            return;
+        }
+        app.tick(self.poll.registry(), now);
+        if self.drain.is_draining() {
+            app.drain(&mut answered);
+        }
+        let conns = &self.conns;
+        let live = |id, serial| {
+            conns
+                .same(id, serial)
+                .is_some_and(|c| matches!(c.state, State::AwaitingApp(_) | State::Open(_)))
+        };
+        app.flush(self.poll.registry(), now, live, &mut answered);
+        for a in answered {
+            let (_, mut env) = self.env();
+            crate::app::gate::on_answer(&mut env, a, now);
         }
     }
 

@@ -34,6 +34,7 @@ const PURE: &[&str] = &[
     "pubsub::hub",
     "pubsub::history",
     "pubsub::presence",
+    "pubsub::occupancy",
     "pubsub::redis",
     "topic",
     "auth",
@@ -47,8 +48,13 @@ const PURE: &[&str] = &[
     "config",
     "rlimit",
     "limits",
+    "app",
+    "app::client",
+    "app::sign",
+    "app::webhook",
+    "app::wire",
 ];
-const HANDLERS: &[&str] = &["http::front", "session", "pubsub::pipeline"];
+const HANDLERS: &[&str] = &["http::front", "session", "pubsub::pipeline", "app::gate"];
 const TABLE: &[&str] = &["conn"];
 const LOOP: &[&str] = &["reactor", "reactor::net", "reactor::state"];
 /// Outside the layers, and the only modules besides the loop that may use the loop.
@@ -62,9 +68,14 @@ const START: &[&str] = &[
     "probe::tail",
 ];
 
-/// Only these make socket system calls (the Redis link's I/O methods are called by the
-/// loop only).
-const SOCKET_FILES: &[&str] = &["src/reactor/", "src/pubsub/redis.rs"];
+/// Only these make socket system calls (the Redis link's I/O methods, and the app
+/// client's, with `App`'s that pass the registry through, are called by the loop only).
+const SOCKET_FILES: &[&str] = &[
+    "src/reactor/",
+    "src/pubsub/redis.rs",
+    "src/app/client.rs",
+    "src/app/mod.rs",
+];
 const SOCKET_CALLS: &[&str] = &[
     "mio::net::TcpStream",
     ".register(",

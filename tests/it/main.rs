@@ -2,6 +2,7 @@
 
 mod agent;
 mod auth;
+mod callbacks;
 mod compression;
 mod deploy;
 mod drain;

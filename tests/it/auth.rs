@@ -7,7 +7,7 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
-use crate::util::{Client, Herald, next_json, require, send_json, without_position};
+use crate::util::{Client, Herald, eventually, next_json, require, send_json, without_position};
 
 const SECRET: &str = "a-test-secret-of-enough-length";
 
@@ -83,8 +83,11 @@ fn an_hs256_grant_opens_exactly_its_private_topics() {
     assert_eq!(herald.publish("user:42", "\"for 42\"")["delivered"], 1);
     assert_eq!(next_json(&mut ws)["data"], "for 42");
     assert_eq!(herald.publish("user:43", "\"for 43\"")["delivered"], 0);
+    // The log reaches us through a thread that reads herald's stderr: wait for it.
     assert!(
-        herald.log().contains("token accepted for sub Some(\"42\")"),
+        eventually(Duration::from_secs(5), || herald
+            .log()
+            .contains("token accepted for sub Some(\"42\")")),
         "{}",
         herald.log()
     );

@@ -205,6 +205,26 @@ pub struct Args {
     )]
     pub redis_prefix: String,
 
+    // ---- Redis high availability (issue 19) ----
+    /// Find the Redis master through these Sentinels (HOST:PORT,...) and follow its
+    /// failovers; with it, --redis gives only the credentials and database, not the host
+    #[arg(long, env = "HERALD_REDIS_SENTINEL", value_name = "HOST:PORT,...")]
+    pub redis_sentinel: Option<String>,
+
+    /// The master's name as the Sentinels know it (with --redis-sentinel)
+    #[arg(long, env = "HERALD_REDIS_MASTER", value_name = "NAME")]
+    pub redis_master: Option<String>,
+
+    /// Acknowledge a publish only once this many replicas have it (WAIT N, 1 s); a
+    /// publish not replicated in time answers 503
+    #[arg(
+        long,
+        env = "HERALD_REDIS_WAIT_REPLICAS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub redis_wait_replicas: u32,
+
     /// Bind with SO_REUSEPORT, so several processes can share one port (the kernel
     /// balances new connections between them)
     #[arg(long, env = "HERALD_REUSE_PORT")]
@@ -449,16 +469,32 @@ impl Args {
             Some(list) => Patterns::parse(&list).map_err(|e| format!("--client-publish: {e}"))?,
             None => Patterns::default(),
         };
-        let redis = match &self.redis {
+        let redis_url = match (&self.redis, &self.redis_sentinel) {
+            (Some(url), _) => Some(url.clone()),
+            // Sentinels name the host; a URL would only carry credentials and a database.
+            (None, Some(_)) => Some("redis://sentinel".to_string()),
+            (None, None) => None,
+        };
+        let redis = match &redis_url {
             Some(url) => {
                 let mut redis = crate::pubsub::redis::parse_url(url, &self.redis_prefix)
                     .map_err(|e| format!("--redis: {e}"))?;
+                redis.sentinel = crate::pubsub::redis::sentinel_config(
+                    self.redis_sentinel.as_deref(),
+                    self.redis_master.as_deref(),
+                )?;
+                redis.wait_replicas = self.redis_wait_replicas;
                 // With Redis, history lives there: every process reads the same streams.
                 redis.history_size = self.history_size;
                 redis.history_ttl = Duration::from_secs(self.history_ttl);
                 redis.presence_ttl = Duration::from_secs(self.presence_ttl);
                 redis.presence_max = self.presence_max_members;
                 Some(redis)
+            }
+            None if self.redis_master.is_some() || self.redis_wait_replicas > 0 => {
+                return Err("--redis-master and --redis-wait-replicas need --redis or \
+                            --redis-sentinel"
+                    .into());
             }
             None => None,
         };

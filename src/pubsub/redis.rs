@@ -37,6 +37,9 @@ use redis_protocol::resp2::types::{BorrowedFrame, OwnedFrame};
 
 pub const COMMAND_TOKEN: Token = Token(usize::MAX - 3);
 pub const SUBSCRIPTION_TOKEN: Token = Token(usize::MAX - 4);
+/// The link to one Sentinel (with `--redis-sentinel`): where the master is, and
+/// `+switch-master` when it moves.
+pub const SENTINEL_TOKEN: Token = Token(usize::MAX - 6);
 
 /// Reconnect delays: full jitter between 0 and min(MAX, MIN × 2^attempt).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -52,30 +55,44 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// failure Centrifugo #1189 describes: delivery stopped while health stayed green).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// With `--redis-wait-replicas`: how long WAIT waits for the replicas (under
+/// `REPLY_TIMEOUT`, so a WAIT never looks like a stuck link).
+const WAIT_TIMEOUT_MS: &str = "1000";
+/// A data link that fails asks the Sentinels again where the master is, at most this
+/// often (a `+switch-master` missed while no Sentinel link was up is found this way).
+const SENTINEL_REASK: Duration = Duration::from_secs(1);
+
 /// Channels per SUBSCRIBE command when subscribing again after a reconnect.
 const SUBSCRIBE_BATCH: usize = 512;
 
 /// The epoch, set to the candidate ARGV[1] (and the stream cleared) when it is missing.
-/// KEYS: [1] id counter, [2] epoch key, [3] history stream. Shared by both scripts: a
-/// macro, so each script is one literal and a publish formats none of it.
+/// KEYS: [1] id counter, [2] epoch key, [3] history stream, [4] the master generation
+/// (`<prefix>gen`, set with Sentinel only: see `GEN_LUA`). An epoch ends in `.<gen>`
+/// while there is a generation; one from an earlier master is replaced by a fresh epoch,
+/// keeping the stream (what the new master holds, which resumes from the old epoch get,
+/// with `recovered:false`). Shared by both scripts: a macro, so each script is one
+/// literal and a publish formats none of it.
 macro_rules! epoch_lua {
     () => {
-        "local epoch = redis.call('GET', KEYS[2]) \
-     if not epoch then epoch = ARGV[1] redis.call('SET', KEYS[2], epoch) \
-     redis.call('DEL', KEYS[3]) end \
+        "local epoch = redis.call('GET', KEYS[2]) local gen = redis.call('GET', KEYS[4]) \
+     local fresh = ARGV[1] if gen then fresh = fresh .. '.' .. gen end \
+     if not epoch then epoch = fresh redis.call('SET', KEYS[2], epoch) \
+     redis.call('DEL', KEYS[3]) \
+     elseif gen and string.sub(epoch, -(#gen + 1)) ~= '.' .. gen then \
+     epoch = fresh redis.call('SET', KEYS[2], epoch) end \
      local t = redis.call('TIME') local ms = t[1] * 1000 + math.floor(t[2] / 1000) "
     };
 }
 
 /// INCR the topic's id, append to its history (ARGV[3] entries at most, ARGV[4] ms), and
-/// PUBLISH "<id> <epoch> <data>" on its channel (KEYS[4]), atomically.
+/// PUBLISH "<id> <epoch> <data>" on its channel (KEYS[5]), atomically.
 const PUBLISH_LUA: &str = concat!(
     epoch_lua!(),
     "local id = redis.call('INCR', KEYS[1]) \
      if tonumber(ARGV[3]) > 0 then \
      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], id .. '-0', 't', ms, 'd', ARGV[2]) \
      redis.call('PEXPIRE', KEYS[3], ARGV[4]) end \
-     local n = redis.call('PUBLISH', KEYS[4], id .. ' ' .. epoch .. ' ' .. ARGV[2]) \
+     local n = redis.call('PUBLISH', KEYS[5], id .. ' ' .. epoch .. ' ' .. ARGV[2]) \
      return {id, n}"
 );
 
@@ -95,6 +112,17 @@ const READ_LUA: &str = concat!(
      if tonumber(f[2]) >= oldest then out[#out + 1] = row[1] out[#out + 1] = f[4] end end end \
      return {epoch, last, out}"
 );
+
+/// Run on a master when a link to it opens (Sentinel only): KEYS [1] the replication id
+/// of the master that last set the generation, [2] the generation; ARGV [1] this master's
+/// replication id (INFO's `master_replid`), [2] a fresh generation. A promoted replica,
+/// or a master restarted without its data, has a replication id of its own, so the first
+/// herald to reach it starts a new generation, and with it a new epoch for every topic:
+/// replication is asynchronous, so what clients saw from the old master may be missing
+/// here, and ids would be reused.
+const GEN_LUA: &str = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then \
+     redis.call('SET', KEYS[1], ARGV[1]) redis.call('SET', KEYS[2], ARGV[2]) end \
+     return redis.call('GET', KEYS[2])";
 
 /// Presence, shared: KEYS [1] the zset of live processes (score: the ms their entries
 /// are good until), [2] the merged hash (member -> connections everywhere), [3] this
@@ -181,6 +209,52 @@ pub struct RedisConfig {
     /// `--presence-ttl` and `--presence-max-members`.
     pub presence_ttl: Duration,
     pub presence_max: usize,
+    /// `--redis-sentinel` and `--redis-master`: the master is found, and followed, there
+    /// (`addr` is then unused).
+    pub sentinel: Option<SentinelConfig>,
+    /// `--redis-wait-replicas`: replicas that must have a publish before it is
+    /// acknowledged (0: no WAIT).
+    pub wait_replicas: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelConfig {
+    /// host:port of each Sentinel, tried in turn.
+    pub addrs: Vec<String>,
+    /// The master's name at the Sentinels.
+    pub master: String,
+}
+
+/// `--redis-sentinel HOST:PORT,...` with `--redis-master NAME`: both or neither.
+pub fn sentinel_config(
+    list: Option<&str>,
+    master: Option<&str>,
+) -> Result<Option<SentinelConfig>, String> {
+    let (list, master) = match (list, master) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => return Err("--redis-sentinel needs --redis-master NAME".into()),
+        (None, Some(_)) => return Err("--redis-master needs --redis-sentinel".into()),
+        (Some(list), Some(master)) => (list, master),
+    };
+    let mut addrs = Vec::new();
+    for addr in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                addrs.push(addr.to_string());
+            }
+            _ => return Err(format!("--redis-sentinel: {addr:?} is not HOST:PORT")),
+        }
+    }
+    if addrs.is_empty() {
+        return Err("--redis-sentinel names no Sentinel".into());
+    }
+    if master.is_empty() || master.contains(char::is_whitespace) {
+        return Err(format!("--redis-master: {master:?} is not a master name"));
+    }
+    Ok(Some(SentinelConfig {
+        addrs,
+        master: master.to_string(),
+    }))
 }
 
 /// `redis://[[user]:password@]host[:port][/db]`
@@ -227,6 +301,8 @@ pub fn parse_url(url: &str, prefix: &str) -> Result<RedisConfig, String> {
         history_ttl: Duration::ZERO,
         presence_ttl: Duration::from_secs(15),
         presence_max: 1000,
+        sentinel: None,
+        wait_replicas: 0,
     })
 }
 
@@ -296,8 +372,11 @@ pub struct PresenceAnswer {
 /// A command on the command link awaiting its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
-    /// A publish; the tag names the HTTP response waiting for it, if any.
+    /// A publish; the tag names the HTTP response waiting for it, if any (none when a
+    /// WAIT follows: the answer is the WAIT's).
     Publish(Option<u64>),
+    /// The WAIT after a publish (`--redis-wait-replicas`).
+    Wait(Option<u64>),
     /// A read for a subscription.
     Read(u64),
     /// The delivery probe's PUBLISH (its reply, a count, tells nothing).
@@ -312,15 +391,31 @@ enum Pending {
 enum Phase {
     Down,
     Connecting,
-    /// Connected; waiting for this many handshake replies (AUTH, SELECT).
-    Handshaking(usize),
+    /// Connected; waiting for the link's `steps`.
+    Handshaking,
     Ready,
+}
+
+/// A handshake reply awaited, in the order the commands went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// AUTH, SELECT, PING: `OK` or `PONG`.
+    Ok,
+    /// `INFO replication` (Sentinel): the link must have reached a master.
+    Master,
+    /// The generation script's answer (`GEN_LUA`).
+    Generation,
+    /// `SENTINEL get-master-addr-by-name`.
+    MasterAddr,
+    /// The Sentinel's confirmation of `SUBSCRIBE +switch-master`.
+    Watching,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
     Command,
     Subscription,
+    Sentinel,
 }
 
 struct Link {
@@ -336,6 +431,7 @@ struct Link {
     input: Vec<u8>,
     output: Vec<u8>,
     wants_writable: bool,
+    steps: VecDeque<Step>,
 }
 
 impl Link {
@@ -351,6 +447,7 @@ impl Link {
             input: Vec::new(),
             output: Vec::new(),
             wants_writable: false,
+            steps: VecDeque::new(),
         }
     }
 
@@ -358,6 +455,7 @@ impl Link {
         match self.role {
             Role::Command => "command",
             Role::Subscription => "subscription",
+            Role::Sentinel => "sentinel",
         }
     }
 }
@@ -367,6 +465,10 @@ pub struct RedisCounters {
     pub reconnects: u64,
     /// Links reset for a malformed or unexpected reply, or a stuck command.
     pub errors: u64,
+    /// Times the Sentinels named a new master.
+    pub failovers: u64,
+    /// Publishes answered 503 because WAIT found fewer replicas than required.
+    pub unreplicated: u64,
 }
 
 /// A message herald sends itself through Redis, to prove delivery works end to end.
@@ -389,6 +491,18 @@ pub struct Redis {
     cfg: RedisConfig,
     command: Link,
     subscription: Link,
+    /// With Sentinel: the link to one of them (`sentinel_at` in the list).
+    sentinel: Link,
+    sentinel_at: usize,
+    /// When the Sentinels were last asked where the master is.
+    sentinel_asked: Option<Instant>,
+    /// Where the data links connect: `--redis`'s address, or the master the Sentinels
+    /// named (`None` until they have).
+    master: Option<String>,
+    /// A master address the Sentinel link just learned, applied after its frames.
+    learned: Option<String>,
+    /// A publish's result waiting for its WAIT's reply.
+    staged: Option<Result<(u64, u64), String>>,
     /// Commands sent on the command link, oldest first, with when they were sent.
     in_flight: VecDeque<(Pending, Instant)>,
     /// Topics Redis has confirmed a subscription for.
@@ -406,14 +520,34 @@ pub struct Redis {
 impl Redis {
     pub fn new(cfg: RedisConfig, now: Instant) -> Redis {
         let probe_channel = format!("{}!probe:{}", cfg.prefix, std::process::id());
-        info!(
-            "redis: connecting to {} (channel prefix {:?})",
-            cfg.addr, cfg.prefix
-        );
+        let master = match &cfg.sentinel {
+            Some(s) => {
+                info!(
+                    "redis: asking the Sentinels {} for master {:?} (channel prefix {:?})",
+                    s.addrs.join(","),
+                    s.master,
+                    cfg.prefix
+                );
+                None
+            }
+            None => {
+                info!(
+                    "redis: connecting to {} (channel prefix {:?})",
+                    cfg.addr, cfg.prefix
+                );
+                Some(cfg.addr.clone())
+            }
+        };
         let mut redis = Redis {
             cfg,
             command: Link::new(Role::Command, COMMAND_TOKEN, now),
             subscription: Link::new(Role::Subscription, SUBSCRIPTION_TOKEN, now),
+            sentinel: Link::new(Role::Sentinel, SENTINEL_TOKEN, now),
+            sentinel_at: 0,
+            sentinel_asked: None,
+            master,
+            learned: None,
+            staged: None,
             in_flight: VecDeque::new(),
             confirmed: HashSet::new(),
             up: false,
@@ -448,7 +582,28 @@ impl Redis {
 
     /// The first connection attempt has come to an end: both links up, or one failed.
     pub fn settled(&self) -> bool {
-        self.up || self.command.attempt > 0 || self.subscription.attempt > 0
+        self.up
+            || self.command.attempt > 0
+            || self.subscription.attempt > 0
+            || self.sentinel.attempt > 0
+    }
+
+    /// The links in use: the Sentinel link only with `--redis-sentinel`.
+    fn roles(&self) -> &'static [Role] {
+        if self.cfg.sentinel.is_some() {
+            &[Role::Command, Role::Subscription, Role::Sentinel]
+        } else {
+            &[Role::Command, Role::Subscription]
+        }
+    }
+
+    /// Where `role`'s link connects: a Sentinel, or the master (`None`: not known yet).
+    fn addr(&self, role: Role) -> Option<String> {
+        match (role, &self.cfg.sentinel) {
+            (Role::Sentinel, Some(s)) => s.addrs.get(self.sentinel_at).cloned(),
+            (Role::Sentinel, None) => None,
+            _ => self.master.clone(),
+        }
     }
 
     pub fn is_confirmed(&self, topic: &str) -> bool {
@@ -465,13 +620,15 @@ impl Redis {
 
     /// The next time `tick` has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let retries = [&self.command, &self.subscription]
-            .into_iter()
-            .filter_map(|l| match l.phase {
-                Phase::Down => Some(l.retry_at),
-                Phase::Connecting | Phase::Handshaking(_) => Some(l.since + REPLY_TIMEOUT),
+        let retries = self.roles().iter().filter_map(|&role| {
+            let l = self.link(role);
+            match l.phase {
+                Phase::Down if self.addr(role).is_some() => Some(l.retry_at),
+                Phase::Down => None,
+                Phase::Connecting | Phase::Handshaking => Some(l.since + REPLY_TIMEOUT),
                 Phase::Ready => None,
-            });
+            }
+        });
         let stuck = self.in_flight.front().map(|&(_, at)| at + REPLY_TIMEOUT);
         let probe = match self.probe.sent {
             Some((_, at)) => at + PROBE_TIMEOUT,
@@ -483,11 +640,13 @@ impl Redis {
 
     /// Reconnect links whose time has come; reset a link whose oldest command is stuck.
     pub fn tick(&mut self, now: Instant, registry: &Registry, events: &mut Vec<Event>) {
-        for role in [Role::Command, Role::Subscription] {
+        for &role in self.roles() {
             let link = self.link(role);
             if link.phase == Phase::Down && link.retry_at <= now {
-                self.connect(role, registry, now, events);
-            } else if matches!(link.phase, Phase::Connecting | Phase::Handshaking(_))
+                if self.addr(role).is_some() {
+                    self.connect(role, registry, now, events);
+                }
+            } else if matches!(link.phase, Phase::Connecting | Phase::Handshaking)
                 && now.duration_since(link.since) >= REPLY_TIMEOUT
             {
                 let why = "no answer to the handshake within 5 s";
@@ -563,7 +722,7 @@ impl Redis {
         if !self.up {
             return false;
         }
-        let [id_key, epoch_key, stream] = self.keys(topic);
+        let [id_key, epoch_key, stream, gen_key] = self.keys(topic);
         let channel = format!("{}{topic}", self.cfg.prefix);
         let epoch = self.fresh_epoch();
         let size = self.cfg.history_size.to_string();
@@ -573,10 +732,11 @@ impl Redis {
             &[
                 b"EVAL",
                 PUBLISH_LUA.as_bytes(),
-                b"4",
+                b"5",
                 id_key.as_bytes(),
                 epoch_key.as_bytes(),
                 stream.as_bytes(),
+                gen_key.as_bytes(),
                 channel.as_bytes(),
                 epoch.as_bytes(),
                 data.as_bytes(),
@@ -584,7 +744,20 @@ impl Redis {
                 ttl.as_bytes(),
             ],
         );
-        self.in_flight.push_back((Pending::Publish(tag), now));
+        if self.cfg.wait_replicas == 0 {
+            self.in_flight.push_back((Pending::Publish(tag), now));
+            return true;
+        }
+        // The publisher hears only once the replicas have it: a master that dies after
+        // the EVAL but before replicating it answers nothing, and the link's reset
+        // answers 503.
+        let replicas = self.cfg.wait_replicas.to_string();
+        command(
+            &mut self.command.output,
+            &[b"WAIT", replicas.as_bytes(), WAIT_TIMEOUT_MS.as_bytes()],
+        );
+        self.in_flight.push_back((Pending::Publish(None), now));
+        self.in_flight.push_back((Pending::Wait(tag), now));
         true
     }
 
@@ -602,7 +775,7 @@ impl Redis {
         if !self.up {
             return false;
         }
-        let [id_key, epoch_key, stream] = self.keys(topic);
+        let [id_key, epoch_key, stream, gen_key] = self.keys(topic);
         let epoch = self.fresh_epoch();
         let since = since.map_or("-1".to_string(), |n| n.to_string());
         let ttl = self.cfg.history_ttl.as_millis().to_string();
@@ -613,10 +786,11 @@ impl Redis {
             &[
                 b"EVAL",
                 READ_LUA.as_bytes(),
-                b"3",
+                b"4",
                 id_key.as_bytes(),
                 epoch_key.as_bytes(),
                 stream.as_bytes(),
+                gen_key.as_bytes(),
                 epoch.as_bytes(),
                 since.as_bytes(),
                 ttl.as_bytes(),
@@ -713,13 +887,14 @@ impl Redis {
         true
     }
 
-    /// The topic's id counter, epoch key and history stream.
-    fn keys(&self, topic: &str) -> [String; 3] {
+    /// The topic's id counter, epoch key and history stream, and the master generation.
+    fn keys(&self, topic: &str) -> [String; 4] {
         let p = &self.cfg.prefix;
         [
             format!("{p}id:{topic}"),
             format!("{p}epoch:{topic}"),
             format!("{p}h:{topic}"),
+            format!("{p}gen"),
         ]
     }
 
@@ -779,10 +954,10 @@ impl Redis {
         now: Instant,
         events: &mut Vec<Event>,
     ) {
-        let role = if token == COMMAND_TOKEN {
-            Role::Command
-        } else {
-            Role::Subscription
+        let role = match token {
+            COMMAND_TOKEN => Role::Command,
+            SENTINEL_TOKEN => Role::Sentinel,
+            _ => Role::Subscription,
         };
         if self.link(role).phase == Phase::Connecting {
             let link = self.link_mut(role);
@@ -798,14 +973,14 @@ impl Redis {
             if stream.peer_addr().is_err() {
                 return; // still connecting
             }
-            self.handshake(role);
+            self.handshake(role, now);
         }
         self.read(role, registry, now, events);
     }
 
     /// Write what the loop queued this pass.
     pub fn flush(&mut self, registry: &Registry, now: Instant, events: &mut Vec<Event>) {
-        for role in [Role::Command, Role::Subscription] {
+        for &role in self.roles() {
             let link = self.link_mut(role);
             let Some(stream) = link.stream.as_mut() else {
                 continue;
@@ -853,6 +1028,7 @@ impl Redis {
         match role {
             Role::Command => &self.command,
             Role::Subscription => &self.subscription,
+            Role::Sentinel => &self.sentinel,
         }
     }
 
@@ -860,11 +1036,15 @@ impl Redis {
         match role {
             Role::Command => &mut self.command,
             Role::Subscription => &mut self.subscription,
+            Role::Sentinel => &mut self.sentinel,
         }
     }
 
     fn connect(&mut self, role: Role, registry: &Registry, now: Instant, events: &mut Vec<Event>) {
-        let addr = match self.cfg.addr.to_socket_addrs().map(|mut a| a.next()) {
+        let Some(target) = self.addr(role) else {
+            return;
+        };
+        let addr = match target.to_socket_addrs().map(|mut a| a.next()) {
             Ok(Some(addr)) => addr,
             Ok(None) | Err(_) => {
                 return self.reset(role, "cannot resolve the address", registry, now, events);
@@ -886,35 +1066,183 @@ impl Redis {
         link.wants_writable = true;
         link.input.clear();
         link.output.clear();
+        link.steps.clear();
     }
 
     /// Connected: authenticate and choose the database before anything else.
-    fn handshake(&mut self, role: Role) {
+    fn handshake(&mut self, role: Role, now: Instant) {
+        if role == Role::Sentinel {
+            let name = self
+                .cfg
+                .sentinel
+                .as_ref()
+                .map(|s| s.master.clone())
+                .unwrap_or_default();
+            self.sentinel_asked = Some(now);
+            let link = &mut self.sentinel;
+            // The answer first, then the subscription: after SUBSCRIBE a RESP2
+            // connection takes no other command.
+            command(
+                &mut link.output,
+                &[b"SENTINEL", b"get-master-addr-by-name", name.as_bytes()],
+            );
+            command(&mut link.output, &[b"SUBSCRIBE", b"+switch-master"]);
+            link.steps = VecDeque::from([Step::MasterAddr, Step::Watching]);
+            link.phase = Phase::Handshaking;
+            return;
+        }
         let (user, pass, db) = (
             self.cfg.username.clone(),
             self.cfg.password.clone(),
             self.cfg.db,
         );
+        let sentinel = self.cfg.sentinel.is_some();
         let link = self.link_mut(role);
-        let mut expected = 0;
+        link.steps.clear();
         match (&user, &pass) {
             (Some(u), Some(p)) => command(&mut link.output, &[b"AUTH", u.as_bytes(), p.as_bytes()]),
             (None, Some(p)) => command(&mut link.output, &[b"AUTH", p.as_bytes()]),
             _ => {}
         }
         if pass.is_some() {
-            expected += 1;
+            link.steps.push_back(Step::Ok);
         }
         // Pub/sub ignores databases; ids live in the command link's one.
         if role == Role::Command && db != 0 {
             command(&mut link.output, &[b"SELECT", db.to_string().as_bytes()]);
-            expected += 1;
+            link.steps.push_back(Step::Ok);
+        }
+        // The Sentinels' answer may be stale (a failover under way): a link that reached
+        // a replica is reset, and asks them again.
+        if sentinel {
+            command(&mut link.output, &[b"INFO", b"replication"]);
+            link.steps.push_back(Step::Master);
         }
         // A link is ready when Redis has answered, not when TCP connected: a frozen Redis
         // still completes connections from its kernel backlog.
         command(&mut link.output, &[b"PING"]);
-        expected += 1;
-        link.phase = Phase::Handshaking(expected);
+        link.steps.push_back(Step::Ok);
+        link.phase = Phase::Handshaking;
+    }
+
+    /// A handshake reply, checked against the step it answers.
+    fn on_step(&mut self, role: Role, frame: OwnedFrame) -> Result<(), String> {
+        let Some(step) = self.link_mut(role).steps.pop_front() else {
+            return Err(format!("handshake reply {frame:?} to nothing"));
+        };
+        match (step, frame) {
+            (_, OwnedFrame::Error(e)) => Err(format!("handshake refused: {e}")),
+            (Step::Ok, OwnedFrame::SimpleString(s)) if s == b"OK" || s == b"PONG" => Ok(()),
+            (Step::Master, OwnedFrame::BulkString(info)) => {
+                let replid = master_replid(&info)?;
+                if role == Role::Command {
+                    let fresh = self.fresh_epoch();
+                    let p = &self.cfg.prefix;
+                    let (replid_key, gen_key) = (format!("{p}gen:replid"), format!("{p}gen"));
+                    command(
+                        &mut self.command.output,
+                        &[
+                            b"EVAL",
+                            GEN_LUA.as_bytes(),
+                            b"2",
+                            replid_key.as_bytes(),
+                            gen_key.as_bytes(),
+                            replid.as_bytes(),
+                            fresh.as_bytes(),
+                        ],
+                    );
+                    // Answered after the PING already sent: no publish goes out before.
+                    self.command.steps.push_back(Step::Generation);
+                }
+                Ok(())
+            }
+            (Step::Generation, OwnedFrame::BulkString(generation)) => {
+                debug!(
+                    "redis: master generation {}",
+                    String::from_utf8_lossy(&generation)
+                );
+                Ok(())
+            }
+            (Step::MasterAddr, OwnedFrame::Array(items)) => match items.as_slice() {
+                [OwnedFrame::BulkString(host), OwnedFrame::BulkString(port)] => {
+                    self.learned = Some(host_port(host, port)?);
+                    Ok(())
+                }
+                _ => Err(format!("unexpected master address {items:?}")),
+            },
+            (Step::MasterAddr, OwnedFrame::Null) => {
+                Err("this Sentinel does not know the master".into())
+            }
+            (Step::Watching, OwnedFrame::Array(items)) if matches!(items.first(), Some(OwnedFrame::BulkString(k)) if k == b"subscribe") => {
+                Ok(())
+            }
+            (step, other) => Err(format!("unexpected reply {other:?} to {step:?}")),
+        }
+    }
+
+    /// A message on the Sentinel link: `+switch-master <name> <old ip> <old port> <new ip>
+    /// <new port>`; another master's is ignored.
+    fn on_sentinel_push(&mut self, frame: OwnedFrame) -> Result<(), String> {
+        let bad = || format!("unexpected frame on the sentinel link: {frame:?}");
+        let OwnedFrame::Array(items) = &frame else {
+            return Err(bad());
+        };
+        let [
+            OwnedFrame::BulkString(kind),
+            OwnedFrame::BulkString(channel),
+            OwnedFrame::BulkString(payload),
+        ] = items.as_slice()
+        else {
+            return Err(bad());
+        };
+        if kind != b"message" || channel != b"+switch-master" {
+            return Err(bad());
+        }
+        let text = std::str::from_utf8(payload).map_err(|_| bad())?;
+        let parts: Vec<&str> = text.split(' ').collect();
+        let [name, _, _, ip, port] = parts.as_slice() else {
+            return Err(bad());
+        };
+        if self
+            .cfg
+            .sentinel
+            .as_ref()
+            .is_some_and(|s| s.master == *name)
+        {
+            info!("redis: the Sentinels switched master {name:?}: {text}");
+            self.learned = Some(host_port(ip.as_bytes(), port.as_bytes())?);
+        }
+        Ok(())
+    }
+
+    /// Point the data links at the master the Sentinels named: links to another address
+    /// are reset, links down retry now.
+    fn follow_master(&mut self, registry: &Registry, now: Instant, events: &mut Vec<Event>) {
+        let Some(addr) = self.learned.take() else {
+            return;
+        };
+        // Just answered: a data link reset below must not ask again.
+        self.sentinel_asked = Some(now);
+        if self.master.as_deref() != Some(addr.as_str()) {
+            match self.master.replace(addr.clone()) {
+                Some(old) => {
+                    self.counters.failovers += 1;
+                    warn!("redis: the master moved from {old} to {addr}; reconnecting");
+                }
+                None => info!("redis: the Sentinels name {addr} as the master"),
+            }
+            for role in [Role::Command, Role::Subscription] {
+                if self.link(role).phase != Phase::Down {
+                    self.reset(role, "the master moved", registry, now, events);
+                }
+            }
+        }
+        for role in [Role::Command, Role::Subscription] {
+            let link = self.link_mut(role);
+            if link.phase == Phase::Down {
+                link.retry_at = link.retry_at.min(now);
+            }
+        }
     }
 
     fn ready(&mut self, role: Role, events: &mut Vec<Event>) {
@@ -940,16 +1268,16 @@ impl Redis {
             return;
         }
         self.up = up;
+        let addr = self.master.as_deref().unwrap_or("master not known yet");
         if up {
-            info!("redis: up ({})", self.cfg.addr);
+            info!("redis: up ({addr})");
             events.push(Event::Up);
         } else {
             // A probe out when the link went down proves nothing either way.
             self.probe.sent = None;
             self.probe.ok = None;
             warn!(
-                "redis: down ({}): {}; /publish answers 503 until it is back",
-                self.cfg.addr,
+                "redis: down ({addr}): {}; /publish answers 503 until it is back",
                 why.unwrap_or("lost")
             );
             events.push(Event::Down);
@@ -975,6 +1303,7 @@ impl Redis {
         link.phase = Phase::Down;
         link.input = Vec::new();
         link.output = Vec::new();
+        link.steps.clear();
         let cap = BACKOFF_MIN
             .saturating_mul(1 << link.attempt.min(10))
             .min(BACKOFF_MAX);
@@ -991,14 +1320,20 @@ impl Redis {
         }
         match role {
             Role::Command => {
+                self.staged = None;
                 for (pending, _) in self.in_flight.drain(..) {
                     let why = || "redis unavailable".to_string();
                     match pending {
-                        Pending::Publish(Some(tag)) => events.push(Event::Published {
-                            tag,
-                            result: Err(why()),
-                        }),
-                        Pending::Publish(None) | Pending::Probe | Pending::Presence => {}
+                        Pending::Publish(Some(tag)) | Pending::Wait(Some(tag)) => {
+                            events.push(Event::Published {
+                                tag,
+                                result: Err(why()),
+                            })
+                        }
+                        Pending::Publish(None)
+                        | Pending::Wait(None)
+                        | Pending::Probe
+                        | Pending::Presence => {}
                         Pending::PresenceRead(tag) => events.push(Event::PresenceRead {
                             tag,
                             result: Err(why()),
@@ -1016,6 +1351,24 @@ impl Redis {
                 self.probe.subscribed = false;
                 self.probe.sent = None;
             }
+            Role::Sentinel => {
+                // The next Sentinel in the list, at once when the link was only asked to
+                // ask again.
+                let n = self.cfg.sentinel.as_ref().map_or(1, |s| s.addrs.len());
+                self.sentinel_at = (self.sentinel_at + 1) % n.max(1);
+                return;
+            }
+        }
+        // A data link lost with Sentinel: the master may have moved while no
+        // `+switch-master` reached us; ask again (at most every `SENTINEL_REASK`).
+        if self.cfg.sentinel.is_some()
+            && self.sentinel.phase == Phase::Ready
+            && self
+                .sentinel_asked
+                .is_none_or(|at| now.duration_since(at) >= SENTINEL_REASK)
+        {
+            self.reset(Role::Sentinel, "asking again", registry, now, events);
+            self.sentinel.retry_at = now;
         }
         self.report(events, Some(why));
     }
@@ -1060,6 +1413,8 @@ impl Redis {
                 Err(e) => break Err(format!("malformed reply: {e:?}")),
             }
         };
+        // A master address the Sentinel link learned is followed once its frames are in.
+        self.follow_master(registry, now, events);
         match outcome {
             Ok(()) if input.len() - at > MAX_PENDING_INPUT => {
                 self.counters.errors += 1;
@@ -1086,26 +1441,48 @@ impl Redis {
         frame: OwnedFrame,
         events: &mut Vec<Event>,
     ) -> Result<(), String> {
-        if let Phase::Handshaking(left) = self.link(role).phase {
-            return match frame {
-                OwnedFrame::SimpleString(ref s) if s == b"OK" || s == b"PONG" => {
-                    self.link_mut(role).phase = Phase::Handshaking(left - 1);
-                    if left == 1 {
-                        self.ready(role, events);
-                    }
-                    Ok(())
-                }
-                OwnedFrame::Error(e) => Err(format!("handshake refused: {e}")),
-                other => Err(format!("unexpected handshake reply {other:?}")),
-            };
+        if self.link(role).phase == Phase::Handshaking {
+            self.on_step(role, frame)?;
+            if self.link(role).steps.is_empty() {
+                self.ready(role, events);
+            }
+            return Ok(());
         }
         match role {
+            Role::Sentinel => self.on_sentinel_push(frame),
             Role::Command => {
+                // The master we write to became a replica (an old master back after a
+                // failover): nothing more will succeed here.
+                if let OwnedFrame::Error(e) = &frame
+                    && e.starts_with("READONLY")
+                {
+                    return Err(format!("the master is now a replica: {e}"));
+                }
                 let Some((pending, _)) = self.in_flight.pop_front() else {
                     return Err(format!("reply {frame:?} to no command"));
                 };
                 let tag = match pending {
                     Pending::Probe => return Ok(()),
+                    Pending::Wait(tag) => {
+                        let Some(staged) = self.staged.take() else {
+                            return Err(format!("WAIT reply {frame:?} with no publish"));
+                        };
+                        let want = i64::from(self.cfg.wait_replicas);
+                        let result = match (frame, staged) {
+                            (OwnedFrame::Integer(n), Ok(r)) if n >= want => Ok(r),
+                            (OwnedFrame::Integer(n), Ok(_)) => {
+                                self.counters.unreplicated += 1;
+                                warn!("redis: a publish reached {n} of {want} replicas in time");
+                                Err(format!("replicated to {n} of {want} replicas"))
+                            }
+                            (OwnedFrame::Integer(_), Err(e)) | (OwnedFrame::Error(e), _) => Err(e),
+                            (other, _) => return Err(format!("unexpected WAIT reply {other:?}")),
+                        };
+                        if let Some(tag) = tag {
+                            events.push(Event::Published { tag, result });
+                        }
+                        return Ok(());
+                    }
                     Pending::Presence => {
                         if let OwnedFrame::Error(e) = frame {
                             warn!("redis: presence update refused: {e}");
@@ -1151,7 +1528,10 @@ impl Redis {
                     }
                     other => return Err(format!("unexpected publish reply {other:?}")),
                 };
-                if let Some(tag) = tag {
+                // With WAIT, the answer is the WAIT's, next.
+                if matches!(self.in_flight.front(), Some((Pending::Wait(_), _))) {
+                    self.staged = Some(result);
+                } else if let Some(tag) = tag {
                     events.push(Event::Published { tag, result });
                 }
                 Ok(())
@@ -1241,6 +1621,44 @@ impl Redis {
         }
         Ok(())
     }
+}
+
+/// `role:master` and the `master_replid` from `INFO replication`; a replica is an error.
+fn master_replid(info: &[u8]) -> Result<String, String> {
+    let text = std::str::from_utf8(info).map_err(|_| "INFO is not UTF-8".to_string())?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    match field("role") {
+        Some("master") => {}
+        Some(other) => return Err(format!("reached a {other}, not the master")),
+        None => return Err("INFO replication names no role".into()),
+    }
+    match field("master_replid") {
+        Some(id) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+            Ok(id.to_string())
+        }
+        _ => Err("INFO replication names no master_replid".into()),
+    }
+}
+
+/// A Sentinel's host and port as one address (IPv6 in brackets).
+fn host_port(host: &[u8], port: &[u8]) -> Result<String, String> {
+    let host = std::str::from_utf8(host).map_err(|_| "master host is not UTF-8".to_string())?;
+    let port: u16 = std::str::from_utf8(port)
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("master port {port:?} is not a port"))?;
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("master host {host:?} is not a host"));
+    }
+    Ok(if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    })
 }
 
 /// `"<id> <epoch> <json>"`, as the publish script writes it. The JSON is checked: it is
@@ -1584,6 +2002,183 @@ mod tests {
         ]);
         assert!(parse_stored(not_json).is_err());
         assert!(parse_stored(OwnedFrame::Integer(3)).is_err());
+    }
+
+    #[test]
+    fn sentinel_flags_come_in_pairs_of_valid_addresses() {
+        assert_eq!(sentinel_config(None, None), Ok(None));
+        let c = sentinel_config(Some("127.0.0.1:26379, s2:26380"), Some("mymaster"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.addrs, ["127.0.0.1:26379", "s2:26380"]);
+        assert_eq!(c.master, "mymaster");
+        assert!(sentinel_config(Some("127.0.0.1:26379"), None).is_err());
+        assert!(sentinel_config(None, Some("m")).is_err());
+        assert!(sentinel_config(Some("127.0.0.1"), Some("m")).is_err());
+        assert!(sentinel_config(Some(","), Some("m")).is_err());
+        assert!(sentinel_config(Some("h:1"), Some("a b")).is_err());
+    }
+
+    #[test]
+    fn only_a_master_with_a_replication_id_passes_the_role_check() {
+        let master = b"# Replication\r\nrole:master\r\nconnected_slaves:1\r\n\
+            master_replid:8b0c6f1e2d\r\nmaster_replid2:0000\r\n";
+        assert_eq!(master_replid(master), Ok("8b0c6f1e2d".into()));
+        let replica = b"# Replication\r\nrole:slave\r\nmaster_host:127.0.0.1\r\n";
+        assert!(master_replid(replica).unwrap_err().contains("slave"));
+        assert!(master_replid(b"role:master\r\n").is_err());
+        assert!(master_replid(&[0xff]).is_err());
+        assert_eq!(
+            host_port(b"127.0.0.1", b"6380"),
+            Ok("127.0.0.1:6380".into())
+        );
+        assert_eq!(host_port(b"::1", b"6380"), Ok("[::1]:6380".into()));
+        assert!(host_port(b"127.0.0.1", b"http").is_err());
+        assert!(host_port(b"", b"1").is_err());
+    }
+
+    fn sentinel_redis() -> Redis {
+        let mut cfg = parse_url("redis://sentinel", "h:").unwrap();
+        cfg.sentinel = sentinel_config(Some("127.0.0.1:1"), Some("m")).unwrap();
+        Redis::new(cfg, Instant::now())
+    }
+
+    #[test]
+    fn the_sentinel_names_the_master_and_switches_it() {
+        let mut r = sentinel_redis();
+        assert_eq!(
+            r.addr(Role::Command),
+            None,
+            "no master before the Sentinels say"
+        );
+        let now = Instant::now();
+        r.handshake(Role::Sentinel, now);
+        assert_eq!(r.sentinel.phase, Phase::Handshaking);
+        let bulk = |s: &str| OwnedFrame::BulkString(s.as_bytes().to_vec());
+        let mut events = Vec::new();
+        let addr = OwnedFrame::Array(vec![bulk("127.0.0.1"), bulk("7001")]);
+        r.on_frame(Role::Sentinel, addr, &mut events).unwrap();
+        assert_eq!(r.learned.as_deref(), Some("127.0.0.1:7001"));
+        r.master = r.learned.take();
+        let confirmed = OwnedFrame::Array(vec![
+            bulk("subscribe"),
+            bulk("+switch-master"),
+            OwnedFrame::Integer(1),
+        ]);
+        r.on_frame(Role::Sentinel, confirmed, &mut events).unwrap();
+        assert_eq!(r.sentinel.phase, Phase::Ready);
+        let switch = |text: &str| {
+            OwnedFrame::Array(vec![bulk("message"), bulk("+switch-master"), bulk(text)])
+        };
+        r.on_frame(
+            Role::Sentinel,
+            switch("other 127.0.0.1 7001 127.0.0.1 7009"),
+            &mut events,
+        )
+        .unwrap();
+        assert_eq!(r.learned, None, "another master's switch is not ours");
+        r.on_frame(
+            Role::Sentinel,
+            switch("m 127.0.0.1 7001 127.0.0.1 7002"),
+            &mut events,
+        )
+        .unwrap();
+        assert_eq!(r.learned.as_deref(), Some("127.0.0.1:7002"));
+        assert!(
+            r.on_frame(Role::Sentinel, switch("m 127.0.0.1"), &mut events)
+                .is_err()
+        );
+        // A Sentinel that does not know the master is asked no further.
+        let mut r = sentinel_redis();
+        r.handshake(Role::Sentinel, now);
+        assert!(
+            r.on_frame(Role::Sentinel, OwnedFrame::Null, &mut events)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_data_link_checks_the_role_and_the_command_link_sets_the_generation() {
+        let mut r = sentinel_redis();
+        r.master = Some("127.0.0.1:7001".into());
+        r.handshake(Role::Command, Instant::now());
+        let mut events = Vec::new();
+        let info = OwnedFrame::BulkString(b"role:master\r\nmaster_replid:abc\r\n".to_vec());
+        r.on_frame(Role::Command, info, &mut events).unwrap();
+        let pong = OwnedFrame::SimpleString(b"PONG".to_vec());
+        r.on_frame(Role::Command, pong, &mut events).unwrap();
+        assert_eq!(
+            r.command.phase,
+            Phase::Handshaking,
+            "the generation is awaited"
+        );
+        assert!(
+            r.command.output.windows(3).any(|w| w == b"abc"),
+            "GEN_LUA went with the replication id"
+        );
+        let generation = OwnedFrame::BulkString(b"0123".to_vec());
+        r.on_frame(Role::Command, generation, &mut events).unwrap();
+        assert_eq!(r.command.phase, Phase::Ready);
+        // The subscription link on a replica is refused.
+        r.handshake(Role::Subscription, Instant::now());
+        let replica = OwnedFrame::BulkString(b"role:slave\r\n".to_vec());
+        assert!(
+            r.on_frame(Role::Subscription, replica, &mut events)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn with_wait_a_publish_is_answered_by_its_wait() {
+        let mut r = redis();
+        r.cfg.wait_replicas = 1;
+        r.command.phase = Phase::Ready;
+        r.subscription.phase = Phase::Ready;
+        r.up = true;
+        let now = Instant::now();
+        assert!(r.publish("t", "1", Some(1), now));
+        assert!(r.publish("t", "2", Some(2), now));
+        assert!(r.publish("t", "3", Some(3), now));
+        assert_eq!(
+            r.command.output.windows(4).filter(|w| w == b"WAIT").count(),
+            3
+        );
+        let mut events = Vec::new();
+        let reply =
+            |id, n| OwnedFrame::Array(vec![OwnedFrame::Integer(id), OwnedFrame::Integer(n)]);
+        r.on_frame(Role::Command, reply(1, 1), &mut events).unwrap();
+        assert!(events.is_empty(), "not before the WAIT");
+        r.on_frame(Role::Command, OwnedFrame::Integer(1), &mut events)
+            .unwrap();
+        r.on_frame(Role::Command, reply(2, 1), &mut events).unwrap();
+        r.on_frame(Role::Command, OwnedFrame::Integer(0), &mut events)
+            .unwrap();
+        r.on_frame(Role::Command, OwnedFrame::Error("OOM".into()), &mut events)
+            .unwrap();
+        r.on_frame(Role::Command, OwnedFrame::Integer(1), &mut events)
+            .unwrap();
+        assert_eq!(
+            events,
+            [
+                Event::Published {
+                    tag: 1,
+                    result: Ok((1, 1))
+                },
+                Event::Published {
+                    tag: 2,
+                    result: Err("replicated to 0 of 1 replicas".into())
+                },
+                Event::Published {
+                    tag: 3,
+                    result: Err("OOM".into())
+                },
+            ]
+        );
+        assert_eq!(r.counters.unreplicated, 1);
+        // A demoted master fails the link, and so every publish in flight.
+        assert!(r.publish("t", "4", Some(4), now));
+        let readonly = OwnedFrame::Error("READONLY You can't write against a replica.".into());
+        assert!(r.on_frame(Role::Command, readonly, &mut events).is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod presence;
 mod redis;
 mod redis_history;
 mod restarts;
+mod sentinel;
 mod signals;
 mod topics;
 mod util;

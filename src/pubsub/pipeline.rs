@@ -1009,6 +1009,8 @@ impl PubSub {
             in_flight: r.in_flight(),
             reconnects: r.counters.reconnects,
             errors: r.counters.errors,
+            failovers: r.counters.failovers,
+            unreplicated: r.counters.unreplicated,
         })
     }
 }

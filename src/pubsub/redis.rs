@@ -661,7 +661,25 @@ impl Redis {
             self.counters.errors += 1;
             self.reset(Role::Command, "no reply within 5 s", registry, now, events);
         }
-        self.tick_probe(now, events);
+        if self.tick_probe(now, events) {
+            // Both links up and delivery broken: with Sentinel, maybe one link is on a
+            // node that is no longer the master. Ask again; a new answer moves both.
+            self.reask_sentinels(registry, now, events);
+        }
+    }
+
+    /// Reconnect the Sentinel link (to the next Sentinel) so it asks where the master is,
+    /// unless it asked less than `SENTINEL_REASK` ago or is not up.
+    fn reask_sentinels(&mut self, registry: &Registry, now: Instant, events: &mut Vec<Event>) {
+        if self.cfg.sentinel.is_some()
+            && self.sentinel.phase == Phase::Ready
+            && self
+                .sentinel_asked
+                .is_none_or(|at| now.duration_since(at) >= SENTINEL_REASK)
+        {
+            self.reset(Role::Sentinel, "asking again", registry, now, events);
+            self.sentinel.retry_at = now;
+        }
     }
 
     /// Whether the last probe came back in time (`None`: no verdict yet, or down).
@@ -675,17 +693,19 @@ impl Redis {
         self.up && self.probe.ok == Some(false)
     }
 
-    /// Send the next probe when due; a probe overdue is a broken delivery.
-    fn tick_probe(&mut self, now: Instant, events: &mut Vec<Event>) {
+    /// Send the next probe when due; a probe overdue is a broken delivery (true).
+    fn tick_probe(&mut self, now: Instant, events: &mut Vec<Event>) -> bool {
         if !self.up || !self.probe.subscribed {
-            return;
+            return false;
         }
+        let mut lost = false;
         if let Some((_, at)) = self.probe.sent
             && now.duration_since(at) >= PROBE_TIMEOUT
         {
             self.probe.sent = None;
             self.probe.next_at = now;
             self.delivery(false, events);
+            lost = true;
         }
         if self.probe.sent.is_none() && now >= self.probe.next_at {
             self.probe.seq += 1;
@@ -699,6 +719,7 @@ impl Redis {
             self.probe.sent = Some((self.probe.seq, now));
             self.probe.next_at = now + PROBE_INTERVAL;
         }
+        lost
     }
 
     fn delivery(&mut self, ok: bool, events: &mut Vec<Event>) {
@@ -1360,16 +1381,8 @@ impl Redis {
             }
         }
         // A data link lost with Sentinel: the master may have moved while no
-        // `+switch-master` reached us; ask again (at most every `SENTINEL_REASK`).
-        if self.cfg.sentinel.is_some()
-            && self.sentinel.phase == Phase::Ready
-            && self
-                .sentinel_asked
-                .is_none_or(|at| now.duration_since(at) >= SENTINEL_REASK)
-        {
-            self.reset(Role::Sentinel, "asking again", registry, now, events);
-            self.sentinel.retry_at = now;
-        }
+        // `+switch-master` reached us; ask again.
+        self.reask_sentinels(registry, now, events);
         self.report(events, Some(why));
     }
 
@@ -2125,6 +2138,39 @@ mod tests {
         assert!(
             r.on_frame(Role::Subscription, replica, &mut events)
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn a_lost_probe_with_both_links_up_asks_the_sentinels_again() {
+        let poll = mio::Poll::new().unwrap();
+        let mut r = sentinel_redis();
+        let start = Instant::now();
+        r.command.phase = Phase::Ready;
+        r.subscription.phase = Phase::Ready;
+        r.sentinel.phase = Phase::Ready;
+        r.up = true;
+        r.probe.subscribed = true;
+        r.sentinel_asked = Some(start);
+        r.probe.sent = Some((1, start));
+        let mut events = Vec::new();
+        r.tick(start + Duration::from_secs(1), poll.registry(), &mut events);
+        assert_eq!(
+            r.sentinel.phase,
+            Phase::Ready,
+            "the probe is not overdue yet"
+        );
+        r.tick(start + PROBE_TIMEOUT, poll.registry(), &mut events);
+        assert!(events.contains(&Event::Delivery(false)));
+        assert_ne!(
+            r.sentinel.phase,
+            Phase::Ready,
+            "the Sentinel link asks again"
+        );
+        assert_eq!(r.sentinel_at, 0, "the next Sentinel (of one)");
+        assert!(
+            r.up,
+            "the data links stay up: the agent reports the broken delivery"
         );
     }
 

@@ -497,6 +497,7 @@ fn failover(wait: bool) {
     }
     for h in &heralds {
         assert!(h.log().contains("the master moved"), "{}", h.log());
+        assert_eq!(h.metric("herald_redis_failovers_total"), 1.0);
     }
     eprintln!(
         "sentinel failover ({}): promoted {:.1} s after the kill, first acknowledged publish \

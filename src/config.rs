@@ -225,6 +225,11 @@ pub struct Args {
     )]
     pub redis_wait_replicas: u32,
 
+    /// Share topics through a Redis Cluster found from these nodes (HOST:PORT,...),
+    /// with sharded pub/sub: each topic's keys and channel live on its slot's master
+    #[arg(long, env = "HERALD_REDIS_CLUSTER", value_name = "HOST:PORT,...")]
+    pub redis_cluster: Option<String>,
+
     /// Bind with SO_REUSEPORT, so several processes can share one port (the kernel
     /// balances new connections between them)
     #[arg(long, env = "HERALD_REUSE_PORT")]
@@ -469,11 +474,27 @@ impl Args {
             Some(list) => Patterns::parse(&list).map_err(|e| format!("--client-publish: {e}"))?,
             None => Patterns::default(),
         };
-        let redis_url = match (&self.redis, &self.redis_sentinel) {
-            (Some(url), _) => Some(url.clone()),
-            // Sentinels name the host; a URL would only carry credentials and a database.
-            (None, Some(_)) => Some("redis://sentinel".to_string()),
-            (None, None) => None,
+        if self.redis_cluster.is_some() {
+            // Presence's scripts name other processes' keys from their arguments (not
+            // single-slot); WAIT after a redirected publish is not followed; Sentinel
+            // and Cluster are two ways to find a master.
+            if self.presence.is_some() {
+                return Err("--presence needs one Redis: it is not supported with \
+                            --redis-cluster"
+                    .into());
+            }
+            if self.redis_wait_replicas > 0 || self.redis_sentinel.is_some() {
+                return Err("--redis-cluster goes without --redis-wait-replicas and \
+                            --redis-sentinel"
+                    .into());
+            }
+        }
+        let redis_url = match (&self.redis, &self.redis_sentinel, &self.redis_cluster) {
+            (Some(url), _, _) => Some(url.clone()),
+            // Sentinels (or the Cluster) name the hosts; a URL would only carry
+            // credentials and a database.
+            (None, Some(_), _) | (None, None, Some(_)) => Some("redis://sentinel".to_string()),
+            (None, None, None) => None,
         };
         let redis = match &redis_url {
             Some(url) => {
@@ -484,6 +505,13 @@ impl Args {
                     self.redis_master.as_deref(),
                 )?;
                 redis.wait_replicas = self.redis_wait_replicas;
+                redis.cluster = match &self.redis_cluster {
+                    Some(list) => Some(crate::pubsub::redis::cluster_seeds(list)?),
+                    None => None,
+                };
+                if redis.cluster.is_some() && redis.db != 0 {
+                    return Err("--redis-cluster: a Cluster has only database 0".into());
+                }
                 // With Redis, history lives there: every process reads the same streams.
                 redis.history_size = self.history_size;
                 redis.history_ttl = Duration::from_secs(self.history_ttl);

@@ -1007,10 +1007,10 @@ impl PubSub {
             delivery_ok: r.delivery_ok(),
             channels: r.confirmed_count(),
             in_flight: r.in_flight(),
-            reconnects: r.counters.reconnects,
-            errors: r.counters.errors,
-            failovers: r.counters.failovers,
-            unreplicated: r.counters.unreplicated,
+            reconnects: r.counters().reconnects,
+            errors: r.counters().errors,
+            failovers: r.counters().failovers,
+            unreplicated: r.counters().unreplicated,
         })
     }
 }

@@ -35,6 +35,8 @@ use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::encode::encode_borrowed;
 use redis_protocol::resp2::types::{BorrowedFrame, OwnedFrame};
 
+use crate::pubsub::cluster::{self, Range, Redirect};
+
 pub const COMMAND_TOKEN: Token = Token(usize::MAX - 3);
 pub const SUBSCRIPTION_TOKEN: Token = Token(usize::MAX - 4);
 /// The link to one Sentinel (with `--redis-sentinel`): where the master is, and
@@ -62,6 +64,29 @@ const WAIT_TIMEOUT_MS: &str = "1000";
 /// often (a `+switch-master` missed while no Sentinel link was up is found this way).
 const SENTINEL_REASK: Duration = Duration::from_secs(1);
 
+/// Cluster shards beyond the first get tokens below this, two each.
+const SHARD_TOKENS_BELOW: usize = usize::MAX - 16;
+/// The most Cluster masters herald follows (each has two links and two tokens).
+pub const MAX_SHARDS: usize = 64;
+
+/// The tokens of node `index`'s command and subscription links.
+fn node_tokens(index: usize) -> (Token, Token) {
+    if index == 0 {
+        (COMMAND_TOKEN, SUBSCRIPTION_TOKEN)
+    } else {
+        let base = SHARD_TOKENS_BELOW - 2 * index;
+        (Token(base), Token(base - 1))
+    }
+}
+
+/// Whether `token` is one of the Redis links' (the reactor hands those to `on_ready`).
+pub fn owns(token: Token) -> bool {
+    token == COMMAND_TOKEN
+        || token == SUBSCRIPTION_TOKEN
+        || token == SENTINEL_TOKEN
+        || (SHARD_TOKENS_BELOW - 2 * MAX_SHARDS..SHARD_TOKENS_BELOW).contains(&token.0)
+}
+
 /// Channels per SUBSCRIBE command when subscribing again after a reconnect.
 const SUBSCRIBE_BATCH: usize = 512;
 
@@ -85,14 +110,15 @@ macro_rules! epoch_lua {
 }
 
 /// INCR the topic's id, append to its history (ARGV[3] entries at most, ARGV[4] ms), and
-/// PUBLISH "<id> <epoch> <data>" on its channel (KEYS[5]), atomically.
+/// PUBLISH (or SPUBLISH: ARGV[5]) "<id> <epoch> <data>" on its channel (KEYS[5]),
+/// atomically.
 const PUBLISH_LUA: &str = concat!(
     epoch_lua!(),
     "local id = redis.call('INCR', KEYS[1]) \
      if tonumber(ARGV[3]) > 0 then \
      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], id .. '-0', 't', ms, 'd', ARGV[2]) \
      redis.call('PEXPIRE', KEYS[3], ARGV[4]) end \
-     local n = redis.call('PUBLISH', KEYS[5], id .. ' ' .. epoch .. ' ' .. ARGV[2]) \
+     local n = redis.call(ARGV[5], KEYS[5], id .. ' ' .. epoch .. ' ' .. ARGV[2]) \
      return {id, n}"
 );
 
@@ -215,6 +241,25 @@ pub struct RedisConfig {
     /// `--redis-wait-replicas`: replicas that must have a publish before it is
     /// acknowledged (0: no WAIT).
     pub wait_replicas: u32,
+    /// `--redis-cluster`: seed nodes (host:port) of a Redis Cluster (`addr` unused).
+    pub cluster: Option<Vec<String>>,
+}
+
+/// `--redis-cluster HOST:PORT,...`: at least one seed.
+pub fn cluster_seeds(list: &str) -> Result<Vec<String>, String> {
+    let mut seeds = Vec::new();
+    for addr in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                seeds.push(addr.to_string());
+            }
+            _ => return Err(format!("--redis-cluster: {addr:?} is not HOST:PORT")),
+        }
+    }
+    if seeds.is_empty() {
+        return Err("--redis-cluster names no node".into());
+    }
+    Ok(seeds)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,6 +348,7 @@ pub fn parse_url(url: &str, prefix: &str) -> Result<RedisConfig, String> {
         presence_max: 1000,
         sentinel: None,
         wait_replicas: 0,
+        cluster: None,
     })
 }
 
@@ -385,6 +431,27 @@ enum Pending {
     Presence,
     /// A presence read.
     PresenceRead(u64),
+    /// `CLUSTER SLOTS`.
+    Slots,
+    /// `ASKING` before a command redirected by `ASK` (its `OK` tells nothing).
+    Asking,
+}
+
+/// What a Cluster shard asks of the `Redis` above it, beside its `Event`s.
+#[derive(Debug)]
+enum Internal {
+    /// A command answered with a redirection: send `bytes` again where it says.
+    Redirect {
+        redirect: Redirect,
+        pending: Pending,
+        bytes: Vec<u8>,
+    },
+    /// The reply to `ask_slots`.
+    Slots(Result<Vec<Range>, String>),
+    /// The shard no longer serves this topic's channel (its slot moved): Redis ended our
+    /// subscription, or refused it (`MOVED` on the subscription link: `None`, every topic
+    /// is routed again).
+    Unrouted(Option<String>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -487,7 +554,9 @@ struct Probe {
     subscribed: bool,
 }
 
-pub struct Redis {
+/// One Redis master and herald's links to it: the whole of Redis for `--redis` and
+/// `--redis-sentinel`, one shard of `--redis-cluster`.
+struct Node {
     cfg: RedisConfig,
     command: Link,
     subscription: Link,
@@ -503,6 +572,13 @@ pub struct Redis {
     learned: Option<String>,
     /// A publish's result waiting for its WAIT's reply.
     staged: Option<Result<(u64, u64), String>>,
+    /// A Cluster shard: sharded pub/sub (SSUBSCRIBE, SPUBLISH) and `{topic}` keys.
+    sharded: bool,
+    /// Sharded: each in-flight command's bytes, beside `in_flight`, to send again where a
+    /// redirection says (empty otherwise).
+    sent: VecDeque<Vec<u8>>,
+    /// Sharded: what the `Redis` above must act on (redirections, slot maps).
+    internal: Vec<Internal>,
     /// Commands sent on the command link, oldest first, with when they were sent.
     in_flight: VecDeque<(Pending, Instant)>,
     /// Topics Redis has confirmed a subscription for.
@@ -517,11 +593,21 @@ pub struct Redis {
     instance: String,
 }
 
-impl Redis {
-    pub fn new(cfg: RedisConfig, now: Instant) -> Redis {
-        let probe_channel = format!("{}!probe:{}", cfg.prefix, std::process::id());
-        let master = match &cfg.sentinel {
-            Some(s) => {
+impl Node {
+    /// `index` picks the node's tokens; `shard`: the address of this Cluster master.
+    fn new(cfg: RedisConfig, now: Instant, index: usize, shard: Option<String>) -> Node {
+        let probe_channel = match &shard {
+            // A Cluster node's probe travels on a channel of a slot it serves, named
+            // by `set_probe` once the slot map is known.
+            Some(_) => String::new(),
+            None => format!("{}!probe:{}", cfg.prefix, std::process::id()),
+        };
+        let master = match (&shard, &cfg.sentinel) {
+            (Some(addr), _) => {
+                info!("redis: connecting to Cluster master {addr}");
+                Some(addr.clone())
+            }
+            (None, Some(s)) => {
                 info!(
                     "redis: asking the Sentinels {} for master {:?} (channel prefix {:?})",
                     s.addrs.join(","),
@@ -530,7 +616,7 @@ impl Redis {
                 );
                 None
             }
-            None => {
+            (None, None) => {
                 info!(
                     "redis: connecting to {} (channel prefix {:?})",
                     cfg.addr, cfg.prefix
@@ -538,10 +624,15 @@ impl Redis {
                 Some(cfg.addr.clone())
             }
         };
-        let mut redis = Redis {
+        let sharded = shard.is_some();
+        let (command_token, subscription_token) = node_tokens(index);
+        let mut redis = Node {
             cfg,
-            command: Link::new(Role::Command, COMMAND_TOKEN, now),
-            subscription: Link::new(Role::Subscription, SUBSCRIPTION_TOKEN, now),
+            sharded,
+            sent: VecDeque::new(),
+            internal: Vec::new(),
+            command: Link::new(Role::Command, command_token, now),
+            subscription: Link::new(Role::Subscription, subscription_token, now),
             sentinel: Link::new(Role::Sentinel, SENTINEL_TOKEN, now),
             sentinel_at: 0,
             sentinel_asked: None,
@@ -574,6 +665,21 @@ impl Redis {
     /// repeat across hosts and restarts).
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    fn owns(&self, token: Token) -> bool {
+        token == self.command.token
+            || token == self.subscription.token
+            || (self.cfg.sentinel.is_some() && token == self.sentinel.token)
+    }
+
+    fn addr_name(&self) -> &str {
+        self.master.as_deref().unwrap_or("no master yet")
+    }
+
+    /// The command link is down after a failed attempt.
+    fn command_failed(&self) -> bool {
+        self.command.phase == Phase::Down && self.command.attempt > 0
     }
 
     pub fn is_up(&self) -> bool {
@@ -711,11 +817,17 @@ impl Redis {
             self.probe.seq += 1;
             let seq = self.probe.seq.to_string();
             let channel = self.probe.channel.clone();
+            let start = self.command.output.len();
+            let publish: &[u8] = if self.sharded {
+                b"SPUBLISH"
+            } else {
+                b"PUBLISH"
+            };
             command(
                 &mut self.command.output,
-                &[b"PUBLISH", channel.as_bytes(), seq.as_bytes()],
+                &[publish, channel.as_bytes(), seq.as_bytes()],
             );
-            self.in_flight.push_back((Pending::Probe, now));
+            self.record(Pending::Probe, start, now);
             self.probe.sent = Some((self.probe.seq, now));
             self.probe.next_at = now + PROBE_INTERVAL;
         }
@@ -744,10 +856,16 @@ impl Redis {
             return false;
         }
         let [id_key, epoch_key, stream, gen_key] = self.keys(topic);
-        let channel = format!("{}{topic}", self.cfg.prefix);
+        let channel = self.channel(topic);
         let epoch = self.fresh_epoch();
         let size = self.cfg.history_size.to_string();
         let ttl = self.cfg.history_ttl.as_millis().max(1).to_string();
+        let publish: &[u8] = if self.sharded {
+            b"SPUBLISH"
+        } else {
+            b"PUBLISH"
+        };
+        let start = self.command.output.len();
         command(
             &mut self.command.output,
             &[
@@ -763,10 +881,11 @@ impl Redis {
                 data.as_bytes(),
                 size.as_bytes(),
                 ttl.as_bytes(),
+                publish,
             ],
         );
         if self.cfg.wait_replicas == 0 {
-            self.in_flight.push_back((Pending::Publish(tag), now));
+            self.record(Pending::Publish(tag), start, now);
             return true;
         }
         // The publisher hears only once the replicas have it: a master that dies after
@@ -779,6 +898,7 @@ impl Redis {
         );
         self.in_flight.push_back((Pending::Publish(None), now));
         self.in_flight.push_back((Pending::Wait(tag), now));
+        self.sent.extend([Vec::new(), Vec::new()]);
         true
     }
 
@@ -802,6 +922,7 @@ impl Redis {
         let ttl = self.cfg.history_ttl.as_millis().to_string();
         // MAXLEN ~ may keep up to one stream node (100 entries) beyond the size.
         let count = (self.cfg.history_size + 100).to_string();
+        let start = self.command.output.len();
         command(
             &mut self.command.output,
             &[
@@ -819,7 +940,7 @@ impl Redis {
                 client_epoch.unwrap_or("").as_bytes(),
             ],
         );
-        self.in_flight.push_back((Pending::Read(tag), now));
+        self.record(Pending::Read(tag), start, now);
         true
     }
 
@@ -903,14 +1024,25 @@ impl Redis {
             per_process.as_bytes(),
         ];
         args.extend(extra.iter().map(|a| a.as_bytes()));
+        let start = self.command.output.len();
         command(&mut self.command.output, &args);
-        self.in_flight.push_back((pending, now));
+        self.record(pending, start, now);
         true
     }
 
     /// The topic's id counter, epoch key and history stream, and the master generation.
+    /// On a Cluster shard each carries `{topic}`, so they share the topic's slot (the
+    /// generation key too, which no one sets there: a shard's failover is not followed).
     fn keys(&self, topic: &str) -> [String; 4] {
         let p = &self.cfg.prefix;
+        if self.sharded {
+            return [
+                format!("{p}id:{{{topic}}}"),
+                format!("{p}epoch:{{{topic}}}"),
+                format!("{p}h:{{{topic}}}"),
+                format!("{p}gen:{{{topic}}}"),
+            ];
+        }
         [
             format!("{p}id:{topic}"),
             format!("{p}epoch:{topic}"),
@@ -919,41 +1051,126 @@ impl Redis {
         ]
     }
 
+    /// The topic's channel: `<prefix><topic>`, or `<prefix>{<topic>}` on a shard.
+    fn channel(&self, topic: &str) -> String {
+        if self.sharded {
+            format!("{}{{{topic}}}", self.cfg.prefix)
+        } else {
+            format!("{}{topic}", self.cfg.prefix)
+        }
+    }
+
+    /// A command just written to the command link from `start`: await its reply.
+    fn record(&mut self, pending: Pending, start: usize, now: Instant) {
+        let bytes = if self.sharded {
+            self.command.output[start..].to_vec()
+        } else {
+            Vec::new()
+        };
+        self.in_flight.push_back((pending, now));
+        self.sent.push_back(bytes);
+    }
+
     /// An epoch to propose for a topic that has none: 16 hex digits, no space (it travels
     /// inside "<id> <epoch> <data>").
     fn fresh_epoch(&mut self) -> String {
         format!("{:016x}", self.next_random())
     }
 
-    pub fn subscribe(&mut self, topic: &str) {
-        if self.subscription.phase == Phase::Ready {
-            let channel = format!("{}{topic}", self.cfg.prefix);
-            command(
-                &mut self.subscription.output,
-                &[b"SUBSCRIBE", channel.as_bytes()],
-            );
+    fn subscribe_verb(&self) -> &'static [u8] {
+        if self.sharded {
+            b"SSUBSCRIBE"
+        } else {
+            b"SUBSCRIBE"
         }
     }
 
-    pub fn unsubscribe(&mut self, topic: &str) {
+    fn subscribe(&mut self, topic: &str) {
+        if self.subscription.phase == Phase::Ready {
+            let channel = self.channel(topic);
+            let verb = self.subscribe_verb();
+            command(&mut self.subscription.output, &[verb, channel.as_bytes()]);
+        }
+    }
+
+    fn unsubscribe(&mut self, topic: &str) {
         self.confirmed.remove(topic);
         if self.subscription.phase == Phase::Ready {
-            let channel = format!("{}{topic}", self.cfg.prefix);
-            command(
-                &mut self.subscription.output,
-                &[b"UNSUBSCRIBE", channel.as_bytes()],
-            );
+            let channel = self.channel(topic);
+            let verb: &[u8] = if self.sharded {
+                b"SUNSUBSCRIBE"
+            } else {
+                b"UNSUBSCRIBE"
+            };
+            command(&mut self.subscription.output, &[verb, channel.as_bytes()]);
         }
     }
 
-    /// Subscribe again to every local topic (after `Event::SubscriptionReady`).
-    pub fn resubscribe<'a>(&mut self, topics: impl Iterator<Item = &'a str>) {
-        let channels: Vec<String> = topics.map(|t| format!("{}{t}", self.cfg.prefix)).collect();
-        for batch in channels.chunks(SUBSCRIBE_BATCH) {
-            let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+    /// Subscribe again to every local topic (after `Event::SubscriptionReady`). A shard
+    /// takes one channel per SSUBSCRIBE: several must be in one slot.
+    fn resubscribe<'a>(&mut self, topics: impl Iterator<Item = &'a str>) {
+        let channels: Vec<String> = topics.map(|t| self.channel(t)).collect();
+        let batch = if self.sharded { 1 } else { SUBSCRIBE_BATCH };
+        for batch in channels.chunks(batch) {
+            let mut args: Vec<&[u8]> = vec![self.subscribe_verb()];
             args.extend(batch.iter().map(|c| c.as_bytes()));
             command(&mut self.subscription.output, &args);
         }
+    }
+
+    /// A shard's probe channel (`<prefix>!probe:<pid>:{<tag>}`, in a slot it serves):
+    /// subscribed now if the link is ready, else when it is.
+    fn set_probe(&mut self, tag: &str, pid: u32) {
+        let channel = format!("{}!probe:{pid}:{{{tag}}}", self.cfg.prefix);
+        if channel == self.probe.channel {
+            return;
+        }
+        if self.subscription.phase == Phase::Ready && !self.probe.channel.is_empty() {
+            let old = std::mem::take(&mut self.probe.channel);
+            command(
+                &mut self.subscription.output,
+                &[b"SUNSUBSCRIBE", old.as_bytes()],
+            );
+        }
+        self.probe.channel = channel;
+        self.probe.subscribed = false;
+        self.probe.sent = None;
+        if self.subscription.phase == Phase::Ready {
+            let channel = self.probe.channel.clone();
+            command(
+                &mut self.subscription.output,
+                &[b"SSUBSCRIBE", channel.as_bytes()],
+            );
+        }
+    }
+
+    /// Ask the shard for the Cluster's slot map (`Internal::Slots`). False when its
+    /// command link is not ready.
+    fn ask_slots(&mut self, now: Instant) -> bool {
+        if self.command.phase != Phase::Ready {
+            return false;
+        }
+        let start = self.command.output.len();
+        command(&mut self.command.output, &[b"CLUSTER", b"SLOTS"]);
+        self.record(Pending::Slots, start, now);
+        true
+    }
+
+    /// Send a redirected command here (after `ASKING` for an `ASK`). False when the
+    /// command link is not ready: the caller fails it.
+    fn resend(&mut self, pending: Pending, bytes: Vec<u8>, asking: bool, now: Instant) -> bool {
+        if self.command.phase != Phase::Ready {
+            return false;
+        }
+        if asking {
+            let start = self.command.output.len();
+            command(&mut self.command.output, &[b"ASKING"]);
+            self.record(Pending::Asking, start, now);
+        }
+        self.command.output.extend_from_slice(&bytes);
+        self.in_flight.push_back((pending, now));
+        self.sent.push_back(bytes);
+        true
     }
 
     /// PING on the subscription link: Redis answers after every message published before
@@ -975,10 +1192,12 @@ impl Redis {
         now: Instant,
         events: &mut Vec<Event>,
     ) {
-        let role = match token {
-            COMMAND_TOKEN => Role::Command,
-            SENTINEL_TOKEN => Role::Sentinel,
-            _ => Role::Subscription,
+        let role = if token == self.command.token {
+            Role::Command
+        } else if token == self.sentinel.token {
+            Role::Sentinel
+        } else {
+            Role::Subscription
         };
         if self.link(role).phase == Phase::Connecting {
             let link = self.link_mut(role);
@@ -1273,13 +1492,40 @@ impl Redis {
         debug!("redis: {} link ready", link.name());
         if role == Role::Subscription {
             let channel = self.probe.channel.clone();
-            command(
-                &mut self.link_mut(role).output,
-                &[b"SUBSCRIBE", channel.as_bytes()],
-            );
+            if !channel.is_empty() {
+                let verb = self.subscribe_verb();
+                command(&mut self.link_mut(role).output, &[verb, channel.as_bytes()]);
+            }
             events.push(Event::SubscriptionReady);
         }
         self.report(events, None);
+    }
+
+    /// A command that will not be answered: whoever waits for it hears `why`.
+    fn fail(&mut self, pending: Pending, why: &str, events: &mut Vec<Event>) {
+        let why = || why.to_string();
+        match pending {
+            Pending::Publish(Some(tag)) | Pending::Wait(Some(tag)) => {
+                events.push(Event::Published {
+                    tag,
+                    result: Err(why()),
+                })
+            }
+            Pending::Publish(None)
+            | Pending::Wait(None)
+            | Pending::Probe
+            | Pending::Presence
+            | Pending::Asking => {}
+            Pending::Slots => self.internal.push(Internal::Slots(Err(why()))),
+            Pending::PresenceRead(tag) => events.push(Event::PresenceRead {
+                tag,
+                result: Err(why()),
+            }),
+            Pending::Read(tag) => events.push(Event::Read {
+                tag,
+                result: Err(why()),
+            }),
+        }
     }
 
     /// Log and report a change of the combined state, once per change.
@@ -1342,28 +1588,10 @@ impl Redis {
         match role {
             Role::Command => {
                 self.staged = None;
-                for (pending, _) in self.in_flight.drain(..) {
-                    let why = || "redis unavailable".to_string();
-                    match pending {
-                        Pending::Publish(Some(tag)) | Pending::Wait(Some(tag)) => {
-                            events.push(Event::Published {
-                                tag,
-                                result: Err(why()),
-                            })
-                        }
-                        Pending::Publish(None)
-                        | Pending::Wait(None)
-                        | Pending::Probe
-                        | Pending::Presence => {}
-                        Pending::PresenceRead(tag) => events.push(Event::PresenceRead {
-                            tag,
-                            result: Err(why()),
-                        }),
-                        Pending::Read(tag) => events.push(Event::Read {
-                            tag,
-                            result: Err(why()),
-                        }),
-                    }
+                self.sent.clear();
+                let pending: Vec<Pending> = self.in_flight.drain(..).map(|(p, _)| p).collect();
+                for pending in pending {
+                    self.fail(pending, "redis unavailable", events);
                 }
             }
             Role::Subscription => {
@@ -1474,8 +1702,31 @@ impl Redis {
                 let Some((pending, _)) = self.in_flight.pop_front() else {
                     return Err(format!("reply {frame:?} to no command"));
                 };
+                let bytes = self.sent.pop_front().unwrap_or_default();
+                // A shard that does not serve the command's slot (any more, or not yet)
+                // says where to go: the `Redis` above sends it there.
+                if self.sharded
+                    && let OwnedFrame::Error(e) = &frame
+                    && let Some(redirect) = cluster::parse_redirect(e)
+                {
+                    self.internal.push(Internal::Redirect {
+                        redirect,
+                        pending,
+                        bytes,
+                    });
+                    return Ok(());
+                }
                 let tag = match pending {
-                    Pending::Probe => return Ok(()),
+                    Pending::Probe | Pending::Asking => return Ok(()),
+                    Pending::Slots => {
+                        let addr = self.master.clone().unwrap_or_default();
+                        let slots = match &frame {
+                            OwnedFrame::Error(e) => Err(e.to_string()),
+                            other => cluster::parse_slots(other, &addr),
+                        };
+                        self.internal.push(Internal::Slots(slots));
+                        return Ok(());
+                    }
                     Pending::Wait(tag) => {
                         let Some(staged) = self.staged.take() else {
                             return Err(format!("WAIT reply {frame:?} with no publish"));
@@ -1555,32 +1806,72 @@ impl Redis {
 
     /// Frames on the subscription link: messages, (un)subscribe confirmations, pongs.
     fn on_push(&mut self, frame: OwnedFrame, events: &mut Vec<Event>) -> Result<(), String> {
-        let OwnedFrame::Array(items) = frame else {
-            return Err(format!(
-                "unexpected frame on the subscription link: {frame:?}"
-            ));
+        let items = match frame {
+            OwnedFrame::Array(items) => items,
+            // A shard refusing an SSUBSCRIBE for a slot it does not serve.
+            OwnedFrame::Error(e)
+                if self.sharded
+                    && matches!(cluster::parse_redirect(&e), Some(Redirect::Moved { .. })) =>
+            {
+                self.internal.push(Internal::Unrouted(None));
+                return Ok(());
+            }
+            // Sharded subscriptions alone may leave PING its plain reply.
+            OwnedFrame::SimpleString(s) if self.sharded && s == b"PONG" && self.pings > 0 => {
+                self.pings -= 1;
+                events.push(Event::Pong);
+                return Ok(());
+            }
+            other => {
+                return Err(format!(
+                    "unexpected frame on the subscription link: {other:?}"
+                ));
+            }
         };
         let kind = match items.first() {
-            Some(OwnedFrame::BulkString(k)) => k.as_slice(),
+            Some(OwnedFrame::BulkString(k)) => match k.as_slice() {
+                b"smessage" if self.sharded => b"message".as_slice(),
+                b"ssubscribe" if self.sharded => b"subscribe",
+                b"sunsubscribe" if self.sharded => b"unsubscribe",
+                b"message" | b"subscribe" | b"unsubscribe" if self.sharded => {
+                    return Err(format!("unsharded {items:?} on a shard"));
+                }
+                k => k,
+            },
             _ => {
                 return Err(format!(
                     "unexpected frame on the subscription link: {items:?}"
                 ));
             }
         };
+        let sharded = self.sharded;
         let channel_topic = |i: usize| -> Result<String, String> {
             let Some(OwnedFrame::BulkString(ch)) = items.get(i) else {
                 return Err("channel missing".into());
             };
             let ch = std::str::from_utf8(ch).map_err(|_| "channel is not UTF-8".to_string())?;
-            ch.strip_prefix(self.cfg.prefix.as_str())
+            let topic = ch
+                .strip_prefix(self.cfg.prefix.as_str())
+                .ok_or_else(|| format!("channel {ch:?} lacks our prefix"))?;
+            if !sharded {
+                return Ok(topic.to_string());
+            }
+            topic
+                .strip_prefix('{')
+                .and_then(|t| t.strip_suffix('}'))
                 .map(str::to_string)
-                .ok_or_else(|| format!("channel {ch:?} lacks our prefix"))
+                .ok_or_else(|| format!("channel {ch:?} is not a topic's shard channel"))
         };
         let is_probe = matches!(items.get(1), Some(OwnedFrame::BulkString(ch)) if *ch == self.probe.channel.as_bytes());
         if is_probe {
             if kind == b"subscribe" {
                 self.probe.subscribed = true;
+            }
+            // The probe's slot moved: the map is stale.
+            if kind == b"unsubscribe" && sharded {
+                self.probe.subscribed = false;
+                self.probe.sent = None;
+                self.internal.push(Internal::Unrouted(None));
             }
             if kind == b"message"
                 && let Some(OwnedFrame::BulkString(seq)) = items.get(2)
@@ -1621,7 +1912,16 @@ impl Redis {
                 self.confirmed.insert(topic.clone());
                 events.push(Event::Confirmed { topic });
             }
-            b"unsubscribe" => {}
+            // Ours (an unsubscribe removed it from `confirmed` first), or a shard ending
+            // a subscription whose slot it no longer serves.
+            b"unsubscribe" => {
+                if sharded
+                    && let Ok(topic) = channel_topic(1)
+                    && self.confirmed.remove(&topic)
+                {
+                    self.internal.push(Internal::Unrouted(Some(topic)));
+                }
+            }
             b"pong" if self.pings > 0 => {
                 self.pings -= 1;
                 events.push(Event::Pong);
@@ -1633,6 +1933,554 @@ impl Redis {
             }
         }
         Ok(())
+    }
+}
+
+/// How soon a command answered `TRYAGAIN` (its keys split by a slot migration) goes again,
+/// and how many times before it fails.
+const TRYAGAIN_DELAY: Duration = Duration::from_millis(20);
+const TRYAGAIN_MAX: u32 = 250;
+/// The slot map is asked for again at most this often (after a redirection, a moved
+/// subscription, or a failed ask).
+const SLOTS_REFRESH_MIN: Duration = Duration::from_millis(100);
+/// `owner` of a slot no known master serves.
+const NO_OWNER: u8 = u8::MAX;
+
+/// Redis as the pipeline sees it: one node (`--redis`, `--redis-sentinel`), or every
+/// master of a Cluster (`--redis-cluster`), each topic routed to the master of its slot,
+/// with sharded pub/sub so a topic's messages stay within its shard.
+pub struct Redis {
+    nodes: Vec<Node>,
+    cluster: Option<Cluster>,
+}
+
+/// The Cluster's routing state.
+struct Cluster {
+    seeds: Vec<String>,
+    seed_at: usize,
+    /// Per slot, the index in `nodes` of its master (`NO_OWNER` until the map says).
+    owner: Vec<u8>,
+    known: bool,
+    /// A `CLUSTER SLOTS` is out; `stale`: one should be.
+    asking: bool,
+    stale: bool,
+    asked_at: Option<Instant>,
+    /// Every topic subscribed here, to route again when slots move.
+    topics: HashSet<String>,
+    /// Topics whose subscription a shard ended or refused: subscribed again where the
+    /// next map says.
+    unrouted: HashSet<String>,
+    /// Commands answered `TRYAGAIN`: (when, slot, what, bytes, attempts).
+    retries: VecDeque<(Instant, u16, Pending, Vec<u8>, u32)>,
+    /// Every master serving slots is up, as last reported.
+    up: bool,
+    /// Pongs still due for `ping_subscription` (one per shard).
+    pongs: usize,
+}
+
+impl Redis {
+    pub fn new(cfg: RedisConfig, now: Instant) -> Redis {
+        let Some(seeds) = cfg.cluster.clone() else {
+            return Redis {
+                nodes: vec![Node::new(cfg, now, 0, None)],
+                cluster: None,
+            };
+        };
+        info!(
+            "redis: Cluster through {} (channel prefix {:?}; sharded pub/sub)",
+            seeds.join(","),
+            cfg.prefix
+        );
+        let first = seeds.first().cloned().unwrap_or_default();
+        Redis {
+            nodes: vec![Node::new(cfg, now, 0, Some(first))],
+            cluster: Some(Cluster {
+                seeds,
+                seed_at: 0,
+                owner: vec![NO_OWNER; cluster::SLOTS],
+                known: false,
+                asking: false,
+                stale: true,
+                asked_at: None,
+                topics: HashSet::new(),
+                unrouted: HashSet::new(),
+                retries: VecDeque::new(),
+                up: false,
+                pongs: 0,
+            }),
+        }
+    }
+
+    fn node0(&self) -> &Node {
+        &self.nodes[0]
+    }
+
+    /// The node `topic` goes to: the one, or its slot's master (`None`: not known yet).
+    fn route(&self, topic: &str) -> Option<usize> {
+        match &self.cluster {
+            None => Some(0),
+            Some(c) => {
+                let owner = c.owner[usize::from(cluster::topic_slot(topic))];
+                (owner != NO_OWNER).then_some(usize::from(owner))
+            }
+        }
+    }
+
+    fn routed(&mut self, topic: &str) -> Option<&mut Node> {
+        let i = self.route(topic)?;
+        self.nodes.get_mut(i)
+    }
+
+    pub fn instance(&self) -> &str {
+        self.node0().instance()
+    }
+
+    pub fn is_up(&self) -> bool {
+        match &self.cluster {
+            None => self.node0().is_up(),
+            Some(c) => c.up,
+        }
+    }
+
+    pub fn settled(&self) -> bool {
+        self.is_up() || self.nodes.iter().any(Node::settled)
+    }
+
+    pub fn is_confirmed(&self, topic: &str) -> bool {
+        self.route(topic)
+            .and_then(|i| self.nodes.get(i))
+            .is_some_and(|n| n.is_confirmed(topic))
+    }
+
+    pub fn confirmed_count(&self) -> usize {
+        self.nodes.iter().map(Node::confirmed_count).sum()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.nodes.iter().map(Node::in_flight).sum()
+    }
+
+    /// The links' counters, summed over shards.
+    pub fn counters(&self) -> RedisCounters {
+        let mut sum = RedisCounters::default();
+        for n in &self.nodes {
+            sum.reconnects += n.counters.reconnects;
+            sum.errors += n.counters.errors;
+            sum.failovers += n.counters.failovers;
+            sum.unreplicated += n.counters.unreplicated;
+        }
+        sum
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let nodes = self.nodes.iter().filter_map(Node::next_deadline);
+        let cluster = self.cluster.as_ref().and_then(|c| {
+            let retry = c.retries.front().map(|r| r.0);
+            let refresh = (c.stale && !c.asking).then(|| {
+                c.asked_at
+                    .map_or(Instant::now(), |at| at + SLOTS_REFRESH_MIN)
+            });
+            retry.into_iter().chain(refresh).min()
+        });
+        nodes.chain(cluster).min()
+    }
+
+    pub fn tick(&mut self, now: Instant, registry: &Registry, events: &mut Vec<Event>) {
+        for i in 0..self.nodes.len() {
+            let mut own = Vec::new();
+            self.nodes[i].tick(now, registry, &mut own);
+            self.absorb(i, own, now, events);
+        }
+        self.tick_cluster(now, events);
+    }
+
+    pub fn delivery_ok(&self) -> Option<bool> {
+        let verdicts: Vec<Option<bool>> = self.nodes.iter().map(Node::delivery_ok).collect();
+        if verdicts.contains(&Some(false)) {
+            Some(false)
+        } else if verdicts.iter().all(|v| *v == Some(true)) {
+            Some(true)
+        } else {
+            None
+        }
+    }
+
+    pub fn delivery_broken(&self) -> bool {
+        self.nodes.iter().any(Node::delivery_broken)
+    }
+
+    pub fn publish(&mut self, topic: &str, data: &str, tag: Option<u64>, now: Instant) -> bool {
+        self.routed(topic)
+            .is_some_and(|n| n.publish(topic, data, tag, now))
+    }
+
+    pub fn read_history(
+        &mut self,
+        topic: &str,
+        since: Option<u64>,
+        client_epoch: Option<&str>,
+        tag: u64,
+        now: Instant,
+    ) -> bool {
+        self.routed(topic)
+            .is_some_and(|n| n.read_history(topic, since, client_epoch, tag, now))
+    }
+
+    pub fn presence_change(&mut self, topic: &str, member: &str, delta: i8, now: Instant) -> bool {
+        self.routed(topic)
+            .is_some_and(|n| n.presence_change(topic, member, delta, now))
+    }
+
+    pub fn presence_beat(&mut self, topic: &str, now: Instant) -> bool {
+        self.routed(topic)
+            .is_some_and(|n| n.presence_beat(topic, now))
+    }
+
+    pub fn presence_sync<'a>(
+        &mut self,
+        topic: &str,
+        members: impl Iterator<Item = (&'a str, u32)>,
+        now: Instant,
+    ) -> bool {
+        self.routed(topic)
+            .is_some_and(|n| n.presence_sync(topic, members, now))
+    }
+
+    pub fn presence_read(&mut self, topic: &str, tag: u64, now: Instant) -> bool {
+        self.routed(topic)
+            .is_some_and(|n| n.presence_read(topic, tag, now))
+    }
+
+    pub fn subscribe(&mut self, topic: &str) {
+        if let Some(c) = self.cluster.as_mut() {
+            c.topics.insert(topic.to_string());
+        }
+        if let Some(n) = self.routed(topic) {
+            n.subscribe(topic);
+        }
+    }
+
+    pub fn unsubscribe(&mut self, topic: &str) {
+        if let Some(c) = self.cluster.as_mut() {
+            c.topics.remove(topic);
+            c.unrouted.remove(topic);
+        }
+        if let Some(n) = self.routed(topic) {
+            n.unsubscribe(topic);
+        }
+    }
+
+    /// After `Event::SubscriptionReady`. A Cluster's shards are subscribed again by
+    /// `absorb`, each to its own topics, and report no such event.
+    pub fn resubscribe<'a>(&mut self, topics: impl Iterator<Item = &'a str>) {
+        if self.cluster.is_none() {
+            self.nodes[0].resubscribe(topics);
+        }
+    }
+
+    /// PING every shard's subscription link: one `Event::Pong` once all have answered.
+    pub fn ping_subscription(&mut self) -> bool {
+        let Some(c) = self.cluster.as_mut() else {
+            return self.nodes[0].ping_subscription();
+        };
+        let serving: HashSet<u8> = c.owner.iter().copied().filter(|&o| o != NO_OWNER).collect();
+        let mut pinged = 0;
+        for i in serving {
+            if let Some(n) = self.nodes.get_mut(usize::from(i)) {
+                if !n.ping_subscription() {
+                    return false;
+                }
+                pinged += 1;
+            }
+        }
+        if let Some(c) = self.cluster.as_mut() {
+            c.pongs += pinged;
+        }
+        pinged > 0
+    }
+
+    pub fn on_ready(
+        &mut self,
+        token: Token,
+        registry: &Registry,
+        now: Instant,
+        events: &mut Vec<Event>,
+    ) {
+        let Some(i) = self.nodes.iter().position(|n| n.owns(token)) else {
+            return;
+        };
+        let mut own = Vec::new();
+        self.nodes[i].on_ready(token, registry, now, &mut own);
+        self.absorb(i, own, now, events);
+        self.tick_cluster(now, events);
+    }
+
+    pub fn flush(&mut self, registry: &Registry, now: Instant, events: &mut Vec<Event>) {
+        for i in 0..self.nodes.len() {
+            let mut own = Vec::new();
+            self.nodes[i].flush(registry, now, &mut own);
+            self.absorb(i, own, now, events);
+        }
+    }
+
+    /// Node `i`'s events: passed on as they are for one node; for a Cluster, what is the
+    /// whole's (up, down, the drain's pong) is decided here, and the shard's own
+    /// requests (redirections, slot maps) are carried out.
+    fn absorb(&mut self, i: usize, own: Vec<Event>, now: Instant, events: &mut Vec<Event>) {
+        if self.cluster.is_none() {
+            events.extend(own);
+            return;
+        }
+        for event in own {
+            match event {
+                Event::Up | Event::Down => {}
+                Event::SubscriptionReady => self.shard_subscription_ready(i),
+                Event::Pong => {
+                    if let Some(c) = self.cluster.as_mut() {
+                        c.pongs = c.pongs.saturating_sub(1);
+                        if c.pongs == 0 {
+                            events.push(Event::Pong);
+                        }
+                    }
+                }
+                other => events.push(other),
+            }
+        }
+        let internal = std::mem::take(&mut self.nodes[i].internal);
+        for request in internal {
+            self.carry_out(i, request, now, events);
+        }
+        self.report_cluster(events);
+    }
+
+    /// Shard `i`'s subscription link is (again) ready: its probe, and its topics.
+    fn shard_subscription_ready(&mut self, i: usize) {
+        let Some(c) = self.cluster.as_ref() else {
+            return;
+        };
+        let topics: Vec<String> = c
+            .topics
+            .iter()
+            .filter(|t| usize::from(c.owner[usize::from(cluster::topic_slot(t))]) == i)
+            .cloned()
+            .collect();
+        let tag = c
+            .known
+            .then(|| cluster::probe_tag(|s| usize::from(c.owner[usize::from(s)]) == i))
+            .flatten();
+        let node = &mut self.nodes[i];
+        if let Some(tag) = tag {
+            node.set_probe(&tag, std::process::id());
+        }
+        node.resubscribe(topics.iter().map(String::as_str));
+    }
+
+    fn carry_out(&mut self, i: usize, request: Internal, now: Instant, events: &mut Vec<Event>) {
+        match request {
+            Internal::Redirect {
+                redirect,
+                pending,
+                bytes,
+            } => {
+                let (slot, addr, asking) = match redirect {
+                    Redirect::Moved { slot, addr } => (slot, addr, false),
+                    Redirect::Ask { slot, addr } => (slot, addr, true),
+                    Redirect::TryAgain => {
+                        if let Some(c) = self.cluster.as_mut() {
+                            // The slot is the one the command was routed by: any node's
+                            // map entry for it is where it goes again.
+                            let slot = c
+                                .owner
+                                .iter()
+                                .position(|&o| usize::from(o) == i)
+                                .unwrap_or(0) as u16;
+                            c.retries
+                                .push_back((now + TRYAGAIN_DELAY, slot, pending, bytes, 1));
+                        }
+                        return;
+                    }
+                };
+                let Some(j) = self.node_at(&addr, now) else {
+                    self.nodes[i].fail(pending, "redis cluster: too many masters", events);
+                    return;
+                };
+                if let Some(c) = self.cluster.as_mut()
+                    && !asking
+                {
+                    c.owner[usize::from(slot)] = j as u8;
+                    c.stale = true;
+                }
+                if !self.nodes[j].resend(pending, bytes, asking, now) {
+                    self.nodes[j].fail(pending, "redis unavailable", events);
+                }
+            }
+            Internal::Slots(Ok(ranges)) => self.apply_slots(ranges, now),
+            Internal::Slots(Err(why)) => {
+                warn!(
+                    "redis: no slot map from {}: {why}",
+                    self.nodes[i].addr_name()
+                );
+                if let Some(c) = self.cluster.as_mut() {
+                    c.asking = false;
+                    c.stale = true;
+                }
+            }
+            Internal::Unrouted(topic) => {
+                if let Some(c) = self.cluster.as_mut() {
+                    c.stale = true;
+                    match topic {
+                        Some(t) => {
+                            c.unrouted.insert(t);
+                        }
+                        None => c.unrouted.extend(c.topics.iter().cloned()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The index of the node for the master at `addr`, started if new.
+    fn node_at(&mut self, addr: &str, now: Instant) -> Option<usize> {
+        if let Some(i) = self
+            .nodes
+            .iter()
+            .position(|n| n.master.as_deref() == Some(addr))
+        {
+            return Some(i);
+        }
+        if self.nodes.len() >= MAX_SHARDS {
+            warn!("redis: more than {MAX_SHARDS} Cluster masters; {addr} is not used");
+            return None;
+        }
+        let cfg = self.nodes[0].cfg.clone();
+        let i = self.nodes.len();
+        self.nodes
+            .push(Node::new(cfg, now, i, Some(addr.to_string())));
+        Some(i)
+    }
+
+    /// A new slot map: topics whose slot moved (or whose subscription a shard ended)
+    /// subscribe where it says now, and each shard probes a slot of its own.
+    fn apply_slots(&mut self, ranges: Vec<Range>, now: Instant) {
+        let mut owner = vec![NO_OWNER; cluster::SLOTS];
+        for r in &ranges {
+            let Some(j) = self.node_at(&r.addr, now) else {
+                continue;
+            };
+            for slot in r.start..=r.end {
+                owner[usize::from(slot)] = j as u8;
+            }
+        }
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        let old = std::mem::replace(&mut c.owner, owner);
+        c.known = true;
+        c.asking = false;
+        c.stale = false;
+        let mut moved: Vec<(String, u8, u8)> = Vec::new();
+        for t in &c.topics {
+            let slot = usize::from(cluster::topic_slot(t));
+            if old[slot] != c.owner[slot] || c.unrouted.contains(t) {
+                moved.push((t.clone(), old[slot], c.owner[slot]));
+            }
+        }
+        c.unrouted.clear();
+        let serving: HashSet<u8> = c.owner.iter().copied().filter(|&o| o != NO_OWNER).collect();
+        debug!(
+            "redis: slot map of {} ranges over {} masters",
+            ranges.len(),
+            serving.len()
+        );
+        for (topic, from, to) in moved {
+            if from != to
+                && let Some(n) = self.nodes.get_mut(usize::from(from))
+            {
+                n.unsubscribe(&topic);
+            }
+            if let Some(n) = self.nodes.get_mut(usize::from(to)) {
+                n.subscribe(&topic);
+            }
+        }
+        for i in serving {
+            let i = usize::from(i);
+            let Some(c) = self.cluster.as_ref() else {
+                return;
+            };
+            if let Some(tag) = cluster::probe_tag(|s| usize::from(c.owner[usize::from(s)]) == i) {
+                self.nodes[i].set_probe(&tag, std::process::id());
+            }
+        }
+    }
+
+    /// Ask for the slot map when it is stale; send again what `TRYAGAIN` held back; move
+    /// the first node to the next seed while no map is known and it cannot connect.
+    fn tick_cluster(&mut self, now: Instant, events: &mut Vec<Event>) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        if !c.known && self.nodes[0].command_failed() && c.seeds.len() > 1 {
+            c.seed_at = (c.seed_at + 1) % c.seeds.len();
+            self.nodes[0].master = Some(c.seeds[c.seed_at].clone());
+        }
+        let due = c.stale
+            && !c.asking
+            && c.asked_at
+                .is_none_or(|at| now.duration_since(at) >= SLOTS_REFRESH_MIN);
+        if due
+            && let Some(n) = self
+                .nodes
+                .iter_mut()
+                .find(|n| n.command.phase == Phase::Ready)
+            && n.ask_slots(now)
+        {
+            c.asking = true;
+            c.asked_at = Some(now);
+        }
+        while let Some(c) = self.cluster.as_mut()
+            && c.retries.front().is_some_and(|r| r.0 <= now)
+        {
+            let Some((_, slot, pending, bytes, attempts)) = c.retries.pop_front() else {
+                break;
+            };
+            let owner = c.owner[usize::from(slot)];
+            let node = (owner != NO_OWNER).then(|| usize::from(owner));
+            match node {
+                Some(j) if attempts < TRYAGAIN_MAX => {
+                    if !self.nodes[j].resend(pending, bytes.clone(), false, now) {
+                        self.nodes[j].fail(pending, "redis unavailable", events);
+                    }
+                }
+                _ => self.nodes[0].fail(pending, "redis cluster: slot migration", events),
+            }
+        }
+        self.report_cluster(events);
+    }
+
+    /// Up once the map is known and every master serving slots is up; one event per
+    /// change.
+    fn report_cluster(&mut self, events: &mut Vec<Event>) {
+        let Some(c) = self.cluster.as_ref() else {
+            return;
+        };
+        let serving: HashSet<u8> = c.owner.iter().copied().filter(|&o| o != NO_OWNER).collect();
+        let up = c.known
+            && !serving.is_empty()
+            && serving
+                .iter()
+                .all(|&i| self.nodes.get(usize::from(i)).is_some_and(Node::is_up));
+        if let Some(c) = self.cluster.as_mut()
+            && c.up != up
+        {
+            c.up = up;
+            if up {
+                info!("redis: Cluster up ({} masters)", serving.len());
+                events.push(Event::Up);
+            } else {
+                warn!("redis: Cluster down (a master is unreachable); /publish answers 503");
+                events.push(Event::Down);
+            }
+        }
     }
 }
 
@@ -1885,9 +2733,9 @@ mod tests {
         assert!(parse_payload(&[0xff, b' ', b'1']).is_err());
     }
 
-    fn redis() -> Redis {
+    fn redis() -> Node {
         let cfg = parse_url("redis://127.0.0.1:1", "h:").unwrap();
-        Redis::new(cfg, Instant::now())
+        Node::new(cfg, Instant::now(), 0, None)
     }
 
     #[test]
@@ -2050,10 +2898,10 @@ mod tests {
         assert!(host_port(b"", b"1").is_err());
     }
 
-    fn sentinel_redis() -> Redis {
+    fn sentinel_redis() -> Node {
         let mut cfg = parse_url("redis://sentinel", "h:").unwrap();
         cfg.sentinel = sentinel_config(Some("127.0.0.1:1"), Some("m")).unwrap();
-        Redis::new(cfg, Instant::now())
+        Node::new(cfg, Instant::now(), 0, None)
     }
 
     #[test]

@@ -374,7 +374,7 @@ impl Server {
                 AGENT => self.answer_agents(now),
                 // Seen through `signalled` already; this only empties the pipe.
                 SIGNALS => self.on_signals(now),
-                redis::COMMAND_TOKEN | redis::SUBSCRIPTION_TOKEN | redis::SENTINEL_TOKEN => {
+                t if redis::owns(t) => {
                     if let Some(r) = self.pubsub.redis_mut() {
                         r.on_ready(token, self.poll.registry(), now, &mut self.redis_events);
                     }

@@ -34,6 +34,7 @@ const PURE: &[&str] = &[
     "pubsub::history",
     "pubsub::presence",
     "pubsub::redis",
+    "pubsub::cluster",
     "topic",
     "auth",
     "close",

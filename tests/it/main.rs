@@ -2,6 +2,7 @@
 
 mod agent;
 mod auth;
+mod cluster;
 mod compression;
 mod deploy;
 mod drain;

@@ -20,9 +20,9 @@ use crate::util::{Herald, HttpConn, eventually, free_ports, require};
 const MASTER: &str = "herald-master";
 
 /// A redis-server or redis-sentinel this test started, killed (by PID) when dropped.
-struct Node {
+pub(crate) struct Node {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Drop for Node {
@@ -32,14 +32,14 @@ impl Drop for Node {
     }
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
+pub(crate) fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("herald-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
 }
 
-fn redis_node(port: u16, dir: &Path, extra: &[&str]) -> Node {
+pub(crate) fn redis_node(port: u16, dir: &Path, extra: &[&str]) -> Node {
     require("redis-server", "redis-server");
     std::fs::create_dir_all(dir).expect("node dir");
     let port_s = port.to_string();
@@ -104,7 +104,7 @@ fn sentinel_node(port: u16, dir: &Path, master_port: u16) -> Node {
 }
 
 /// `redis-cli -p PORT ARGS...` (within 5 s), its output trimmed ("" if it could not run).
-fn cli(port: u16, args: &[&str]) -> String {
+pub(crate) fn cli(port: u16, args: &[&str]) -> String {
     require("redis-cli", "redis-tools");
     // redis-cli has no timeout of its own: `timeout` bounds each call.
     Command::new("timeout")
@@ -130,18 +130,21 @@ fn sentinel_field(port: u16, field: &str) -> Option<String> {
 /// What one subscriber saw: every message's data and when it came, the epochs it was
 /// told, and the resumes answered `recovered:false`.
 #[derive(Default)]
-struct Seen {
-    data: HashSet<u64>,
-    arrivals: Vec<Instant>,
-    epochs: Vec<String>,
-    not_recovered: usize,
-    connects: usize,
+pub(crate) struct Seen {
+    pub(crate) data: HashSet<u64>,
+    /// Every message's id, in arrival order.
+    pub(crate) ids: Vec<u64>,
+    pub(crate) arrivals: Vec<Instant>,
+    pub(crate) epochs: Vec<String>,
+    pub(crate) not_recovered: usize,
+    pub(crate) connects: usize,
 }
 
 /// A subscriber that reconnects and resumes from its last position whenever herald
 /// ends its connection, as herald.js does, until `stop`.
-fn subscriber(
+pub(crate) fn subscriber(
     herald_addr: std::net::SocketAddr,
+    topic: &'static str,
     stop: Arc<AtomicBool>,
 ) -> (Arc<Mutex<Seen>>, JoinHandle<()>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -153,8 +156,8 @@ fn subscriber(
                 return;
             }
             let path = match &position {
-                Some((id, epoch)) => format!("/ws?resume=t~{id}~{epoch}"),
-                None => "/ws?topics=t".to_string(),
+                Some((id, epoch)) => format!("/ws?resume={topic}~{id}~{epoch}"),
+                None => format!("/ws?topics={topic}"),
             };
             let Ok(stream) = std::net::TcpStream::connect(herald_addr) else {
                 std::thread::sleep(Duration::from_millis(100));
@@ -203,6 +206,7 @@ fn subscriber(
                     Some("message") => {
                         if let (Some(id), Some(data)) = (m["id"].as_u64(), m["data"].as_u64()) {
                             s.data.insert(data);
+                            s.ids.push(id);
                             s.arrivals.push(Instant::now());
                             if let Some(p) = position.as_mut() {
                                 p.0 = id;
@@ -222,15 +226,16 @@ fn subscriber(
 
 /// What the publisher saw: each acknowledged publish's data and when, and the 503s.
 #[derive(Default)]
-struct Published {
-    acked: Vec<(u64, Instant)>,
-    unavailable: usize,
-    other: Vec<String>,
+pub(crate) struct Published {
+    pub(crate) acked: Vec<(u64, Instant)>,
+    pub(crate) unavailable: usize,
+    pub(crate) other: Vec<String>,
 }
 
 /// POST /publish data=1, 2, ... every 20 ms until `stop`, reconnecting when needed.
-fn publisher(
+pub(crate) fn publisher(
     addr: std::net::SocketAddr,
+    topic: &'static str,
     stop: Arc<AtomicBool>,
 ) -> (Arc<Mutex<Published>>, JoinHandle<()>) {
     let seen = Arc::new(Mutex::new(Published::default()));
@@ -242,7 +247,7 @@ fn publisher(
                 return;
             }
             let c = conn.get_or_insert_with(|| HttpConn::connect(addr));
-            let body = format!(r#"{{"topic":"t","data":{i}}}"#);
+            let body = format!(r#"{{"topic":"{topic}","data":{i}}}"#);
             let raw = format!(
                 "POST /publish HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
@@ -369,7 +374,7 @@ fn failover(wait: bool) {
     let stop = Arc::new(AtomicBool::new(false));
     let subs: Vec<_> = heralds
         .iter()
-        .map(|h| subscriber(h.addr, stop.clone()))
+        .map(|h| subscriber(h.addr, "t", stop.clone()))
         .collect();
     assert!(
         eventually(Duration::from_secs(20), || cli(
@@ -379,7 +384,7 @@ fn failover(wait: bool) {
         .ends_with("\n2")),
         "both heralds subscribe on the master"
     );
-    let (published, pub_thread) = publisher(heralds[0].addr, stop.clone());
+    let (published, pub_thread) = publisher(heralds[0].addr, "t", stop.clone());
     assert!(
         eventually(Duration::from_secs(20), || subs.iter().all(|(s, _)| s
             .lock()

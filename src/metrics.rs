@@ -53,6 +53,8 @@ pub struct RedisGauges {
     /// With Sentinel: masters followed, and publishes WAIT found under-replicated.
     pub failovers: u64,
     pub unreplicated: u64,
+    /// With Cluster: commands sent again where a redirection said.
+    pub redirects: u64,
 }
 
 /// What history holds and what it let go, read at scrape time.
@@ -250,6 +252,12 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
             "counter",
             "Publishes answered 503 because fewer than --redis-wait-replicas replicas had them in time.",
             r.unreplicated,
+        );
+        o.metric(
+            "herald_redis_redirects_total",
+            "counter",
+            "With --redis-cluster: commands sent again after MOVED, ASK or TRYAGAIN.",
+            r.redirects,
         );
         o.metric(
             "herald_redis_messages_total",

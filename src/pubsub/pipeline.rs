@@ -1011,6 +1011,7 @@ impl PubSub {
             errors: r.counters().errors,
             failovers: r.counters().failovers,
             unreplicated: r.counters().unreplicated,
+            redirects: r.counters().redirects,
         })
     }
 }

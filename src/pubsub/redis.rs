@@ -23,7 +23,7 @@
 //! publishes fail (the server answers 503), and the server subscribes again to every topic
 //! it still has. A malformed or unexpected reply resets the link it came on.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
@@ -536,6 +536,8 @@ pub struct RedisCounters {
     pub failovers: u64,
     /// Publishes answered 503 because WAIT found fewer replicas than required.
     pub unreplicated: u64,
+    /// Cluster: commands sent again after `MOVED`, `ASK` or `TRYAGAIN`.
+    pub redirects: u64,
 }
 
 /// A message herald sends itself through Redis, to prove delivery works end to end.
@@ -1940,6 +1942,7 @@ impl Node {
 /// and how many times before it fails.
 const TRYAGAIN_DELAY: Duration = Duration::from_millis(20);
 const TRYAGAIN_MAX: u32 = 250;
+const TRYAGAIN_MEMORY: Duration = Duration::from_secs(10);
 /// The slot map is asked for again at most this often (after a redirection, a moved
 /// subscription, or a failed ask).
 const SLOTS_REFRESH_MIN: Duration = Duration::from_millis(100);
@@ -1970,8 +1973,13 @@ struct Cluster {
     /// Topics whose subscription a shard ended or refused: subscribed again where the
     /// next map says.
     unrouted: HashSet<String>,
-    /// Commands answered `TRYAGAIN`: (when, slot, what, bytes, attempts).
-    retries: VecDeque<(Instant, u16, Pending, Vec<u8>, u32)>,
+    /// Commands answered `TRYAGAIN`, to send again to the same node: (when, node, what,
+    /// bytes).
+    retries: VecDeque<(Instant, usize, Pending, Vec<u8>)>,
+    /// How often each of those commands (by its bytes: a publish's carry a fresh epoch
+    /// candidate, so they are unique) met `TRYAGAIN`, and when first; forgotten after
+    /// `TRYAGAIN_MEMORY`.
+    tries: HashMap<Vec<u8>, (u32, Instant)>,
     /// Every master serving slots is up, as last reported.
     up: bool,
     /// Pongs still due for `ping_subscription` (one per shard).
@@ -2005,6 +2013,7 @@ impl Redis {
                 topics: HashSet::new(),
                 unrouted: HashSet::new(),
                 retries: VecDeque::new(),
+                tries: HashMap::new(),
                 up: false,
                 pongs: 0,
             }),
@@ -2068,6 +2077,7 @@ impl Redis {
             sum.errors += n.counters.errors;
             sum.failovers += n.counters.failovers;
             sum.unreplicated += n.counters.unreplicated;
+            sum.redirects += n.counters.redirects;
         }
         sum
     }
@@ -2183,20 +2193,31 @@ impl Redis {
         let Some(c) = self.cluster.as_mut() else {
             return self.nodes[0].ping_subscription();
         };
-        let serving: HashSet<u8> = c.owner.iter().copied().filter(|&o| o != NO_OWNER).collect();
-        let mut pinged = 0;
-        for i in serving {
-            if let Some(n) = self.nodes.get_mut(usize::from(i)) {
-                if !n.ping_subscription() {
-                    return false;
-                }
-                pinged += 1;
-            }
+        let serving: Vec<usize> = c
+            .owner
+            .iter()
+            .copied()
+            .filter(|&o| o != NO_OWNER)
+            .collect::<HashSet<u8>>()
+            .into_iter()
+            .map(usize::from)
+            .collect();
+        // All or none: a pong counted for a ping not sent would end the wait early.
+        let ready = |i: &usize| {
+            self.nodes
+                .get(*i)
+                .is_some_and(|n| n.subscription.phase == Phase::Ready)
+        };
+        if serving.is_empty() || !serving.iter().all(ready) {
+            return false;
+        }
+        for &i in &serving {
+            self.nodes[i].ping_subscription();
         }
         if let Some(c) = self.cluster.as_mut() {
-            c.pongs += pinged;
+            c.pongs += serving.len();
         }
-        pinged > 0
+        true
     }
 
     pub fn on_ready(
@@ -2233,7 +2254,13 @@ impl Redis {
         }
         for event in own {
             match event {
-                Event::Up | Event::Down => {}
+                Event::Up => {}
+                // A master lost: maybe failed over to a replica. The map will say.
+                Event::Down => {
+                    if let Some(c) = self.cluster.as_mut() {
+                        c.stale = true;
+                    }
+                }
                 Event::SubscriptionReady => self.shard_subscription_ready(i),
                 Event::Pong => {
                     if let Some(c) = self.cluster.as_mut() {
@@ -2282,20 +2309,22 @@ impl Redis {
                 pending,
                 bytes,
             } => {
+                self.nodes[i].counters.redirects += 1;
+                debug!("redis: {} answered {redirect:?}", self.nodes[i].addr_name());
                 let (slot, addr, asking) = match redirect {
                     Redirect::Moved { slot, addr } => (slot, addr, false),
                     Redirect::Ask { slot, addr } => (slot, addr, true),
                     Redirect::TryAgain => {
-                        if let Some(c) = self.cluster.as_mut() {
-                            // The slot is the one the command was routed by: any node's
-                            // map entry for it is where it goes again.
-                            let slot = c
-                                .owner
-                                .iter()
-                                .position(|&o| usize::from(o) == i)
-                                .unwrap_or(0) as u16;
+                        let Some(c) = self.cluster.as_mut() else {
+                            return;
+                        };
+                        let tries = c.tries.entry(bytes.clone()).or_insert((0, now));
+                        tries.0 += 1;
+                        if tries.0 > TRYAGAIN_MAX {
+                            self.nodes[i].fail(pending, "redis cluster: slot migration", events);
+                        } else {
                             c.retries
-                                .push_back((now + TRYAGAIN_DELAY, slot, pending, bytes, 1));
+                                .push_back((now + TRYAGAIN_DELAY, i, pending, bytes));
                         }
                         return;
                     }
@@ -2440,19 +2469,16 @@ impl Redis {
         while let Some(c) = self.cluster.as_mut()
             && c.retries.front().is_some_and(|r| r.0 <= now)
         {
-            let Some((_, slot, pending, bytes, attempts)) = c.retries.pop_front() else {
+            let Some((_, j, pending, bytes)) = c.retries.pop_front() else {
                 break;
             };
-            let owner = c.owner[usize::from(slot)];
-            let node = (owner != NO_OWNER).then(|| usize::from(owner));
-            match node {
-                Some(j) if attempts < TRYAGAIN_MAX => {
-                    if !self.nodes[j].resend(pending, bytes.clone(), false, now) {
-                        self.nodes[j].fail(pending, "redis unavailable", events);
-                    }
-                }
-                _ => self.nodes[0].fail(pending, "redis cluster: slot migration", events),
+            if !self.nodes[j].resend(pending, bytes, false, now) {
+                self.nodes[j].fail(pending, "redis unavailable", events);
             }
+        }
+        if let Some(c) = self.cluster.as_mut() {
+            c.tries
+                .retain(|_, &mut (_, first)| now.duration_since(first) < TRYAGAIN_MEMORY);
         }
         self.report_cluster(events);
     }

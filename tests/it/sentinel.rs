@@ -452,11 +452,9 @@ fn failover(wait: bool) {
             .all(|(s, _)| acked_since.is_subset(&s.lock().unwrap().data))),
         "a subscriber misses messages acknowledged after the failover"
     );
-    stop.store(true, Ordering::SeqCst);
-    let end = Instant::now();
-    pub_thread.join().expect("publisher");
-
-    // Clients end up subscribed on the new master, through both heralds.
+    // Clients end up subscribed on the new master, through both heralds
+    // (checked while the subscribers are connected: herald unsubscribes a topic nobody
+    // here wants).
     assert!(
         eventually(Duration::from_secs(20), || cli(
             replica_port,
@@ -466,6 +464,10 @@ fn failover(wait: bool) {
         "the heralds did not subscribe on the new master: {}",
         cli(replica_port, &["PUBSUB", "CHANNELS"])
     );
+    stop.store(true, Ordering::SeqCst);
+    let end = Instant::now();
+    pub_thread.join().expect("publisher");
+
     assert_eq!(cli(replica_port, &["ROLE"]).lines().next(), Some("master"));
     let published = published.lock().unwrap();
     assert!(

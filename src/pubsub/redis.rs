@@ -1980,6 +1980,9 @@ struct Cluster {
     /// candidate, so they are unique) met `TRYAGAIN`, and when first; forgotten after
     /// `TRYAGAIN_MEMORY`.
     tries: HashMap<Vec<u8>, (u32, Instant)>,
+    /// The nodes serving at least one slot, from `owner` (kept beside it: the loop asks
+    /// every pass, and `owner` has 16384 entries).
+    serving: Vec<usize>,
     /// Every master serving slots is up, as last reported.
     up: bool,
     /// Pongs still due for `ping_subscription` (one per shard).
@@ -2014,6 +2017,7 @@ impl Redis {
                 unrouted: HashSet::new(),
                 retries: VecDeque::new(),
                 tries: HashMap::new(),
+                serving: Vec::new(),
                 up: false,
                 pongs: 0,
             }),
@@ -2193,15 +2197,7 @@ impl Redis {
         let Some(c) = self.cluster.as_mut() else {
             return self.nodes[0].ping_subscription();
         };
-        let serving: Vec<usize> = c
-            .owner
-            .iter()
-            .copied()
-            .filter(|&o| o != NO_OWNER)
-            .collect::<HashSet<u8>>()
-            .into_iter()
-            .map(usize::from)
-            .collect();
+        let serving = c.serving.clone();
         // All or none: a pong counted for a ping not sent would end the wait early.
         let ready = |i: &usize| {
             self.nodes
@@ -2337,6 +2333,7 @@ impl Redis {
                     && !asking
                 {
                     c.owner[usize::from(slot)] = j as u8;
+                    c.serving = serving_nodes(&c.owner);
                     c.stale = true;
                 }
                 if !self.nodes[j].resend(pending, bytes, asking, now) {
@@ -2415,7 +2412,8 @@ impl Redis {
             }
         }
         c.unrouted.clear();
-        let serving: HashSet<u8> = c.owner.iter().copied().filter(|&o| o != NO_OWNER).collect();
+        c.serving = serving_nodes(&c.owner);
+        let serving = c.serving.clone();
         debug!(
             "redis: slot map of {} ranges over {} masters",
             ranges.len(),
@@ -2432,7 +2430,6 @@ impl Redis {
             }
         }
         for i in serving {
-            let i = usize::from(i);
             let Some(c) = self.cluster.as_ref() else {
                 return;
             };
@@ -2489,18 +2486,18 @@ impl Redis {
         let Some(c) = self.cluster.as_ref() else {
             return;
         };
-        let serving: HashSet<u8> = c.owner.iter().copied().filter(|&o| o != NO_OWNER).collect();
+        let serving = c.serving.len();
         let up = c.known
-            && !serving.is_empty()
-            && serving
+            && serving > 0
+            && c.serving
                 .iter()
-                .all(|&i| self.nodes.get(usize::from(i)).is_some_and(Node::is_up));
+                .all(|&i| self.nodes.get(i).is_some_and(Node::is_up));
         if let Some(c) = self.cluster.as_mut()
             && c.up != up
         {
             c.up = up;
             if up {
-                info!("redis: Cluster up ({} masters)", serving.len());
+                info!("redis: Cluster up ({serving} masters)");
                 events.push(Event::Up);
             } else {
                 warn!("redis: Cluster down (a master is unreachable); /publish answers 503");
@@ -2508,6 +2505,15 @@ impl Redis {
             }
         }
     }
+}
+
+/// The nodes `owner` names, each once, in order.
+fn serving_nodes(owner: &[u8]) -> Vec<usize> {
+    let mut seen = [false; 256];
+    for &o in owner {
+        seen[usize::from(o)] = o != NO_OWNER;
+    }
+    (0..seen.len()).filter(|&i| seen[i]).collect()
 }
 
 /// `role:master` and the `master_replid` from `INFO replication`; a replica is an error.

@@ -634,6 +634,41 @@ mod tests {
     }
 
     #[test]
+    fn redis_sentinel_cluster_and_wait_flags_are_checked_together() {
+        let refused = |extra: &[&str]| args(extra).into_config(None, None).is_err();
+        let sentinel = ["--redis-sentinel", "127.0.0.1:26379", "--redis-master", "m"];
+        let cfg = args(&sentinel).into_config(None, None).unwrap();
+        let redis = cfg.redis.unwrap();
+        assert_eq!(redis.sentinel.unwrap().master, "m");
+        assert!(refused(&["--redis-sentinel", "127.0.0.1:26379"]));
+        assert!(refused(&["--redis-master", "m"]));
+        assert!(refused(&["--redis-wait-replicas", "1"]));
+        let cfg = args(&["--redis-cluster", "127.0.0.1:7000,127.0.0.1:7001"])
+            .into_config(None, None)
+            .unwrap();
+        assert_eq!(cfg.redis.unwrap().cluster.unwrap().len(), 2);
+        assert!(refused(&[
+            "--redis-cluster",
+            "127.0.0.1:7000",
+            "--presence",
+            "room*"
+        ]));
+        assert!(refused(&[
+            "--redis-cluster",
+            "h:1",
+            "--redis-wait-replicas",
+            "1"
+        ]));
+        assert!(refused(&[
+            "--redis-cluster",
+            "h:1",
+            "--redis",
+            "redis://x/2"
+        ]));
+        assert!(refused(&["--redis-cluster", "nowhere"]));
+    }
+
+    #[test]
     fn listen_defaults_to_loopback_8080() {
         let cfg = args(&[]).into_config(None, None).unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:8080".parse().unwrap());

@@ -2108,8 +2108,19 @@ impl Redis {
         self.tick_cluster(now, events);
     }
 
+    /// The nodes that count: every one, or a Cluster's masters that serve slots (a node
+    /// whose slots all moved away keeps its links, and a probe no longer in its slots).
+    fn counted(&self) -> impl Iterator<Item = &Node> {
+        let serving = self.cluster.as_ref().map(|c| &c.serving);
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| serving.is_none_or(|s| s.contains(i)))
+            .map(|(_, n)| n)
+    }
+
     pub fn delivery_ok(&self) -> Option<bool> {
-        let verdicts: Vec<Option<bool>> = self.nodes.iter().map(Node::delivery_ok).collect();
+        let verdicts: Vec<Option<bool>> = self.counted().map(Node::delivery_ok).collect();
         if verdicts.contains(&Some(false)) {
             Some(false)
         } else if verdicts.iter().all(|v| *v == Some(true)) {
@@ -2120,7 +2131,7 @@ impl Redis {
     }
 
     pub fn delivery_broken(&self) -> bool {
-        self.nodes.iter().any(Node::delivery_broken)
+        self.counted().any(Node::delivery_broken)
     }
 
     pub fn publish(&mut self, topic: &str, data: &str, tag: Option<u64>, now: Instant) -> bool {
@@ -2305,6 +2316,10 @@ impl Redis {
                 pending,
                 bytes,
             } => {
+                // A probe is this node's own: redirected, it proves nothing about it.
+                if pending == Pending::Probe {
+                    return;
+                }
                 self.nodes[i].counters.redirects += 1;
                 debug!("redis: {} answered {redirect:?}", self.nodes[i].addr_name());
                 let (slot, addr, asking) = match redirect {

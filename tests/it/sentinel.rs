@@ -452,23 +452,38 @@ fn failover(wait: bool) {
             .all(|(s, _)| acked_since.is_subset(&s.lock().unwrap().data))),
         "a subscriber misses messages acknowledged after the failover"
     );
-    // Clients end up subscribed on the new master, through both heralds
-    // (checked while the subscribers are connected: herald unsubscribes a topic nobody
-    // here wants).
-    assert!(
-        eventually(Duration::from_secs(20), || cli(
-            replica_port,
-            &["PUBSUB", "NUMSUB", "herald:t"]
+    // Clients end up subscribed on the master, through both heralds (checked while the
+    // subscribers are connected: herald unsubscribes a topic nobody here wants). On a
+    // loaded host the Sentinels may fail over once more, back to the old master's port,
+    // once it has rejoined as a replica: the master is whichever they name now.
+    let current_master = || -> u16 {
+        cli(
+            sentinels[0].port,
+            &["SENTINEL", "get-master-addr-by-name", MASTER],
         )
-        .ends_with("\n2")),
-        "the heralds did not subscribe on the new master: {}",
-        cli(replica_port, &["PUBSUB", "CHANNELS"])
+        .lines()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let port = current_master();
+            cli(port, &["ROLE"]).lines().next() == Some("master")
+                && cli(port, &["PUBSUB", "NUMSUB", "herald:t"]).ends_with("\n2")
+        }),
+        "the heralds did not subscribe on the master: {} has {}; {} has {}\n{}",
+        replica_port,
+        cli(replica_port, &["PUBSUB", "CHANNELS"]),
+        master_port,
+        cli(master_port, &["PUBSUB", "CHANNELS"]),
+        heralds[0].log()
     );
+    let final_master = current_master();
     stop.store(true, Ordering::SeqCst);
     let end = Instant::now();
     pub_thread.join().expect("publisher");
 
-    assert_eq!(cli(replica_port, &["ROLE"]).lines().next(), Some("master"));
     let published = published.lock().unwrap();
     assert!(
         published.other.is_empty(),
@@ -478,7 +493,7 @@ fn failover(wait: bool) {
     let acked: HashSet<u64> = published.acked.iter().map(|&(d, _)| d).collect();
     // Every acknowledged publish is in the new master's history (WAIT 1), and reached
     // every subscriber.
-    let stored = stream_data(replica_port, "t");
+    let stored = stream_data(final_master, "t");
     let lost_from_history: Vec<u64> = acked.difference(&stored).copied().collect();
     let mut silences = Vec::new();
     let mut lost_by_subscribers = 0;
@@ -502,9 +517,13 @@ fn failover(wait: bool) {
             "subscriber {n} resumed across the failover as if nothing was lost"
         );
     }
+    eprintln!(
+        "master switches herald followed: {}",
+        heralds[0].metric("herald_redis_failovers_total")
+    );
     for h in &heralds {
         assert!(h.log().contains("the master moved"), "{}", h.log());
-        assert_eq!(h.metric("herald_redis_failovers_total"), 1.0);
+        assert!(h.metric("herald_redis_failovers_total") >= 1.0);
     }
     eprintln!(
         "sentinel failover ({}): promoted {:.1} s after the kill, first acknowledged publish \

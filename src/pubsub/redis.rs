@@ -1968,6 +1968,8 @@ struct Cluster {
     asking: bool,
     stale: bool,
     asked_at: Option<Instant>,
+    /// When this started: the first map is due from then.
+    since: Instant,
     /// Every topic subscribed here, to route again when slots move.
     topics: HashSet<String>,
     /// Topics whose subscription a shard ended or refused: subscribed again where the
@@ -2013,6 +2015,7 @@ impl Redis {
                 asking: false,
                 stale: true,
                 asked_at: None,
+                since: now,
                 topics: HashSet::new(),
                 unrouted: HashSet::new(),
                 retries: VecDeque::new(),
@@ -2090,10 +2093,11 @@ impl Redis {
         let nodes = self.nodes.iter().filter_map(Node::next_deadline);
         let cluster = self.cluster.as_ref().and_then(|c| {
             let retry = c.retries.front().map(|r| r.0);
-            let refresh = (c.stale && !c.asking).then(|| {
-                c.asked_at
-                    .map_or(Instant::now(), |at| at + SLOTS_REFRESH_MIN)
-            });
+            // Only with a link to ask on: otherwise the links' own deadlines wake us, and
+            // one becoming ready asks at once.
+            let can_ask = self.nodes.iter().any(|n| n.command.phase == Phase::Ready);
+            let refresh = (c.stale && !c.asking && can_ask)
+                .then(|| c.asked_at.map_or(c.since, |at| at + SLOTS_REFRESH_MIN));
             retry.into_iter().chain(refresh).min()
         });
         nodes.chain(cluster).min()

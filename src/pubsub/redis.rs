@@ -97,14 +97,23 @@ const SUBSCRIBE_BATCH: usize = 512;
 /// keeping the stream (what the new master holds, which resumes from the old epoch get,
 /// with `recovered:false`). Shared by both scripts: a macro, so each script is one
 /// literal and a publish formats none of it.
+///
+/// On a Cluster shard (ARGV[6], this master's replication id, not empty) KEYS[4] is per
+/// topic instead: the replication id of the master that last vouched for its epoch. A
+/// master promoted from that one (ARGV[7], its `master_replid2`) gives the topic a fresh
+/// epoch, as above; a master the slot migrated to (MIGRATE copies every key as it is)
+/// only vouches for it from now on.
 macro_rules! epoch_lua {
     () => {
         "local epoch = redis.call('GET', KEYS[2]) local gen = redis.call('GET', KEYS[4]) \
-     local fresh = ARGV[1] if gen then fresh = fresh .. '.' .. gen end \
+     local shard = ARGV[6] ~= '' local fresh = ARGV[1] \
+     if gen and not shard then fresh = fresh .. '.' .. gen end \
      if not epoch then epoch = fresh redis.call('SET', KEYS[2], epoch) \
      redis.call('DEL', KEYS[3]) \
-     elseif gen and string.sub(epoch, -(#gen + 1)) ~= '.' .. gen then \
+     elseif shard and gen == ARGV[7] then epoch = fresh redis.call('SET', KEYS[2], epoch) \
+     elseif gen and not shard and string.sub(epoch, -(#gen + 1)) ~= '.' .. gen then \
      epoch = fresh redis.call('SET', KEYS[2], epoch) end \
+     if shard and gen ~= ARGV[6] then redis.call('SET', KEYS[4], ARGV[6]) end \
      local t = redis.call('TIME') local ms = t[1] * 1000 + math.floor(t[2] / 1000) "
     };
 }
@@ -581,6 +590,10 @@ struct Node {
     sent: VecDeque<Vec<u8>>,
     /// Sharded: what the `Redis` above must act on (redirections, slot maps).
     internal: Vec<Internal>,
+    /// Sharded: this master's `master_replid` and `master_replid2` (see `epoch_lua`),
+    /// from `INFO replication` when a link opens; empty otherwise.
+    replid: String,
+    replid2: String,
     /// Commands sent on the command link, oldest first, with when they were sent.
     in_flight: VecDeque<(Pending, Instant)>,
     /// Topics Redis has confirmed a subscription for.
@@ -633,6 +646,8 @@ impl Node {
             sharded,
             sent: VecDeque::new(),
             internal: Vec::new(),
+            replid: String::new(),
+            replid2: String::new(),
             command: Link::new(Role::Command, command_token, now),
             subscription: Link::new(Role::Subscription, subscription_token, now),
             sentinel: Link::new(Role::Sentinel, SENTINEL_TOKEN, now),
@@ -884,6 +899,8 @@ impl Node {
                 size.as_bytes(),
                 ttl.as_bytes(),
                 publish,
+                self.replid.as_bytes(),
+                self.replid2.as_bytes(),
             ],
         );
         if self.cfg.wait_replicas == 0 {
@@ -940,6 +957,8 @@ impl Node {
                 ttl.as_bytes(),
                 count.as_bytes(),
                 client_epoch.unwrap_or("").as_bytes(),
+                self.replid.as_bytes(),
+                self.replid2.as_bytes(),
             ],
         );
         self.record(Pending::Read(tag), start, now);
@@ -1339,6 +1358,7 @@ impl Node {
             self.cfg.db,
         );
         let sentinel = self.cfg.sentinel.is_some();
+        let sharded = self.sharded;
         let link = self.link_mut(role);
         link.steps.clear();
         match (&user, &pass) {
@@ -1356,7 +1376,7 @@ impl Node {
         }
         // The Sentinels' answer may be stale (a failover under way): a link that reached
         // a replica is reset, and asks them again.
-        if sentinel {
+        if sentinel || sharded {
             command(&mut link.output, &[b"INFO", b"replication"]);
             link.steps.push_back(Step::Master);
         }
@@ -1376,8 +1396,13 @@ impl Node {
             (_, OwnedFrame::Error(e)) => Err(format!("handshake refused: {e}")),
             (Step::Ok, OwnedFrame::SimpleString(s)) if s == b"OK" || s == b"PONG" => Ok(()),
             (Step::Master, OwnedFrame::BulkString(info)) => {
-                let replid = master_replid(&info)?;
-                if role == Role::Command {
+                let (replid, replid2) = master_ids(&info)?;
+                if self.sharded {
+                    // No process-wide generation on a Cluster: each publish and read
+                    // carries the ids (`epoch_lua`).
+                    self.replid = replid;
+                    self.replid2 = replid2;
+                } else if role == Role::Command {
                     let fresh = self.fresh_epoch();
                     let p = &self.cfg.prefix;
                     let (replid_key, gen_key) = (format!("{p}gen:replid"), format!("{p}gen"));
@@ -1946,6 +1971,9 @@ const TRYAGAIN_MEMORY: Duration = Duration::from_secs(10);
 /// The slot map is asked for again at most this often (after a redirection, a moved
 /// subscription, or a failed ask).
 const SLOTS_REFRESH_MIN: Duration = Duration::from_millis(100);
+/// While a master serving slots is unreachable, the map is asked for this often: its
+/// replica's promotion shows there.
+const SLOTS_REFRESH_DOWN: Duration = Duration::from_secs(1);
 /// `owner` of a slot no known master serves.
 const NO_OWNER: u8 = u8::MAX;
 
@@ -2098,6 +2126,9 @@ impl Redis {
             let can_ask = self.nodes.iter().any(|n| n.command.phase == Phase::Ready);
             let refresh = (c.stale && !c.asking && can_ask)
                 .then(|| c.asked_at.map_or(c.since, |at| at + SLOTS_REFRESH_MIN));
+            let lost = self.serving_down() && can_ask && !c.asking;
+            let recheck = lost.then(|| c.asked_at.map_or(c.since, |at| at + SLOTS_REFRESH_DOWN));
+            let refresh = refresh.into_iter().chain(recheck).min();
             retry.into_iter().chain(refresh).min()
         });
         nodes.chain(cluster).min()
@@ -2461,9 +2492,17 @@ impl Redis {
     /// Ask for the slot map when it is stale; send again what `TRYAGAIN` held back; move
     /// the first node to the next seed while no map is known and it cannot connect.
     fn tick_cluster(&mut self, now: Instant, events: &mut Vec<Event>) {
+        let down = self.serving_down();
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
+        if down
+            && c.known
+            && c.asked_at
+                .is_none_or(|at| now.duration_since(at) >= SLOTS_REFRESH_DOWN)
+        {
+            c.stale = true;
+        }
         if !c.known && self.nodes[0].command_failed() && c.seeds.len() > 1 {
             c.seed_at = (c.seed_at + 1) % c.seeds.len();
             self.nodes[0].master = Some(c.seeds[c.seed_at].clone());
@@ -2497,6 +2536,15 @@ impl Redis {
                 .retain(|_, &mut (_, first)| now.duration_since(first) < TRYAGAIN_MEMORY);
         }
         self.report_cluster(events);
+    }
+
+    /// A master serving slots is not up.
+    fn serving_down(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| {
+            c.serving
+                .iter()
+                .any(|&i| self.nodes.get(i).is_none_or(|n| !n.is_up()))
+        })
     }
 
     /// Up once the map is known and every master serving slots is up; one event per
@@ -2535,8 +2583,9 @@ fn serving_nodes(owner: &[u8]) -> Vec<usize> {
     (0..seen.len()).filter(|&i| seen[i]).collect()
 }
 
-/// `role:master` and the `master_replid` from `INFO replication`; a replica is an error.
-fn master_replid(info: &[u8]) -> Result<String, String> {
+/// `role:master`, the `master_replid` and the `master_replid2` (empty if absent) from
+/// `INFO replication`; a replica is an error.
+fn master_ids(info: &[u8]) -> Result<(String, String), String> {
     let text = std::str::from_utf8(info).map_err(|_| "INFO is not UTF-8".to_string())?;
     let field = |name: &str| {
         text.lines()
@@ -2548,10 +2597,10 @@ fn master_replid(info: &[u8]) -> Result<String, String> {
         Some(other) => return Err(format!("reached a {other}, not the master")),
         None => return Err("INFO replication names no role".into()),
     }
-    match field("master_replid") {
-        Some(id) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()) => {
-            Ok(id.to_string())
-        }
+    let id = |name: &str| field(name).filter(|id| id.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let replid2 = id("master_replid2").unwrap_or_default().to_string();
+    match id("master_replid") {
+        Some(replid) if !replid.is_empty() => Ok((replid.to_string(), replid2)),
         _ => Err("INFO replication names no master_replid".into()),
     }
 }
@@ -2935,11 +2984,11 @@ mod tests {
     fn only_a_master_with_a_replication_id_passes_the_role_check() {
         let master = b"# Replication\r\nrole:master\r\nconnected_slaves:1\r\n\
             master_replid:8b0c6f1e2d\r\nmaster_replid2:0000\r\n";
-        assert_eq!(master_replid(master), Ok("8b0c6f1e2d".into()));
+        assert_eq!(master_ids(master), Ok(("8b0c6f1e2d".into(), "0000".into())));
         let replica = b"# Replication\r\nrole:slave\r\nmaster_host:127.0.0.1\r\n";
-        assert!(master_replid(replica).unwrap_err().contains("slave"));
-        assert!(master_replid(b"role:master\r\n").is_err());
-        assert!(master_replid(&[0xff]).is_err());
+        assert!(master_ids(replica).unwrap_err().contains("slave"));
+        assert!(master_ids(b"role:master\r\n").is_err());
+        assert!(master_ids(&[0xff]).is_err());
         assert_eq!(
             host_port(b"127.0.0.1", b"6380"),
             Ok("127.0.0.1:6380".into())

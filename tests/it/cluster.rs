@@ -16,9 +16,15 @@ use crate::util::{Client, Herald, eventually, free_ports, next_json, require};
 
 /// Three masters, no replicas, every slot assigned, `cluster_state:ok` on each.
 fn cluster(dir: &Path) -> Vec<Node> {
+    cluster_of(dir, 0)
+}
+
+/// Three masters with `replicas` replicas each.
+fn cluster_of(dir: &Path, replicas: u16) -> Vec<Node> {
     require("redis-cli", "redis-tools");
-    let base = free_ports(3);
-    let nodes: Vec<Node> = (0..3)
+    let count = 3 * (1 + replicas);
+    let base = free_ports(count);
+    let nodes: Vec<Node> = (0..count)
         .map(|i| {
             let d = dir.join(format!("n{i}"));
             let conf = d.join("nodes.conf").to_string_lossy().into_owned();
@@ -31,7 +37,7 @@ fn cluster(dir: &Path) -> Vec<Node> {
                     "--cluster-config-file",
                     &conf,
                     "--cluster-node-timeout",
-                    "5000",
+                    "2000",
                 ],
             )
         })
@@ -43,6 +49,7 @@ fn cluster(dir: &Path) -> Vec<Node> {
     let created = Command::new("timeout")
         .args(["60", "redis-cli", "--cluster", "create"])
         .args(&addrs)
+        .args(["--cluster-replicas", &replicas.to_string()])
         .arg("--cluster-yes")
         .output()
         .expect("redis-cli --cluster create");
@@ -59,6 +66,13 @@ fn cluster(dir: &Path) -> Vec<Node> {
             )
             .contains("cluster_state:ok")),
             "the cluster did not form"
+        );
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                let info = cli(n.port, &["INFO", "replication"]);
+                info.contains("role:master") || info.contains("master_link_status:up")
+            }),
+            "a replica did not sync"
         );
     }
     nodes
@@ -330,5 +344,117 @@ fn a_slot_migrated_during_traffic_loses_nothing() {
     let redirects = heralds[0].metric("herald_redis_redirects_total");
     eprintln!("publishing herald: {redirects} commands redirected");
     assert!(redirects > 0.0, "{}", heralds[0].log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_shard_failover_starts_new_epochs_and_subscriptions_follow_the_promoted_replica() {
+    let dir = scratch_dir("cluster-failover");
+    let mut nodes = cluster_of(&dir, 1);
+    let seed = format!("127.0.0.1:{}", nodes[0].port);
+    let heralds = [cluster_herald(&seed), cluster_herald(&seed)];
+    let topic = "falls";
+    let stop = Arc::new(AtomicBool::new(false));
+    let subs: Vec<_> = heralds
+        .iter()
+        .map(|h| subscriber(h.addr, topic, stop.clone()))
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(20), || subs.iter().all(|(s, _)| !s
+            .lock()
+            .unwrap()
+            .epochs
+            .is_empty())),
+        "the subscribers are subscribed before the first publish"
+    );
+    let (published, pub_thread) = publisher(heralds[0].addr, topic, stop.clone());
+    assert!(
+        eventually(Duration::from_secs(20), || subs.iter().all(|(s, _)| s
+            .lock()
+            .unwrap()
+            .data
+            .len()
+            >= 20)),
+        "traffic flows before the failover"
+    );
+    // Replication is asynchronous: the replica may lack the last messages, and would
+    // hand their ids out again. Kill the topic's master (by PID, as it is dropped).
+    let owner = owner_of(&nodes, topic).expect("the topic's master");
+    let killed_at = Instant::now();
+    drop(nodes.remove(owner));
+    assert!(
+        eventually(Duration::from_secs(60), || owner_of(&nodes, topic)
+            .is_some()),
+        "no replica was promoted"
+    );
+    let promoted_at = Instant::now();
+    let promoted = owner_of(&nodes, topic).expect("the promoted replica");
+    assert!(
+        eventually(Duration::from_secs(60), || published
+            .lock()
+            .unwrap()
+            .acked
+            .iter()
+            .filter(|&&(_, t)| t > promoted_at)
+            .count()
+            >= 50),
+        "publishes are not acknowledged after the failover:\n{}",
+        heralds[0].log()
+    );
+    let acked_since: Vec<u64> = published
+        .lock()
+        .unwrap()
+        .acked
+        .iter()
+        .filter(|&&(_, t)| t > promoted_at)
+        .map(|&(d, _)| d)
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(20), || subs.iter().all(|(s, _)| {
+            let s = s.lock().unwrap();
+            acked_since.iter().all(|d| s.data.contains(d))
+        })),
+        "a subscriber misses messages acknowledged after the failover"
+    );
+    let channel = format!("herald:{{{topic}}}");
+    assert!(
+        eventually(Duration::from_secs(20), || cli(
+            nodes[promoted].port,
+            &["PUBSUB", "SHARDNUMSUB", &channel]
+        ) == format!("{channel}\n2")),
+        "the subscriptions did not follow the promoted replica"
+    );
+    stop.store(true, Ordering::SeqCst);
+    pub_thread.join().expect("publisher");
+    let first_ack = published
+        .lock()
+        .unwrap()
+        .acked
+        .iter()
+        .map(|&(_, t)| t)
+        .find(|&t| t > killed_at)
+        .expect("an acknowledgement after the kill");
+    for (n, (seen, handle)) in subs.into_iter().enumerate() {
+        handle.join().expect("subscriber");
+        let s = seen.lock().unwrap();
+        // The promoted replica's epoch is new, and the resume across it says so.
+        assert_ne!(
+            s.epochs.first(),
+            s.epochs.last(),
+            "subscriber {n}: {:?}",
+            s.epochs
+        );
+        assert!(
+            s.not_recovered >= 1,
+            "subscriber {n} was told nothing was lost"
+        );
+    }
+    eprintln!(
+        "cluster shard failover: replica promoted {:.1} s after the kill, first acknowledged \
+         publish after {:.1} s, {} publishes answered 503",
+        promoted_at.duration_since(killed_at).as_secs_f64(),
+        first_ack.duration_since(killed_at).as_secs_f64(),
+        published.lock().unwrap().unavailable,
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -585,9 +585,6 @@ struct Node {
     staged: Option<Result<(u64, u64), String>>,
     /// A Cluster shard: sharded pub/sub (SSUBSCRIBE, SPUBLISH) and `{topic}` keys.
     sharded: bool,
-    /// Sharded: each in-flight command's bytes, beside `in_flight`, to send again where a
-    /// redirection says (empty otherwise).
-    sent: VecDeque<Vec<u8>>,
     /// Sharded: what the `Redis` above must act on (redirections, slot maps).
     internal: Vec<Internal>,
     /// Sharded: this master's `master_replid` and `master_replid2` (see `epoch_lua`),
@@ -595,7 +592,9 @@ struct Node {
     replid: String,
     replid2: String,
     /// Commands sent on the command link, oldest first, with when they were sent.
-    in_flight: VecDeque<(Pending, Instant)>,
+    /// On a Cluster shard each also keeps its bytes, to send again where a redirection
+    /// says (empty otherwise). Queue commands with `record`.
+    in_flight: VecDeque<(Pending, Instant, Vec<u8>)>,
     /// Topics Redis has confirmed a subscription for.
     confirmed: HashSet<String>,
     /// Both links ready, as last reported.
@@ -644,7 +643,6 @@ impl Node {
         let mut redis = Node {
             cfg,
             sharded,
-            sent: VecDeque::new(),
             internal: Vec::new(),
             replid: String::new(),
             replid2: String::new(),
@@ -752,7 +750,7 @@ impl Node {
                 Phase::Ready => None,
             }
         });
-        let stuck = self.in_flight.front().map(|&(_, at)| at + REPLY_TIMEOUT);
+        let stuck = self.in_flight.front().map(|(_, at, _)| *at + REPLY_TIMEOUT);
         let probe = match self.probe.sent {
             Some((_, at)) => at + PROBE_TIMEOUT,
             None => self.probe.next_at,
@@ -779,7 +777,7 @@ impl Node {
         if self
             .in_flight
             .front()
-            .is_some_and(|&(_, at)| now.duration_since(at) >= REPLY_TIMEOUT)
+            .is_some_and(|(_, at, _)| now.duration_since(*at) >= REPLY_TIMEOUT)
         {
             self.counters.errors += 1;
             self.reset(Role::Command, "no reply within 5 s", registry, now, events);
@@ -915,9 +913,10 @@ impl Node {
             &mut self.command.output,
             &[b"WAIT", replicas.as_bytes(), WAIT_TIMEOUT_MS.as_bytes()],
         );
-        self.in_flight.push_back((Pending::Publish(None), now));
-        self.in_flight.push_back((Pending::Wait(tag), now));
-        self.sent.extend([Vec::new(), Vec::new()]);
+        self.in_flight
+            .push_back((Pending::Publish(None), now, Vec::new()));
+        self.in_flight
+            .push_back((Pending::Wait(tag), now, Vec::new()));
         true
     }
 
@@ -1088,8 +1087,7 @@ impl Node {
         } else {
             Vec::new()
         };
-        self.in_flight.push_back((pending, now));
-        self.sent.push_back(bytes);
+        self.in_flight.push_back((pending, now, bytes));
     }
 
     /// An epoch to propose for a topic that has none: 16 hex digits, no space (it travels
@@ -1189,8 +1187,7 @@ impl Node {
             self.record(Pending::Asking, start, now);
         }
         self.command.output.extend_from_slice(&bytes);
-        self.in_flight.push_back((pending, now));
-        self.sent.push_back(bytes);
+        self.in_flight.push_back((pending, now, bytes));
         true
     }
 
@@ -1615,8 +1612,7 @@ impl Node {
         match role {
             Role::Command => {
                 self.staged = None;
-                self.sent.clear();
-                let pending: Vec<Pending> = self.in_flight.drain(..).map(|(p, _)| p).collect();
+                let pending: Vec<Pending> = self.in_flight.drain(..).map(|(p, ..)| p).collect();
                 for pending in pending {
                     self.fail(pending, "redis unavailable", events);
                 }
@@ -1726,10 +1722,9 @@ impl Node {
                 {
                     return Err(format!("the master is now a replica: {e}"));
                 }
-                let Some((pending, _)) = self.in_flight.pop_front() else {
+                let Some((pending, _, bytes)) = self.in_flight.pop_front() else {
                     return Err(format!("reply {frame:?} to no command"));
                 };
-                let bytes = self.sent.pop_front().unwrap_or_default();
                 // A shard that does not serve the command's slot (any more, or not yet)
                 // says where to go: the `Redis` above sends it there.
                 if self.sharded
@@ -1820,7 +1815,7 @@ impl Node {
                     other => return Err(format!("unexpected publish reply {other:?}")),
                 };
                 // With WAIT, the answer is the WAIT's, next.
-                if matches!(self.in_flight.front(), Some((Pending::Wait(_), _))) {
+                if matches!(self.in_flight.front(), Some((Pending::Wait(_), ..))) {
                     self.staged = Some(result);
                 } else if let Some(tag) = tag {
                     events.push(Event::Published { tag, result });

@@ -210,6 +210,31 @@ pub struct Args {
     )]
     pub redis_prefix: String,
 
+    // ---- Redis high availability (issue 19) ----
+    /// Find the Redis master through these Sentinels (HOST:PORT,...) and follow its
+    /// failovers; with it, --redis gives only the credentials and database, not the host
+    #[arg(long, env = "HERALD_REDIS_SENTINEL", value_name = "HOST:PORT,...")]
+    pub redis_sentinel: Option<String>,
+
+    /// The master's name as the Sentinels know it (with --redis-sentinel)
+    #[arg(long, env = "HERALD_REDIS_MASTER", value_name = "NAME")]
+    pub redis_master: Option<String>,
+
+    /// Acknowledge a publish only once this many replicas have it (WAIT N, 1 s); a
+    /// publish not replicated in time answers 503
+    #[arg(
+        long,
+        env = "HERALD_REDIS_WAIT_REPLICAS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub redis_wait_replicas: u32,
+
+    /// Share topics through a Redis Cluster found from these nodes (HOST:PORT,...),
+    /// with sharded pub/sub: each topic's keys and channel live on its slot's master
+    #[arg(long, env = "HERALD_REDIS_CLUSTER", value_name = "HOST:PORT,...")]
+    pub redis_cluster: Option<String>,
+
     /// Bind with SO_REUSEPORT, so several processes can share one port (the kernel
     /// balances new connections between them)
     #[arg(long, env = "HERALD_REUSE_PORT")]
@@ -673,16 +698,62 @@ impl Args {
             Some(list) => Patterns::parse(&list).map_err(|e| format!("--client-publish: {e}"))?,
             None => Patterns::default(),
         };
-        let redis = match &self.redis {
+        if self.redis_cluster.is_some() {
+            // Presence's scripts name other processes' keys from their arguments (not
+            // single-slot); WAIT after a redirected publish is not followed; Sentinel
+            // and Cluster are two ways to find a master.
+            if self.presence.is_some() {
+                return Err("--presence needs one Redis: it is not supported with \
+                            --redis-cluster"
+                    .into());
+            }
+            // So do the webhooks' occupancy scripts (a set of processes per topic, and
+            // each process's liveness key).
+            if self.app.webhook_url.is_some() {
+                return Err("--webhook-url needs one Redis (or Sentinel): it is not \
+                            supported with --redis-cluster"
+                    .into());
+            }
+            if self.redis_wait_replicas > 0 || self.redis_sentinel.is_some() {
+                return Err("--redis-cluster goes without --redis-wait-replicas and \
+                            --redis-sentinel"
+                    .into());
+            }
+        }
+        let redis_url = match (&self.redis, &self.redis_sentinel, &self.redis_cluster) {
+            (Some(url), _, _) => Some(url.clone()),
+            // Sentinels (or the Cluster) name the hosts; a URL would only carry
+            // credentials and a database.
+            (None, Some(_), _) | (None, None, Some(_)) => Some("redis://sentinel".to_string()),
+            (None, None, None) => None,
+        };
+        let redis = match &redis_url {
             Some(url) => {
                 let mut redis = crate::pubsub::redis::parse_url(url, &self.redis_prefix)
                     .map_err(|e| format!("--redis: {e}"))?;
+                redis.sentinel = crate::pubsub::redis::sentinel_config(
+                    self.redis_sentinel.as_deref(),
+                    self.redis_master.as_deref(),
+                )?;
+                redis.wait_replicas = self.redis_wait_replicas;
+                redis.cluster = match &self.redis_cluster {
+                    Some(list) => Some(crate::pubsub::redis::cluster_seeds(list)?),
+                    None => None,
+                };
+                if redis.cluster.is_some() && redis.db != 0 {
+                    return Err("--redis-cluster: a Cluster has only database 0".into());
+                }
                 // With Redis, history lives there: every process reads the same streams.
                 redis.history_size = self.history_size;
                 redis.history_ttl = Duration::from_secs(self.history_ttl);
                 redis.presence_ttl = Duration::from_secs(self.presence_ttl);
                 redis.presence_max = self.presence_max_members;
                 Some(redis)
+            }
+            None if self.redis_master.is_some() || self.redis_wait_replicas > 0 => {
+                return Err("--redis-master and --redis-wait-replicas need --redis or \
+                            --redis-sentinel"
+                    .into());
             }
             None => None,
         };
@@ -861,6 +932,49 @@ mod tests {
 
     fn args(extra: &[&str]) -> Args {
         Args::try_parse_from(std::iter::once("herald").chain(extra.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn redis_sentinel_cluster_and_wait_flags_are_checked_together() {
+        let refused = |extra: &[&str]| args(extra).into_config(None, None).is_err();
+        let sentinel = ["--redis-sentinel", "127.0.0.1:26379", "--redis-master", "m"];
+        let cfg = args(&sentinel).into_config(None, None).unwrap();
+        let redis = cfg.redis.unwrap();
+        assert_eq!(redis.sentinel.unwrap().master, "m");
+        assert!(refused(&["--redis-sentinel", "127.0.0.1:26379"]));
+        assert!(refused(&["--redis-master", "m"]));
+        assert!(refused(&["--redis-wait-replicas", "1"]));
+        let cfg = args(&["--redis-cluster", "127.0.0.1:7000,127.0.0.1:7001"])
+            .into_config(None, None)
+            .unwrap();
+        assert_eq!(cfg.redis.unwrap().cluster.unwrap().len(), 2);
+        assert!(refused(&[
+            "--redis-cluster",
+            "127.0.0.1:7000",
+            "--presence",
+            "room*"
+        ]));
+        assert!(refused(&[
+            "--redis-cluster",
+            "h:1",
+            "--redis-wait-replicas",
+            "1"
+        ]));
+        assert!(refused(&[
+            "--redis-cluster",
+            "h:1",
+            "--redis",
+            "redis://x/2"
+        ]));
+        assert!(refused(&["--redis-cluster", "nowhere"]));
+        assert!(refused(&[
+            "--redis-cluster",
+            "127.0.0.1:7000",
+            "--auth-secret",
+            "s",
+            "--webhook-url",
+            "http://127.0.0.1:9/hooks",
+        ]));
     }
 
     #[test]

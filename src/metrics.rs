@@ -62,6 +62,11 @@ pub struct RedisGauges {
     pub in_flight: usize,
     pub reconnects: u64,
     pub errors: u64,
+    /// With Sentinel: masters followed, and publishes WAIT found under-replicated.
+    pub failovers: u64,
+    pub unreplicated: u64,
+    /// With Cluster: commands sent again where a redirection said.
+    pub redirects: u64,
 }
 
 /// What history holds and what it let go, read at scrape time.
@@ -248,6 +253,24 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
             "counter",
             "Redis links reset for a malformed or unexpected reply, or a stuck command.",
             r.errors,
+        );
+        o.metric(
+            "herald_redis_failovers_total",
+            "counter",
+            "Times the Sentinels named a new master and herald moved to it.",
+            r.failovers,
+        );
+        o.metric(
+            "herald_redis_unreplicated_total",
+            "counter",
+            "Publishes answered 503 because fewer than --redis-wait-replicas replicas had them in time.",
+            r.unreplicated,
+        );
+        o.metric(
+            "herald_redis_redirects_total",
+            "counter",
+            "With --redis-cluster: commands sent again after MOVED, ASK or TRYAGAIN.",
+            r.redirects,
         );
         o.metric(
             "herald_redis_messages_total",

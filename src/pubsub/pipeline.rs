@@ -1124,8 +1124,11 @@ impl PubSub {
             delivery_ok: r.delivery_ok(),
             channels: r.confirmed_count(),
             in_flight: r.in_flight(),
-            reconnects: r.counters.reconnects,
-            errors: r.counters.errors,
+            reconnects: r.counters().reconnects,
+            errors: r.counters().errors,
+            failovers: r.counters().failovers,
+            unreplicated: r.counters().unreplicated,
+            redirects: r.counters().redirects,
         })
     }
 }
@@ -1164,7 +1167,6 @@ fn position(at: &history::Position, recovered: Option<bool>) -> Position<'_> {
     }
 }
 
-/// The user the connection's token names, for `subscribed`.
 /// An occupancy script to Redis (lost when Redis is down: the renewal on reconnecting
 /// makes up for it).
 fn send(redis: &mut Redis, call: Call, now: Instant) {
@@ -1173,6 +1175,7 @@ fn send(redis: &mut Redis, call: Call, now: Instant) {
     redis.script(call.script, &keys, &args, call.tag, now);
 }
 
+/// The user the connection's token names, for `subscribed`.
 fn grant_sub(conns: &Conns, id: ConnId) -> Option<String> {
     conns
         .get(id)

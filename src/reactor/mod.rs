@@ -436,7 +436,7 @@ impl Server {
                 METRICS => self.accept_scrapers(now),
                 // Seen through `signalled` already; this only empties the pipe.
                 SIGNALS => self.on_signals(now),
-                redis::COMMAND_TOKEN | redis::SUBSCRIPTION_TOKEN => {
+                t if redis::owns(t) => {
                     if let Some(r) = self.pubsub.redis_mut() {
                         r.on_ready(token, self.poll.registry(), now, &mut self.redis_events);
                     }

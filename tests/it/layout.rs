@@ -36,6 +36,7 @@ const PURE: &[&str] = &[
     "pubsub::presence",
     "pubsub::occupancy",
     "pubsub::redis",
+    "pubsub::cluster",
     "topic",
     "auth",
     "close",

@@ -3,6 +3,8 @@
 mod agent;
 mod auth;
 mod callbacks;
+
+mod cluster;
 mod compression;
 mod deploy;
 mod drain;
@@ -24,6 +26,7 @@ mod probe;
 mod redis;
 mod redis_history;
 mod restarts;
+mod sentinel;
 mod signals;
 mod statsd;
 mod topics;

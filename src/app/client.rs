@@ -17,9 +17,11 @@ use mio::{Interest, Registry, Token};
 
 use crate::app::wire::{self, Answer, Target};
 
-/// The highest mio token the clients use; each takes a range below it. The connection
-/// slab's keys never come near (they are bounded by the fd limit).
-pub const TOKEN_TOP: usize = usize::MAX - 64;
+/// The highest mio token the clients use; each takes a range below it. Above it are the
+/// reactor's own tokens and the Redis links' (down to `redis::LOWEST_TOKEN`, which the
+/// reactor checks at compile time). The connection slab's keys never come near (they are
+/// bounded by the fd limit).
+pub const TOKEN_TOP: usize = usize::MAX - 256;
 /// Most connections one client may hold (`--auth-concurrency`'s ceiling).
 pub const MAX_POOL: usize = 1024;
 /// Bytes read from the application per read call.

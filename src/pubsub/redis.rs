@@ -68,6 +68,9 @@ const SENTINEL_REASK: Duration = Duration::from_secs(1);
 const SHARD_TOKENS_BELOW: usize = usize::MAX - 16;
 /// The most Cluster masters herald follows (each has two links and two tokens).
 pub const MAX_SHARDS: usize = 64;
+/// The lowest token any Redis link uses: every other token owner stays below it (the
+/// reactor checks the app client's range against it).
+pub const LOWEST_TOKEN: usize = SHARD_TOKENS_BELOW - 2 * MAX_SHARDS;
 
 /// The tokens of node `index`'s command and subscription links.
 fn node_tokens(index: usize) -> (Token, Token) {
@@ -84,7 +87,7 @@ pub fn owns(token: Token) -> bool {
     token == COMMAND_TOKEN
         || token == SUBSCRIPTION_TOKEN
         || token == SENTINEL_TOKEN
-        || (SHARD_TOKENS_BELOW - 2 * MAX_SHARDS..SHARD_TOKENS_BELOW).contains(&token.0)
+        || (LOWEST_TOKEN..SHARD_TOKENS_BELOW).contains(&token.0)
 }
 
 /// Channels per SUBSCRIBE command when subscribing again after a reconnect.

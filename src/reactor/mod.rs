@@ -53,6 +53,9 @@ const SIGNALS: Token = Token(usize::MAX - 2);
 const AGENT: Token = Token(usize::MAX - 5);
 /// `--metrics-listen`.
 const METRICS: Token = Token(usize::MAX - 8);
+// The application client's tokens lie below every Redis link's: a shared token would
+// hand one's readiness to the other (`redis::owns` is asked first).
+const _: () = assert!(crate::app::client::TOKEN_TOP < redis::LOWEST_TOKEN);
 /// Scrapers accepted per wakeup on `--metrics-listen` (Prometheus makes one connection per
 /// scrape), and how many may be open beyond `--max-connections`: a server at capacity is
 /// when its metrics matter most.

@@ -19,11 +19,33 @@ fn cluster(dir: &Path) -> Vec<Node> {
     cluster_of(dir, 0)
 }
 
+/// `count` consecutive free ports for Cluster nodes, whose bus ports (each port + 10000)
+/// are free too and below the kernel's ephemeral range: a bus port inside it can be
+/// taken as the source port of one of the thousands of connections other tests make,
+/// and that node then fails to start.
+fn cluster_ports(count: u16) -> u16 {
+    const BUS_OFFSET: u16 = 10_000;
+    let ephemeral: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    for _ in 0..10_000 {
+        let base = free_ports(count);
+        let bus = base + BUS_OFFSET;
+        if bus + count <= ephemeral
+            && (bus..bus + count).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no {count} ports with free bus ports below {ephemeral}");
+}
+
 /// Three masters with `replicas` replicas each.
 fn cluster_of(dir: &Path, replicas: u16) -> Vec<Node> {
     require("redis-cli", "redis-tools");
     let count = 3 * (1 + replicas);
-    let base = free_ports(count);
+    let base = cluster_ports(count);
     let nodes: Vec<Node> = (0..count)
         .map(|i| {
             let d = dir.join(format!("n{i}"));

@@ -56,6 +56,19 @@ impl Patterns {
         Ok(Patterns(out))
     }
 
+    /// The patterns as `parse` reads them (for a live upgrade).
+    pub fn spelled(&self) -> String {
+        let items: Vec<String> = self
+            .0
+            .iter()
+            .map(|p| match p {
+                Pattern::Exact(name) => name.clone(),
+                Pattern::Prefix(prefix) => format!("{prefix}*"),
+            })
+            .collect();
+        items.join(",")
+    }
+
     pub fn matches(&self, topic: &str) -> bool {
         self.0.iter().any(|p| match p {
             Pattern::Exact(name) => name == topic,

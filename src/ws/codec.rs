@@ -22,6 +22,7 @@ use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
 use crate::close::CloseReason;
+use crate::handover;
 use crate::outq::OutQueue;
 use crate::ws::deflate::{Deflater, InflateError, Inflater, SHARED_WINDOW, Window};
 
@@ -103,6 +104,64 @@ impl Ws {
             close_received: false,
             deflate,
         }
+    }
+
+    /// Its whole state, for a live upgrade (`handover.rs`).
+    pub fn export(&self) -> handover::Ws {
+        let (input, message) = match &self.pending {
+            Some(p) => (
+                p.input[p.at..].to_vec(),
+                p.message.as_ref().map(|m| handover::Fragments {
+                    text: m.text,
+                    compressed: m.compressed,
+                    payload: m.payload.clone(),
+                    valid_utf8: m.valid_utf8,
+                }),
+            ),
+            None => (Vec::new(), None),
+        };
+        handover::Ws {
+            input,
+            message,
+            max_message_size: self.max_message_size,
+            close_sent: self.close_sent,
+            close_received: self.close_received,
+            deflate: self.deflate.map(Window::bits),
+        }
+    }
+
+    /// The codec an old binary exported; `None` for a state this one could not have
+    /// been in (a window zlib cannot make, fragments past the size limit).
+    pub fn import(w: handover::Ws) -> Option<Ws> {
+        let deflate = match w.deflate {
+            Some(bits) => Some(Window::new(bits)?),
+            None => None,
+        };
+        let message = match w.message {
+            Some(m) if m.payload.len() > w.max_message_size as usize => return None,
+            Some(m) if m.valid_utf8 > m.payload.len() => return None,
+            Some(m) => Some(Fragments {
+                text: m.text,
+                compressed: m.compressed,
+                payload: m.payload,
+                valid_utf8: m.valid_utf8,
+            }),
+            None => None,
+        };
+        let pending = (!w.input.is_empty() || message.is_some()).then(|| {
+            Box::new(Pending {
+                input: w.input,
+                at: 0,
+                message,
+            })
+        });
+        Some(Ws {
+            pending,
+            max_message_size: w.max_message_size,
+            close_sent: w.close_sent,
+            close_received: w.close_received,
+            deflate,
+        })
     }
 
     /// Whether permessage-deflate was negotiated.

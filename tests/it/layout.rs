@@ -47,10 +47,16 @@ const PURE: &[&str] = &[
     "config",
     "rlimit",
     "limits",
+    "handover",
 ];
 const HANDLERS: &[&str] = &["http::front", "session", "pubsub::pipeline"];
 const TABLE: &[&str] = &["conn"];
-const LOOP: &[&str] = &["reactor", "reactor::net", "reactor::state"];
+const LOOP: &[&str] = &[
+    "reactor",
+    "reactor::net",
+    "reactor::state",
+    "reactor::upgrade",
+];
 /// Outside the layers, and the only modules besides the loop that may use the loop.
 const START: &[&str] = &[
     ROOT,

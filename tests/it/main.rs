@@ -26,4 +26,5 @@ mod restarts;
 mod signals;
 mod statsd;
 mod topics;
+mod upgrade;
 mod util;

@@ -352,3 +352,43 @@ fn reuse_port_lets_two_processes_share_one_port() {
     assert_eq!(reply["delivered"], 2);
     drop(clients);
 }
+
+/// Issue 17 with `--redis`: the upgraded process reconnects, resubscribes, and its
+/// members resume from their places, so a stream published through another process
+/// across the upgrade arrives whole: every id once, in order, and no extra reply.
+#[test]
+fn after_a_live_upgrade_delivery_through_redis_loses_and_repeats_nothing() {
+    let redis = RedisServer::start();
+    let a = herald_with(&redis, &[]);
+    let b = herald_with(&redis, &[]);
+    let mut subs: Vec<Client> = (0..3).map(|_| a.subscriber("up")).collect();
+    let addr = b.addr;
+    let publishing = std::thread::spawn(move || {
+        let mut conn = HttpConn::connect(addr);
+        (0..150u64)
+            .map(|i| {
+                let id = conn.publish("up", &i.to_string())["id"].as_u64().unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+                id
+            })
+            .collect::<Vec<u64>>()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    a.signal(libc::SIGUSR2);
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let m = a.metrics();
+            m.get("herald_upgrades_total{result=\"carried\"}") == Some(&1.0)
+                && m.get("herald_redis_up") == Some(&1.0)
+        }),
+        "{}",
+        a.log()
+    );
+    let sent = publishing.join().unwrap();
+    assert_eq!(sent, (1..=150).collect::<Vec<u64>>());
+    for ws in &mut subs {
+        let got: Vec<u64> = ids(ws, 150).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(got, sent);
+        expect_nothing_pending(ws);
+    }
+}

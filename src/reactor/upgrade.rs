@@ -491,7 +491,6 @@ impl Server {
                     }
                 );
                 self.drain_inherited(refused, cfg, now);
-                let _ = lost;
             }
             Err(why) => {
                 self.counters.upgrades.fallback += 1;
@@ -505,8 +504,7 @@ impl Server {
     }
 
     /// Register an inherited socket under a new key.
-    fn register(&mut self, fd: RawFd, now: Instant) -> Result<(ConnId, TcpStream), String> {
-        let _ = now;
+    fn register(&mut self, fd: RawFd) -> Result<(ConnId, TcpStream), String> {
         let std: std::net::TcpStream = adopt_fd(fd).ok_or("not a socket")?;
         std.set_nonblocking(true).map_err(|e| e.to_string())?;
         let mut stream = TcpStream::from_std(std);
@@ -545,7 +543,7 @@ impl Server {
             }
             _ => None,
         };
-        let (id, stream) = self.register(socket.fd, now)?;
+        let (id, stream) = self.register(socket.fd)?;
         let client = match conn.client {
             handover::Client::Peer => ClientAddr::Peer,
             handover::Client::ProxyUnread => ClientAddr::ProxyUnread,
@@ -631,7 +629,7 @@ impl Server {
         }
         let mut open = Vec::new();
         for s in sockets {
-            let (id, stream) = match self.register(s.fd, now) {
+            let (id, stream) = match self.register(s.fd) {
                 Ok(x) => x,
                 Err(why) => {
                     warn!("upgrade: fd {} cannot be adopted: {why}", s.fd);

@@ -610,6 +610,34 @@ mod tests {
         }
     }
 
+    /// Live upgrade: a codec exported at any byte of a fragmented message (with a
+    /// partial frame) and imported into a new one reads on as if nothing happened.
+    #[test]
+    fn an_exported_codec_resumes_mid_frame_and_mid_message() {
+        let mut bytes = client_frame(0x01, "héllo, ".as_bytes());
+        bytes.extend(client_frame(0x00, b"wor"));
+        bytes.extend(client_frame(0x80, b"ld"));
+        for split in 0..bytes.len() {
+            let mut ws = Ws::new(1024, Window::new(12));
+            let mut out = OutQueue::default();
+            let mut events = drain(&mut ws, &bytes[..split], &mut out);
+            let state = ws.export();
+            let mut again = Ws::import(state.clone()).expect("a state it exported");
+            assert_eq!(again.export(), state);
+            events.extend(drain(&mut again, &bytes[split..], &mut out));
+            assert_eq!(
+                events.iter().map(text).collect::<Vec<_>>(),
+                ["héllo, world"]
+            );
+        }
+        // What no binary could have exported is refused, not trusted.
+        let bad = handover::Ws {
+            deflate: Some(3),
+            ..handover::Ws::default()
+        };
+        assert!(Ws::import(bad).is_none());
+    }
+
     #[test]
     fn fragments_with_a_ping_between_are_joined_and_the_ping_answered() {
         let mut bytes = client_frame(0x01, b"hel");

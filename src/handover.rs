@@ -105,10 +105,20 @@ pub struct Body {
     /// In the envelope's order: `conns[i]` is `sockets[i]`.
     pub conns: Vec<Conn>,
     pub counters: Counters,
-    pub resumes: Resumes,
+    pub pubsub: PubSubCounts,
     /// `--statsd`: each counter series' value at the last report, so the first report
     /// after the upgrade sends deltas, not whole counters.
     pub statsd_last: Vec<(String, f64)>,
+}
+
+/// The publish pipeline's counters.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+pub struct PubSubCounts {
+    pub resumes: Resumes,
+    /// History's evictions: size, ttl, memory.
+    pub evictions: (u64, u64, u64),
+    /// The Redis link's reconnects and errors.
+    pub redis: (u64, u64),
 }
 
 /// One connection's record.

@@ -48,7 +48,11 @@ fn run() -> Result<i32, String> {
     let mut inherited = reactor::upgrade::take_inherited();
     if matches!(std::env::args().nth(1).as_deref(), Some("--version" | "-V")) {
         let (version, build) = metrics::build();
-        println!("herald {version} (build {build})");
+        // Untagged, exactly what clap would print (the package test reads it).
+        match build.as_str() {
+            "" => println!("herald {version}"),
+            tag => println!("herald {version} (build {tag})"),
+        }
         return Ok(0);
     }
     let mut args = match config::Args::try_parse() {

@@ -1081,9 +1081,30 @@ impl PubSub {
         self.resumes
     }
 
-    /// The counts an old binary handed over (live upgrade).
-    pub fn carry_resumes(&mut self, resumes: Resumes) {
-        self.resumes = resumes;
+    /// The counts a live upgrade hands over: resumes, history's evictions (size, ttl,
+    /// memory) and the Redis link's (reconnects, errors).
+    pub fn counts(&self) -> handover::PubSubCounts {
+        let e = self.history.evictions();
+        let redis = self
+            .redis
+            .as_ref()
+            .map_or((0, 0), |r| (r.counters.reconnects, r.counters.errors));
+        handover::PubSubCounts {
+            resumes: self.resumes,
+            evictions: (e.size, e.ttl, e.memory),
+            redis,
+        }
+    }
+
+    pub fn carry_counts(&mut self, c: handover::PubSubCounts) {
+        self.resumes = c.resumes;
+        let (size, ttl, memory) = c.evictions;
+        self.history
+            .carry_evictions(history::Evictions { size, ttl, memory });
+        if let Some(r) = self.redis.as_mut() {
+            r.counters.reconnects += c.redis.0;
+            r.counters.errors += c.redis.1;
+        }
     }
 
     pub fn history_gauges(&self) -> HistoryGauges {

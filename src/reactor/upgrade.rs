@@ -243,9 +243,10 @@ pub fn abandon(inherited: Option<Result<Envelope, String>>, why: &str) {
     let Some(Ok(envelope)) = inherited else {
         return;
     };
-    error!(
-        "live upgrade: this binary cannot start ({why}); closing {} inherited connections \
-         with 1001",
+    // To stderr directly: when the flags do not parse, the logger is not set up yet.
+    eprintln!(
+        "herald: live upgrade: this binary cannot start ({why}); closing {} inherited \
+         connections with 1001",
         envelope.sockets.len()
     );
     for s in envelope.sockets {
@@ -415,7 +416,7 @@ impl Server {
         let body = Body {
             conns,
             counters: self.counters.clone(),
-            resumes: self.pubsub.resumes(),
+            pubsub: self.pubsub.counts(),
             statsd_last: self
                 .statsd
                 .as_ref()
@@ -463,7 +464,7 @@ impl Server {
             Ok(body) => {
                 let started = Instant::now();
                 self.counters = body.counters;
-                self.pubsub.carry_resumes(body.resumes);
+                self.pubsub.carry_counts(body.pubsub);
                 if let Some(s) = &mut self.statsd {
                     s.reporter.carry_last(body.statsd_last);
                 }

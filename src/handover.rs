@@ -109,6 +109,10 @@ pub struct Body {
     /// `--statsd`: each counter series' value at the last report, so the first report
     /// after the upgrade sends deltas, not whole counters.
     pub statsd_last: Vec<(String, f64)>,
+    /// Wall-clock nanoseconds when the old binary stopped serving (its last pass ended),
+    /// so the new one can log how long the pause was.
+    #[serde(default)]
+    pub stopped_at_ns: u64,
 }
 
 /// The publish pipeline's counters.

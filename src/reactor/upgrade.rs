@@ -422,6 +422,7 @@ impl Server {
                 .as_ref()
                 .map(|s| s.reporter.last())
                 .unwrap_or_default(),
+            stopped_at_ns: wall_ns(),
         };
         let body_version = std::env::var(TEST_BODY_VERSION_VAR)
             .ok()
@@ -481,8 +482,10 @@ impl Server {
                     }
                 }
                 self.counters.upgrades.carried += 1;
+                let paused_ms = wall_ns().saturating_sub(body.stopped_at_ns) as f64 / 1e6;
                 info!(
-                    "upgrade: carried {} of {sockets} connections in {:.1} ms{}",
+                    "upgrade: carried {} of {sockets} connections in {:.1} ms, {paused_ms:.1} ms \
+                     after the old binary's last pass{}",
                     sockets - refused.len(),
                     started.elapsed().as_secs_f64() * 1000.0,
                     if lost.is_empty() {
@@ -504,10 +507,14 @@ impl Server {
         }
     }
 
-    /// Register an inherited socket under a new key.
-    fn register(&mut self, fd: RawFd) -> Result<(ConnId, TcpStream), String> {
+    /// Register an inherited socket under a new key. `ours`: this binary's own format
+    /// wrote it, so it is nonblocking already (O_NONBLOCK belongs to the open file, which
+    /// `execve` keeps); from another version, it is set again.
+    fn register(&mut self, fd: RawFd, ours: bool) -> Result<(ConnId, TcpStream), String> {
         let std: std::net::TcpStream = adopt_fd(fd).ok_or("not a socket")?;
-        std.set_nonblocking(true).map_err(|e| e.to_string())?;
+        if !ours {
+            std.set_nonblocking(true).map_err(|e| e.to_string())?;
+        }
         let mut stream = TcpStream::from_std(std);
         let id = self.conns.next_id();
         self.poll
@@ -517,6 +524,9 @@ impl Server {
         Ok((id, stream))
     }
 
+    /// Whatever a client sent in the gap is read in the first pass: epoll reports a
+    /// socket that is readable when it is added (`EPOLL_CTL_ADD` polls it once), edge-
+    /// triggered or not, so no read is spent on the many that sent nothing.
     fn place_socket(&mut self, id: ConnId, stream: TcpStream) {
         if self.sockets.len() <= id.0 {
             self.sockets.resize_with(id.0 + 1, || None);
@@ -525,8 +535,6 @@ impl Server {
             stream,
             registered: Interest::READABLE,
         });
-        // Whatever arrived in the gap is read in the first pass.
-        self.unread.push(id);
     }
 
     /// One connection as it was. `Ok(false)`: carried, but a subscription could not be,
@@ -544,7 +552,7 @@ impl Server {
             }
             _ => None,
         };
-        let (id, stream) = self.register(socket.fd)?;
+        let (id, stream) = self.register(socket.fd, true)?;
         let client = match conn.client {
             handover::Client::Peer => ClientAddr::Peer,
             handover::Client::ProxyUnread => ClientAddr::ProxyUnread,
@@ -630,7 +638,7 @@ impl Server {
         }
         let mut open = Vec::new();
         for s in sockets {
-            let (id, stream) = match self.register(s.fd) {
+            let (id, stream) = match self.register(s.fd, false) {
                 Ok(x) => x,
                 Err(why) => {
                     warn!("upgrade: fd {} cannot be adopted: {why}", s.fd);
@@ -724,6 +732,12 @@ impl Server {
             }
         }
     }
+}
+
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn timer_out(t: Timer) -> handover::Timer {

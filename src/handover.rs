@@ -116,13 +116,16 @@ pub struct Body {
 }
 
 /// The publish pipeline's counters.
-#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct PubSubCounts {
     pub resumes: Resumes,
     /// History's evictions: size, ttl, memory.
     pub evictions: (u64, u64, u64),
     /// The Redis link's reconnects and errors.
     pub redis: (u64, u64),
+    /// The Redis link's instance id (per-process presence entries are kept under it).
+    #[serde(default)]
+    pub redis_instance: Option<String>,
 }
 
 /// One connection's record.

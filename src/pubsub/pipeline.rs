@@ -1093,6 +1093,7 @@ impl PubSub {
             resumes: self.resumes,
             evictions: (e.size, e.ttl, e.memory),
             redis,
+            redis_instance: self.redis.as_ref().map(|r| r.instance().to_string()),
         }
     }
 
@@ -1104,6 +1105,9 @@ impl PubSub {
         if let Some(r) = self.redis.as_mut() {
             r.counters.reconnects += c.redis.0;
             r.counters.errors += c.redis.1;
+            if let Some(instance) = &c.redis_instance {
+                r.carry_instance(instance);
+            }
         }
     }
 

@@ -442,6 +442,14 @@ impl Redis {
         &self.instance
     }
 
+    /// Live upgrade: go on as the process the old binary was, so its presence entries in
+    /// Redis stay this process's (before the first connection is made).
+    pub fn carry_instance(&mut self, instance: &str) {
+        if instance.len() == 12 && instance.bytes().all(|b| b.is_ascii_hexdigit()) {
+            self.instance = instance.to_string();
+        }
+    }
+
     pub fn is_up(&self) -> bool {
         self.up
     }

@@ -909,6 +909,15 @@ impl PubSub {
 
     // ---- live upgrade ----------------------------------------------------------------
 
+    /// WebSocket work waiting for Redis: subscriptions for their channel or their read,
+    /// `presence` ops for their answer. A live upgrade waits for it (bounded), since
+    /// replies at Redis cannot be carried.
+    pub fn waiting_at_redis(&self) -> usize {
+        self.reads.len()
+            + self.presence_reads.len()
+            + self.pending_acks.values().map(Vec::len).sum::<usize>()
+    }
+
     /// `id`'s subscriptions and where each stands, for the handover.
     pub fn export_topics(&self, id: ConnId) -> Vec<handover::Membership> {
         self.hub

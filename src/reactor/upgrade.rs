@@ -304,13 +304,16 @@ impl Server {
             .ids()
             .into_iter()
             .filter(|&id| matches!(self.conns[id].state, State::AwaitingRedis { .. }))
-            .count();
+            .count()
+            + self.pubsub.waiting_at_redis();
         if waiting > 0 && now < deadline {
             return;
         }
         if waiting > 0 {
             warn!(
-                "upgrade: {waiting} connections still wait for Redis; they are closed after their pending bytes"
+                "upgrade: {waiting} requests still wait for Redis: HTTP connections waiting are \
+                 closed after their pending bytes, resuming subscriptions told to reconnect, \
+                 presence ops go unanswered"
             );
         }
         self.upgrade_at = None;

@@ -323,16 +323,6 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
             ("failed", u.failed),
         ],
     );
-    let (version, tag) = build();
-    o.head(
-        "herald_build_info",
-        "gauge",
-        "The running binary: crate version and build tag.",
-    );
-    let _ = writeln!(
-        o.0,
-        "herald_build_info{{version=\"{version}\",build=\"{tag}\"}} 1"
-    );
     let r = &g.resumes;
     o.by_label(
         "herald_resumes_total",

@@ -3,7 +3,7 @@
 //! tests start herald from a copy of the built binary in a scratch directory and, before
 //! each SIGUSR2, rename over that path a copy whose build tag (a fixed-width placeholder
 //! in the binary, `metrics::build`) is patched, so each upgrade runs a different binary
-//! and `/metrics`' `herald_build_info` says which one serves.
+//! and the log (`herald 0.1.0 (build "round-3") taking over …`) says which one serves.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -68,21 +68,25 @@ fn metrics_of(herald: &Herald) -> HashMap<String, f64> {
     parse_metrics(&r.text())
 }
 
-fn build_of(m: &HashMap<String, f64>) -> Option<String> {
-    m.keys()
-        .find(|k| k.starts_with("herald_build_info"))
-        .and_then(|k| k.split("build=\"").nth(1))
-        .map(|rest| rest.split('"').next().unwrap_or("").to_string())
-}
-
-/// SIGUSR2, then wait until `/metrics` says build `tag` serves.
+/// SIGUSR2, then wait until the log says build `tag` took over and serves (`/metrics`
+/// answers, counting one more upgrade); returns that `/metrics`.
 fn upgrade_to(herald: &Herald, path: &Path, tag: &str) -> HashMap<String, f64> {
     install(path, tag);
+    let upgrades = |m: &HashMap<String, f64>| -> f64 {
+        m.iter()
+            .filter(|(k, _)| k.starts_with("herald_upgrades_total{"))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let before = upgrades(&metrics_of(herald));
     herald.signal(libc::SIGUSR2);
+    let line = format!("(build \"{tag}\") taking over from the previous binary");
     let mut last = HashMap::new();
     let ok = eventually(Duration::from_secs(20), || {
-        last = metrics_of(herald);
-        build_of(&last).as_deref() == Some(tag)
+        herald.log().contains(&line) && {
+            last = metrics_of(herald);
+            upgrades(&last) > before
+        }
     });
     assert!(ok, "build {tag} did not take over:\n{}", herald.log());
     last

@@ -43,7 +43,8 @@ pub enum Reject {
     /// A PROXY protocol header where none may be, or none where one must be, or a broken
     /// one (the text says which).
     Proxy(&'static str),
-
+    /// A live upgrade began while the application was still deciding on this handshake.
+    Upgrading,
     /// `--auth-url` answered 401 or 403: that status and the application's one-line
     /// reason. The connection closes: bytes pipelined behind the upgrade were frames.
     AppRefused(u16, String),
@@ -86,6 +87,7 @@ impl Reject {
 
             Reject::AppRefused(status, why) => (*status, why.as_str(), true),
             Reject::AppUnavailable => (503, "authentication unavailable", true),
+            Reject::Upgrading => (503, "server upgrading: connect again", true),
         };
         let headers = match self {
             Reject::Unauthorized => vec![("WWW-Authenticate", "Bearer")],
@@ -213,6 +215,7 @@ impl Reject {
             Reject::Proxy("PROXY protocol header from an untrusted peer"),
             Reject::AppRefused(403, "banned".into()),
             Reject::AppUnavailable,
+            Reject::Upgrading,
         ]
     }
 }

@@ -256,6 +256,20 @@ impl Conns {
         ConnId(self.slab.insert(Conn::new(peer, client, self.next_serial)))
     }
 
+    /// A connection carried over by a live upgrade, with the client it had: counted again
+    /// (not checked: it is already here), so the per-address table is rebuilt.
+    pub fn insert_carried(&mut self, peer: SocketAddr, client: ClientAddr, now: Instant) -> ConnId {
+        self.next_serial += 1;
+        if client.counted() {
+            let ip = match client {
+                ClientAddr::Forwarded(ip) | ClientAddr::ForwardedFor(ip) => ip,
+                _ => peer.ip().to_canonical(),
+            };
+            self.addresses.count(ip, now);
+        }
+        ConnId(self.slab.insert(Conn::new(peer, client, self.next_serial)))
+    }
+
     /// A trusted proxy named the client (`Some`), in its PROXY header (`header`) or in
     /// `X-Forwarded-For`, or said it is its own connection (`None`). A named client is
     /// checked against the per-address limits and counted; refused, the connection stays
@@ -395,6 +409,14 @@ impl Conns {
         if let Some(conn) = self.slab.get_mut(id.0) {
             self.timers.disarm(&mut conn.timers, id.0, kind);
         }
+    }
+
+    /// `id`'s armed timers and what is left of each (live upgrade).
+    pub fn timers_left(&self, id: ConnId, now: Instant) -> Vec<(Timer, Duration)> {
+        self.slab
+            .get(id.0)
+            .map(|c| self.timers.remaining(&c.timers, now))
+            .unwrap_or_default()
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {

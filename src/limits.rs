@@ -236,6 +236,18 @@ impl OpBudget {
         }
     }
 
+    /// Its level, for a live upgrade; the refill restarts from `now_ms` in the new process.
+    pub fn level(&self) -> f32 {
+        self.level
+    }
+
+    pub fn with_level(level: f32, now_ms: u32) -> OpBudget {
+        OpBudget {
+            level: if level.is_finite() { level } else { 0.0 },
+            at_ms: now_ms,
+        }
+    }
+
     /// Every op spends a token, served or refused, so only sending slower than the rate
     /// earns service back; a client `OP_OVERDRAFT` ops past empty is closed.
     pub fn spend(&mut self, rate: Rate, now_ms: u32) -> OpVerdict {
@@ -333,7 +345,7 @@ impl Refused {
 }
 
 /// Refusals counted by reason.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Refusals([u64; REFUSED]);
 
 impl Refusals {

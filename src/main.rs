@@ -12,6 +12,7 @@ mod close;
 mod config;
 mod conn;
 mod drain;
+mod handover;
 mod http;
 mod id;
 mod limits;
@@ -43,13 +44,41 @@ fn main() {
 }
 
 fn run() -> Result<i32, String> {
-    let mut args = config::Args::parse();
+    // A live upgrade's new binary: the old one's sockets must be handled even if this one
+    // cannot start.
+    let mut inherited = reactor::upgrade::take_inherited();
+    if matches!(std::env::args().nth(1).as_deref(), Some("--version" | "-V")) {
+        let (version, build) = metrics::build();
+        // Untagged, exactly what clap would print (the package test reads it).
+        match build.as_str() {
+            "" => println!("herald {version}"),
+            tag => println!("herald {version} (build {tag})"),
+        }
+        return Ok(0);
+    }
+    let mut args = match config::Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            reactor::upgrade::abandon(inherited, "its flags do not parse");
+            e.exit()
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let (version, build) = metrics::build();
+    if inherited.is_some() {
+        info!("herald {version} (build {build:?}) taking over from the previous binary (SIGUSR2)");
+    }
     let command = args.command.take();
     if let Some(config::Command::Tail(tail)) = &command {
         return probe::tail::run(tail);
     }
-    let cfg = args.into_config(std::env::var("HOST").ok(), std::env::var("PORT").ok())?;
+    let cfg = match args.into_config(std::env::var("HOST").ok(), std::env::var("PORT").ok()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            reactor::upgrade::abandon(inherited, &e);
+            return Err(e);
+        }
+    };
     if let Some(config::Command::Check(check)) = command {
         if check.live.live.is_some() {
             return probe::live::run(&check.live, cfg.ping_interval);
@@ -76,8 +105,14 @@ fn run() -> Result<i32, String> {
              stay on loopback)"
         );
     }
-    let server = reactor::Server::bind(cfg, nofile, max_connections)
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let server = match reactor::Server::bind(cfg, nofile, max_connections, &mut inherited) {
+        Ok(server) => server,
+        Err(e) => {
+            let why = format!("cannot listen on {listen}: {e}");
+            reactor::upgrade::abandon(inherited, &why);
+            return Err(why);
+        }
+    };
     info!("listening on {}", server.local_addr());
     // Under systemd (Type=notify) this is what ends "activating": the port is bound.
     let status = format!("listening on {}", server.local_addr());

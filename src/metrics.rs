@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-#[derive(Debug, Default)]
+use serde::{Deserialize, Serialize};
+
+/// Counters are carried across a live upgrade (`handover.rs`), so they stay continuous.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Counters {
     pub accepted: u64,
     /// Refused at `--max-connections` with a 503.
@@ -40,7 +43,36 @@ pub struct Counters {
     pub pong_timeouts: u64,
     /// Refusals by limits per client address, op rate, subscription cap and PROXY rules.
     pub refusals: crate::limits::Refusals,
+    /// Live upgrades (SIGUSR2) by result.
+    #[serde(default)]
+    pub upgrades: Upgrades,
 }
+
+/// `herald_upgrades_total` by result.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+pub struct Upgrades {
+    /// The new binary took every connection and all state.
+    pub carried: u64,
+    /// The new binary could not use the state: the inherited sockets were drained.
+    pub fallback: u64,
+    /// `execve` failed: the old binary went on serving.
+    pub failed: u64,
+}
+
+/// The build this process runs: the crate version, and a fixed-width tag a packager (or a
+/// test) may patch into the binary's bytes to tell two builds apart.
+pub fn build() -> (&'static str, String) {
+    let tag = std::hint::black_box(BUILD_TAG);
+    let tag = tag
+        .strip_prefix("HERALD-BUILD-TAG[")
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or("")
+        .trim_end_matches('_');
+    (env!("CARGO_PKG_VERSION"), tag.to_string())
+}
+
+/// 16 bytes between the brackets; `_` pads, and reads as nothing.
+static BUILD_TAG: &str = "HERALD-BUILD-TAG[________________]";
 
 /// The limits' state, read at scrape time.
 #[derive(Debug, Default, Clone, Copy)]
@@ -81,7 +113,7 @@ pub struct HistoryGauges {
 }
 
 /// Resumes answered, by outcome.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resumes {
     pub recovered: u64,
     /// Same epoch, but messages after the client's id were gone.
@@ -303,6 +335,17 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
             ],
         );
     }
+    let u = &c.upgrades;
+    o.by_label(
+        "herald_upgrades_total",
+        "Live upgrades (SIGUSR2), by result (fallback: the inherited sockets were drained).",
+        "result",
+        &[
+            ("carried", u.carried),
+            ("fallback", u.fallback),
+            ("failed", u.failed),
+        ],
+    );
     let r = &g.resumes;
     o.by_label(
         "herald_resumes_total",

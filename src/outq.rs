@@ -49,6 +49,16 @@ impl OutQueue {
         self.len == 0
     }
 
+    /// Every unsent byte, from the exact byte the kernel took last (a live upgrade carries
+    /// them, so a partly written frame resumes where it stopped).
+    pub fn unsent(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            out.extend_from_slice(if i == 0 { &chunk[self.offset..] } else { chunk });
+        }
+        out
+    }
+
     /// Forget every chunk not yet started, keeping a partly written one so the peer still
     /// sees whole frames. Returns the bytes dropped.
     pub fn drop_unstarted(&mut self) -> usize {

@@ -360,6 +360,11 @@ impl Sessions {
     }
 
     /// `now` on the op budgets' clock (milliseconds, wrapping).
+    /// A carried session's op budget (live upgrade), at `level`.
+    pub fn op_budget(&self, level: f32, now: Instant) -> OpBudget {
+        OpBudget::with_level(level, self.ms(now))
+    }
+
     fn ms(&self, now: Instant) -> u32 {
         now.saturating_duration_since(self.origin).as_millis() as u32
     }

@@ -234,6 +234,15 @@ impl Reporter {
         }
     }
 
+    /// What the last report sent, for a live upgrade, and taking it back.
+    pub fn last(&self) -> Vec<(String, f64)> {
+        self.last.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    pub fn carry_last(&mut self, last: Vec<(String, f64)>) {
+        self.last = last.into_iter().collect();
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }

@@ -115,6 +115,18 @@ impl Timers {
         }
     }
 
+    /// What is left of each armed timer in `table` at `now` (a live upgrade carries them
+    /// as durations: the new process has another clock origin).
+    pub fn remaining(&self, table: &TimerTable, now: Instant) -> Vec<(Timer, Duration)> {
+        Timer::ALL
+            .into_iter()
+            .filter_map(|kind| {
+                let at = self.instant(table.0[kind.slot()]?);
+                Some((kind, at.saturating_duration_since(now)))
+            })
+            .collect()
+    }
+
     /// The earliest deadline, for the poll timeout.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.set.first().map(|&(at, _, _)| self.instant(at))

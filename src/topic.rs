@@ -66,6 +66,19 @@ impl Patterns {
         self.0.push(Pattern::Exact(topic.to_string()));
     }
 
+    /// The patterns as `parse` reads them (for a live upgrade).
+    pub fn spelled(&self) -> String {
+        let items: Vec<String> = self
+            .0
+            .iter()
+            .map(|p| match p {
+                Pattern::Exact(name) => name.clone(),
+                Pattern::Prefix(prefix) => format!("{prefix}*"),
+            })
+            .collect();
+        items.join(",")
+    }
+
     pub fn matches(&self, topic: &str) -> bool {
         self.0.iter().any(|p| match p {
             Pattern::Exact(name) => name == topic,

@@ -770,6 +770,9 @@ impl Client<'_> {
                     let latency_us = (now.saturating_sub(stamp) / 1000).max(1);
                     let _ = self.latency.record(latency_us);
                     self.tally.received += 1;
+                    if let Some(prev) = self.tally.last_received_ns {
+                        self.tally.max_gap_ns = self.tally.max_gap_ns.max(now.saturating_sub(prev));
+                    }
                     self.tally.last_received_ns = Some(now);
                     self.control.received.fetch_add(1, Ordering::Relaxed);
                     if !self.note_resumable_message(key, id, now) {

@@ -227,6 +227,25 @@ enum Scenario {
         #[arg(long)]
         ignore_hints: bool,
     },
+    /// A live upgrade under load: N subscribers and a publisher at R/s, SIGUSR2 to the
+    /// server's --pid after --at seconds: the pause (longest gap between deliveries),
+    /// publish-to-receive latency, closes and losses
+    Upgrade {
+        #[arg(short = 'n', long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// The herald process to upgrade
+        #[arg(long)]
+        pid: u32,
+        /// Seconds of publishing before SIGUSR2
+        #[arg(long, default_value_t = 3.0)]
+        at: f64,
+        #[arg(long, default_value_t = 8.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+    },
     #[command(hide = true)]
     Worker {
         #[arg(long)]
@@ -535,6 +554,67 @@ fn run(cli: &Cli) -> Result<Report, String> {
                 tool_start,
             )?
         }
+        Scenario::Upgrade {
+            connections,
+            rate,
+            pid,
+            at,
+            duration,
+            payload,
+        } => {
+            let pace = Pace {
+                from: *rate,
+                to: *rate,
+                duration: Duration::from_secs_f64(*duration),
+            };
+            let (pid, at) = (*pid, *at);
+            let signal = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs_f64(at));
+                std::process::Command::new("kill")
+                    .args(["-USR2", &pid.to_string()])
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            });
+            let mut r = broadcast(
+                cli,
+                &planner,
+                &observer,
+                &subscribe_path,
+                *connections,
+                pace,
+                (*payload, None),
+                5.0,
+                false,
+                tool_start,
+            )?;
+            let signalled = signal.join().unwrap_or(false);
+            r.scenario = "upgrade";
+            r.json_scenario("upgrade");
+            r.add(
+                "signalled",
+                format!(
+                    "SIGUSR2 to {pid} after {at} s: {}",
+                    if signalled { "sent" } else { "FAILED" }
+                ),
+                json!(signalled),
+            );
+            let (gap, closes) = r.upgrade_figures.unwrap_or_default();
+            r.add(
+                "pause",
+                format!(
+                    "{:.1} ms (longest gap between deliveries at one client thread)",
+                    gap as f64 / 1e6
+                ),
+                json!(gap as f64 / 1e6),
+            );
+            r.add(
+                "closes",
+                format!("{closes} connections ended"),
+                json!(closes),
+            );
+            r
+        }
         Scenario::Echo {
             clients,
             size,
@@ -809,6 +889,7 @@ fn broadcast(
     add_wire(&mut r, t, subscribers, cli.deflate);
     add_server_cpu(&mut r, cpu0, cpu1, t.received as f64, "deliveries");
     add_tool(&mut r, &fin, tool_start);
+    r.upgrade_figures = Some((t.max_gap_ns, t.disconnects));
     Ok(r)
 }
 

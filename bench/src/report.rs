@@ -43,7 +43,10 @@ pub fn percentiles(b: &Buckets) -> Value {
 }
 
 pub struct Report {
-    scenario: &'static str,
+    pub scenario: &'static str,
+    /// broadcast: the longest delivery gap (ns) and the connections that ended, for
+    /// `upgrade` to report.
+    pub upgrade_figures: Option<(u64, u64)>,
     rows: Vec<(String, String)>,
     json: Map<String, Value>,
 }
@@ -54,9 +57,14 @@ impl Report {
         json.insert("scenario".into(), json!(scenario));
         Report {
             scenario,
+            upgrade_figures: None,
             rows: Vec::new(),
             json,
         }
+    }
+
+    pub fn json_scenario(&mut self, scenario: &'static str) {
+        self.json.insert("scenario".into(), json!(scenario));
     }
 
     /// A row for the table and a field of the JSON object.

@@ -69,6 +69,10 @@ pub struct Tally {
     pub last_subscribed_ns: Option<u64>,
     /// When the last message arrived.
     pub last_received_ns: Option<u64>,
+    /// The longest time between two messages arriving at one client thread (`upgrade`:
+    /// the pause the server's upgrade caused), and when it ended.
+    #[serde(default)]
+    pub max_gap_ns: u64,
     /// capacity: per message id, how many subscribers received it within the bound.
     pub within_bound: BTreeMap<u64, u64>,
     /// This process's CPU seconds (user + system), filled in by the worker.
@@ -235,6 +239,7 @@ impl Tally {
         self.first_disconnect_ns = min_opt(self.first_disconnect_ns, o.first_disconnect_ns);
         self.last_subscribed_ns = max_opt(self.last_subscribed_ns, o.last_subscribed_ns);
         self.last_received_ns = max_opt(self.last_received_ns, o.last_received_ns);
+        self.max_gap_ns = self.max_gap_ns.max(o.max_gap_ns);
         for (id, n) in &o.within_bound {
             *self.within_bound.entry(*id).or_default() += n;
         }

@@ -92,7 +92,7 @@ impl Conn {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct ClientCounters {
     pub requests: u64,
     pub timeouts: u64,

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use mio::{Registry, Token};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::auth::Grant;
@@ -241,8 +241,8 @@ impl Ask {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-struct AuthCounters {
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+pub struct AuthCounters {
     allowed: u64,
     refused: u64,
     unavailable: u64,
@@ -279,6 +279,19 @@ struct Hooks {
     /// The tag of the batch in flight.
     in_flight: Option<u64>,
 }
+
+/// The application's part of a live upgrade's state (`App::export`).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Carried {
+    auth: Option<(AuthCounters, client::ClientCounters)>,
+    hooks: Option<HookCounts>,
+    /// Webhook events not yet delivered, oldest first.
+    undelivered: Vec<String>,
+}
+
+/// The webhooks' counters, and their client's.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct HookCounts(webhook::HookCounters, client::ClientCounters);
 
 /// Callbacks and webhooks; both absent when neither is configured (then every method is
 /// a cheap no-op).
@@ -477,6 +490,61 @@ impl App {
 
     pub fn hooks_on(&self) -> bool {
         self.hooks.is_some()
+    }
+
+    /// Questions to the application still unanswered (a live upgrade waits for them).
+    pub fn questions(&self) -> usize {
+        self.auth.as_ref().map_or(0, |a| a.asks.len())
+    }
+
+    /// The subscribes still waiting for the application: (connection, serial, topic).
+    pub fn subscribes_waiting(&self) -> Vec<(ConnId, u64, &str)> {
+        let Some(auth) = self.auth.as_ref() else {
+            return Vec::new();
+        };
+        let waiting = auth.asks.values().filter_map(|ask| match ask {
+            Ask::Subscribe {
+                id, serial, topic, ..
+            } => Some((*id, *serial, topic.as_str())),
+            Ask::Connect { .. } => None,
+        });
+        waiting.collect()
+    }
+
+    /// What a live upgrade carries: the counters, and the webhooks not yet delivered.
+    pub fn export(&self) -> Carried {
+        Carried {
+            auth: self.auth.as_ref().map(|a| (a.counters, a.client.counters)),
+            hooks: self
+                .hooks
+                .as_ref()
+                .map(|h| HookCounts(h.queue.counters, h.client.counters)),
+            undelivered: self
+                .hooks
+                .as_ref()
+                .map_or_else(Vec::new, |h| h.queue.undelivered()),
+        }
+    }
+
+    /// The new binary takes over what `export` gave (the parts this configuration has:
+    /// webhooks carried to a binary without `--webhook-url` are dropped, and logged).
+    pub fn carry(&mut self, carried: Carried, now: Instant) {
+        if let (Some(a), Some((counters, client))) = (self.auth.as_mut(), carried.auth) {
+            a.counters = counters;
+            a.client.counters = client;
+        }
+        match (self.hooks.as_mut(), carried.hooks) {
+            (Some(h), Some(HookCounts(counters, client))) => {
+                h.client.counters = client;
+                h.queue.carry(carried.undelivered, counters, now);
+            }
+            (None, _) if !carried.undelivered.is_empty() => warn!(
+                "upgrade: {} webhook events not delivered are dropped: this binary has no \
+                 --webhook-url",
+                carried.undelivered.len()
+            ),
+            _ => {}
+        }
     }
 
     pub fn event(&mut self, kind: Kind, topic: &str, member: Option<&str>, now: Instant) {

@@ -45,7 +45,7 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct HookCounters {
     pub events: u64,
     pub delivered: u64,
@@ -114,6 +114,23 @@ impl Webhooks {
         };
         self.queue.push_back(event.to_string());
         self.first_at.get_or_insert(now);
+    }
+
+    /// A live upgrade: the events not yet delivered, the batch being sent (or waiting to
+    /// be sent again) first, in order.
+    pub fn undelivered(&self) -> Vec<String> {
+        let batch = self.batch.iter().flatten();
+        batch.chain(&self.queue).cloned().collect()
+    }
+
+    /// The new binary takes over what the old one had not delivered. A batch that was in
+    /// flight goes again, so the application may see it twice (as after any retry).
+    pub fn carry(&mut self, events: Vec<String>, counters: HookCounters, now: Instant) {
+        self.counters = counters;
+        if !events.is_empty() {
+            self.queue.extend(events);
+            self.first_at = Some(now);
+        }
     }
 
     /// When `next_batch` will have something to say, if ever without new events.

@@ -621,6 +621,14 @@ impl History {
         self.evicted
     }
 
+    /// The evictions an old binary counted (live upgrade), on top of any this one's
+    /// restore counted.
+    pub fn carry_evictions(&mut self, e: Evictions) {
+        self.evicted.size += e.size;
+        self.evicted.ttl += e.ttl;
+        self.evicted.memory += e.memory;
+    }
+
     /// Topic records: topics held, with messages kept, or lingering.
     pub fn topics(&self) -> usize {
         self.records.len()

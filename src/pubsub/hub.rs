@@ -381,6 +381,19 @@ impl Hub {
         self.memberships.get(conn.0).map_or(&[], SmallVec::as_slice)
     }
 
+    /// `conn`'s memberships as (topic, live, epoch, last id), for a live upgrade.
+    pub fn places(&self, conn: ConnId) -> Vec<(String, bool, Option<String>, u64)> {
+        self.memberships_of(conn)
+            .iter()
+            .filter_map(|m| {
+                let topic = &self.topics[m.topic];
+                let member = topic.subscribers.get(m.slot)?;
+                let epoch = member.epoch.as_ref().map(|e| e.to_string());
+                Some((topic.name.to_string(), member.live, epoch, member.last))
+            })
+            .collect()
+    }
+
     /// The names of the topics `conn` is in.
     pub fn names(&self, conn: ConnId) -> Vec<String> {
         self.memberships_of(conn)

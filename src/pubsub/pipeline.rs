@@ -35,12 +35,13 @@ use crate::app::App;
 use crate::app::webhook::Kind as Hook;
 use crate::config::Config;
 use crate::conn::{ConnId, Conns, Ended};
+use crate::handover;
 use crate::metrics::{Counters, HistoryGauges, RedisGauges, Resumes};
 use crate::pubsub::history::{self, History, Outcome};
 use crate::pubsub::hub::{self, Follow, Hub, Joined, Left, Published, SubscribeError};
 use crate::pubsub::occupancy::{Call, Entry, News, Occupancy};
 use crate::pubsub::presence::{self, Change, Presence};
-use crate::pubsub::redis::{PresenceAnswer, Redis, Stored};
+use crate::pubsub::redis::{PresenceAnswer, Redis, RedisCounters, Stored};
 use crate::ws::codec as ws;
 use crate::ws::deflate::Deflater;
 use crate::ws::protocol::{self, OpError, Position, Resume};
@@ -73,6 +74,9 @@ struct Waiting {
     conn: ConnId,
     serial: u64,
     from: Option<LeftOff>,
+    /// Carried by a live upgrade: the client already has its `subscribed` reply, so a
+    /// resume that recovers everything only replays (one that cannot still says so).
+    quiet: bool,
 }
 
 /// Why a read was sent to Redis.
@@ -451,6 +455,7 @@ impl PubSub {
             conn: id,
             serial: conns[id].serial,
             from,
+            quiet: false,
         };
         if !redis.is_up() {
             // The subscription is recorded and will be made on reconnect; holding the
@@ -669,7 +674,9 @@ impl PubSub {
         };
         let id = waiting.conn;
         let sub = grant_sub(conns, id);
-        conns.queue(id, protocol::subscribed(topic, &at, sub.as_deref()));
+        if !(waiting.quiet && outcome == Some(Outcome::Recovered)) {
+            conns.queue(id, protocol::subscribed(topic, &at, sub.as_deref()));
+        }
         if waiting.from.is_some() {
             for (_, frame) in mine {
                 conns.queue(id, frame.clone());
@@ -978,6 +985,94 @@ impl PubSub {
         self.presence.snapshot(topic)
     }
 
+    // ---- live upgrade ----------------------------------------------------------------
+
+    /// WebSocket work waiting for Redis: subscriptions for their channel or their read,
+    /// `presence` ops for their answer. A live upgrade waits for it (bounded), since
+    /// replies at Redis cannot be carried.
+    pub fn waiting_at_redis(&self) -> usize {
+        self.reads.len()
+            + self.presence_reads.len()
+            + self.pending_acks.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// `id`'s subscriptions and where each stands, for the handover.
+    pub fn export_topics(&self, id: ConnId) -> Vec<handover::Membership> {
+        self.hub
+            .places(id)
+            .into_iter()
+            .map(|(topic, live, epoch, last)| handover::Membership {
+                presence: self.presence.entry(id, &topic),
+                topic,
+                live,
+                epoch,
+                last,
+            })
+            .collect()
+    }
+
+    /// A carried connection's subscriptions, at the places it had. Without Redis the
+    /// history came along, so each goes on live where it was. Through Redis, whatever
+    /// Redis published while no process listened is read back: each member resumes from
+    /// its place as after a reconnect, quietly when nothing is missing. False when one
+    /// cannot be carried (a resume was at Redis): the caller tells the client to
+    /// reconnect, and its resume says what it missed.
+    pub fn restore_topics(
+        &mut self,
+        conns: &mut Conns,
+        id: ConnId,
+        topics: Vec<handover::Membership>,
+    ) -> bool {
+        let deflate = conns
+            .get(id)
+            .and_then(|c| c.session())
+            .is_some_and(|s| s.ws.takes_shared_deflate());
+        let mut whole = true;
+        for m in topics {
+            if crate::topic::check_name(&m.topic).is_err() {
+                whole = false;
+                continue;
+            }
+            let live = self.redis.is_none() || (m.live && m.epoch.is_none());
+            let Ok(joined) = self.hub.subscribe(id, &m.topic, live, deflate) else {
+                whole = false;
+                continue;
+            };
+            if let Some((member, watch)) = &m.presence {
+                // Already a member before the upgrade: nobody is told it joined.
+                let _ = self.presence.join(id, &m.topic, member, *watch);
+            }
+            let Some(redis) = self.redis.as_mut() else {
+                if joined == Joined::NewTopic {
+                    self.history.retain(&m.topic);
+                }
+                self.hub.set_place(id, &m.topic, m.last);
+                continue;
+            };
+            if joined == Joined::NewTopic {
+                redis.subscribe(&m.topic);
+            }
+            match (m.live, m.epoch) {
+                (true, Some(epoch)) => {
+                    self.hub.place(id, &m.topic, &epoch, m.last);
+                    let waiting = Waiting {
+                        conn: id,
+                        serial: conns[id].serial,
+                        from: Some(LeftOff {
+                            since: m.last,
+                            epoch,
+                        }),
+                        quiet: true,
+                    };
+                    self.pending_acks.entry(m.topic).or_default().push(waiting);
+                }
+                (true, None) => {}
+                (false, _) => whole = false,
+            }
+        }
+        whole
+    }
+
     /// The topics `id` is subscribed to.
     pub fn topics_of(&self, id: ConnId) -> Vec<String> {
         self.hub.names(id)
@@ -1105,6 +1200,38 @@ impl PubSub {
 
     pub fn resumes(&self) -> Resumes {
         self.resumes
+    }
+
+    /// The counts a live upgrade hands over: resumes, history's evictions (size, ttl,
+    /// memory) and the Redis link's (reconnects, errors).
+    pub fn counts(&self) -> handover::PubSubCounts {
+        let e = self.history.evictions();
+        let redis = self.redis.as_ref().map(Redis::counters).unwrap_or_default();
+        handover::PubSubCounts {
+            resumes: self.resumes,
+            evictions: (e.size, e.ttl, e.memory),
+            redis: (redis.reconnects, redis.errors),
+            redis_ha: (redis.failovers, redis.unreplicated, redis.redirects),
+            redis_instance: self.redis.as_ref().map(|r| r.instance().to_string()),
+        }
+    }
+
+    pub fn carry_counts(&mut self, c: handover::PubSubCounts) {
+        self.resumes = c.resumes;
+        let (size, ttl, memory) = c.evictions;
+        self.history
+            .carry_evictions(history::Evictions { size, ttl, memory });
+        if let Some(r) = self.redis.as_mut() {
+            let (failovers, unreplicated, redirects) = c.redis_ha;
+            let counts = RedisCounters {
+                reconnects: c.redis.0,
+                errors: c.redis.1,
+                failovers,
+                unreplicated,
+                redirects,
+            };
+            r.carry(c.redis_instance.as_deref(), counts);
+        }
     }
 
     pub fn history_gauges(&self) -> HistoryGauges {

@@ -150,6 +150,12 @@ impl Presence {
         })
     }
 
+    /// `conn`'s member id on `topic` and whether it watches, for a live upgrade.
+    pub fn entry(&self, conn: ConnId, topic: &str) -> Option<(String, bool)> {
+        let entry = self.rooms.get(topic)?.conns.get(&conn)?;
+        Some((entry.member.to_string(), entry.watch))
+    }
+
     /// `conn` left `topic`; `edge`: that was the member's last connection here. `None`
     /// when it was not there.
     pub fn leave(&mut self, conn: ConnId, topic: &str) -> Option<Change> {

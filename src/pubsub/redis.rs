@@ -708,6 +708,14 @@ impl Node {
         self.command.phase == Phase::Down && self.command.attempt > 0
     }
 
+    /// Live upgrade: go on as the process the old binary was, so its presence entries in
+    /// Redis stay this process's (before the first connection is made).
+    pub fn carry_instance(&mut self, instance: &str) {
+        if instance.len() == 12 && instance.bytes().all(|b| b.is_ascii_hexdigit()) {
+            self.instance = instance.to_string();
+        }
+    }
+
     pub fn is_up(&self) -> bool {
         self.up
     }
@@ -2170,6 +2178,21 @@ impl Redis {
 
     pub fn in_flight(&self) -> usize {
         self.nodes.iter().map(Node::in_flight).sum()
+    }
+
+    /// Live upgrade: go on as the process the old binary was (`Node::carry_instance`),
+    /// and from its counts (kept on the first node; `counters` sums them).
+    pub fn carry(&mut self, instance: Option<&str>, counts: RedisCounters) {
+        let node = &mut self.nodes[0];
+        if let Some(instance) = instance {
+            node.carry_instance(instance);
+        }
+        let c = &mut node.counters;
+        c.reconnects += counts.reconnects;
+        c.errors += counts.errors;
+        c.failovers += counts.failovers;
+        c.unreplicated += counts.unreplicated;
+        c.redirects += counts.redirects;
     }
 
     /// The links' counters, summed over shards.

@@ -16,6 +16,7 @@
 
 mod net;
 mod state;
+pub mod upgrade;
 
 use std::io::{self, Read};
 use std::mem;
@@ -26,10 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::close::Reject;
@@ -184,6 +185,12 @@ pub struct Server {
     counters: Counters,
     /// `--statsd`: what the last report sent, and the socket reports go out on.
     statsd: Option<Statsd>,
+    /// Live upgrade (`upgrade.rs`): the binary to execute, resolved at start; when the
+    /// upgrade asked for by SIGUSR2 goes at the latest; the paced drain of sockets
+    /// inherited from a binary whose state this one could not use.
+    exe: Option<upgrade::Exe>,
+    upgrade_at: Option<Instant>,
+    inherited_pacer: Option<Pacer>,
 }
 
 /// `--statsd`'s state in the loop.
@@ -196,14 +203,32 @@ struct Statsd {
 }
 
 impl Server {
-    pub fn bind(cfg: Config, nofile: NoFile, max_connections: usize) -> io::Result<Server> {
+    /// `inherited`: what the old binary left, when this process is the new binary of a
+    /// live upgrade (taken once the server exists).
+    pub fn bind(
+        cfg: Config,
+        nofile: NoFile,
+        max_connections: usize,
+        inherited: &mut Option<Result<crate::handover::Envelope, String>>,
+    ) -> io::Result<Server> {
         let poll = Poll::new()?;
-        let mut listener = match net::inherited()? {
+        let fds = match inherited {
+            Some(Ok(e)) => (e.listener, e.agent, e.metrics),
+            _ => (None, None, None),
+        };
+        let carried = upgrade::listener(fds.0);
+        let mut listener = match carried {
             Some(l) => {
-                info!("using the listener passed by systemd (socket activation)");
+                info!("using the listener the previous binary passed (live upgrade)");
                 l
             }
-            None => net::listen(cfg.listen, cfg.backlog, cfg.reuse_port)?,
+            None => match net::inherited()? {
+                Some(l) => {
+                    info!("using the listener passed by systemd (socket activation)");
+                    l
+                }
+                None => net::listen(cfg.listen, cfg.backlog, cfg.reuse_port)?,
+            },
         };
         net::set_client_options(&listener, cfg.sndbuf);
         let local_addr = listener.local_addr()?;
@@ -211,7 +236,10 @@ impl Server {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let agent = match cfg.agent_listen {
             Some(addr) => {
-                let mut l = net::listen(addr, 64, false)?;
+                let mut l = match upgrade::listener(fds.1) {
+                    Some(l) => l,
+                    None => net::listen(addr, 64, false)?,
+                };
                 poll.registry()
                     .register(&mut l, AGENT, Interest::READABLE)?;
                 info!("agent-check on {}", l.local_addr()?);
@@ -242,7 +270,10 @@ impl Server {
         };
         let metrics = match cfg.metrics_listen {
             Some(addr) => {
-                let mut l = net::listen(addr, 64, false)?;
+                let mut l = match upgrade::listener(fds.2) {
+                    Some(l) => l,
+                    None => net::listen(addr, 64, false)?,
+                };
                 poll.registry()
                     .register(&mut l, METRICS, Interest::READABLE)?;
                 info!("metrics on http://{}/metrics", l.local_addr()?);
@@ -250,13 +281,15 @@ impl Server {
             }
             None => None,
         };
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGUSR2])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let signalled = Arc::new(AtomicBool::new(false));
         for signal in [SIGTERM, SIGINT] {
             signal_hook::flag::register(signal, Arc::clone(&signalled))?;
         }
+        // Handlers are in place: a signal the old binary blocked across `execve` lands now.
+        upgrade::unblock_signals();
         let rules = Rules::new(&cfg, nofile.soft, max_connections);
         let now = Instant::now();
         let state_file = match (&cfg.state_dir, &cfg.redis) {
@@ -267,11 +300,17 @@ impl Server {
             }
             (None, _) => None,
         };
-        let history = match &state_file {
-            Some(file) => state::load(file, cfg.history, now),
-            None => History::new(cfg.history, crate::pubsub::history::wall_clock_seed()),
+        let seed = crate::pubsub::history::wall_clock_seed();
+        let history = match (inherited.as_ref(), &state_file) {
+            (Some(Ok(e)), _) => History::restore(&e.history, cfg.history, seed, now)
+                .unwrap_or_else(|why| {
+                    warn!("upgrade: the history handed over is unusable ({why}); new epochs");
+                    History::new(cfg.history, seed)
+                }),
+            (_, Some(file)) => state::load(file, cfg.history, now),
+            (_, None) => History::new(cfg.history, seed),
         };
-        Ok(Server {
+        let mut server = Server {
             poll,
             events: Events::with_capacity(EVENTS_CAPACITY),
             listener: Some(listener),
@@ -315,7 +354,16 @@ impl Server {
             ),
             counters: Counters::default(),
             statsd,
-        })
+            exe: upgrade::Exe::resolve(),
+            upgrade_at: None,
+            inherited_pacer: None,
+        };
+        match inherited.take() {
+            Some(Ok(envelope)) => server.adopt(envelope, &cfg, now),
+            Some(Err(why)) => error!("upgrade: the state file cannot be read ({why})"),
+            None => {}
+        }
+        Ok(server)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -343,6 +391,8 @@ impl Server {
             self.flush_redis(now);
             self.flush_websockets(now);
             self.reap_dead();
+            self.close_due_inherited(now);
+            self.upgrade_if_due(now);
             if let Some(code) = self.advance_drain(now) {
                 break code;
             }
@@ -388,6 +438,8 @@ impl Server {
                 self.pacer.as_ref().and_then(Pacer::next_deadline),
                 self.statsd.as_ref().map(|s| s.reporter.next_deadline()),
                 self.pubsub.app().next_deadline(),
+                self.upgrade_at,
+                self.inherited_pacer.as_ref().and_then(Pacer::next_deadline),
             ]
             .into_iter()
             .flatten()
@@ -478,6 +530,10 @@ impl Server {
         self.signalled.store(false, Ordering::Relaxed);
         let pending: Vec<i32> = self.signals.pending().collect();
         for signal in pending {
+            if signal == SIGUSR2 {
+                self.request_upgrade(now);
+                continue;
+            }
             if signal == SIGUSR1 {
                 self.operator_drain = !self.operator_drain;
                 info!(

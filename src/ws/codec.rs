@@ -22,6 +22,7 @@ use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
 use crate::close::CloseReason;
+use crate::handover;
 use crate::outq::OutQueue;
 use crate::ws::deflate::{Deflater, InflateError, Inflater, SHARED_WINDOW, Window};
 
@@ -103,6 +104,64 @@ impl Ws {
             close_received: false,
             deflate,
         }
+    }
+
+    /// Its whole state, for a live upgrade (`handover.rs`).
+    pub fn export(&self) -> handover::Ws {
+        let (input, message) = match &self.pending {
+            Some(p) => (
+                p.input[p.at..].to_vec(),
+                p.message.as_ref().map(|m| handover::Fragments {
+                    text: m.text,
+                    compressed: m.compressed,
+                    payload: m.payload.clone(),
+                    valid_utf8: m.valid_utf8,
+                }),
+            ),
+            None => (Vec::new(), None),
+        };
+        handover::Ws {
+            input,
+            message,
+            max_message_size: self.max_message_size,
+            close_sent: self.close_sent,
+            close_received: self.close_received,
+            deflate: self.deflate.map(Window::bits),
+        }
+    }
+
+    /// The codec an old binary exported; `None` for a state this one could not have
+    /// been in (a window zlib cannot make, fragments past the size limit).
+    pub fn import(w: handover::Ws) -> Option<Ws> {
+        let deflate = match w.deflate {
+            Some(bits) => Some(Window::new(bits)?),
+            None => None,
+        };
+        let message = match w.message {
+            Some(m) if m.payload.len() > w.max_message_size as usize => return None,
+            Some(m) if m.valid_utf8 > m.payload.len() => return None,
+            Some(m) => Some(Fragments {
+                text: m.text,
+                compressed: m.compressed,
+                payload: m.payload,
+                valid_utf8: m.valid_utf8,
+            }),
+            None => None,
+        };
+        let pending = (!w.input.is_empty() || message.is_some()).then(|| {
+            Box::new(Pending {
+                input: w.input,
+                at: 0,
+                message,
+            })
+        });
+        Some(Ws {
+            pending,
+            max_message_size: w.max_message_size,
+            close_sent: w.close_sent,
+            close_received: w.close_received,
+            deflate,
+        })
     }
 
     /// Whether permessage-deflate was negotiated.
@@ -549,6 +608,34 @@ mod tests {
             let texts: Vec<&str> = events.iter().map(text).collect();
             assert_eq!(texts, ["hello", "world"], "split at {split}");
         }
+    }
+
+    /// Live upgrade: a codec exported at any byte of a fragmented message (with a
+    /// partial frame) and imported into a new one reads on as if nothing happened.
+    #[test]
+    fn an_exported_codec_resumes_mid_frame_and_mid_message() {
+        let mut bytes = client_frame(0x01, "héllo, ".as_bytes());
+        bytes.extend(client_frame(0x00, b"wor"));
+        bytes.extend(client_frame(0x80, b"ld"));
+        for split in 0..bytes.len() {
+            let mut ws = Ws::new(1024, Window::new(12));
+            let mut out = OutQueue::default();
+            let mut events = drain(&mut ws, &bytes[..split], &mut out);
+            let state = ws.export();
+            let mut again = Ws::import(state.clone()).expect("a state it exported");
+            assert_eq!(again.export(), state);
+            events.extend(drain(&mut again, &bytes[split..], &mut out));
+            assert_eq!(
+                events.iter().map(text).collect::<Vec<_>>(),
+                ["héllo, world"]
+            );
+        }
+        // What no binary could have exported is refused, not trusted.
+        let bad = handover::Ws {
+            deflate: Some(3),
+            ..handover::Ws::default()
+        };
+        assert!(Ws::import(bad).is_none());
     }
 
     #[test]

@@ -652,3 +652,102 @@ fn a_valid_token_needs_no_callback_and_an_invalid_one_is_the_apps_to_judge() {
         "asked, and the app is down"
     );
 }
+
+/// A live upgrade (SIGUSR2) carries what the application decided and what it has not yet
+/// been told: the connection's grant and its cached subscribe answers (nothing is asked
+/// again), the webhooks still undelivered (the app was down; they arrive from the new
+/// binary), and every counter.
+#[test]
+fn a_live_upgrade_carries_grants_cached_answers_and_undelivered_webhooks() {
+    use crate::upgrade::{install, metrics_of, scratch, start_from, upgrade_to};
+    let app = App::start(&[]);
+    let hooks_port = free_port();
+    let dir = scratch("callbacks");
+    let exe = dir.join("herald");
+    install(&exe, "cb-old");
+    let hook_url = format!("http://127.0.0.1:{hooks_port}/hook");
+    let h = start_from(
+        &exe,
+        &[
+            "--auth-url",
+            &app.url("/auth"),
+            "--auth-secret",
+            SECRET,
+            "--private-topics",
+            "user:*,team:*,vip:*",
+            "--auth-subscribe",
+            "--webhook-url",
+            &hook_url,
+        ],
+        &[],
+    );
+    let mut ws = ws_as(&h, "/ws?topics=user:42", "alice").expect("alice is let in");
+    assert_eq!(next_json(&mut ws)["op"], "subscribed");
+    assert_eq!(subscribe(&mut ws, "vip:lounge")["op"], "subscribed");
+    assert_eq!(subscribe(&mut ws, "news")["op"], "subscribed");
+    let before = app.stats();
+    assert_eq!(
+        (
+            before["requests"].as_u64(),
+            before["subscribe_asks"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    // Nothing listens on the webhook port: the occupied events wait, retried.
+    assert!(eventually(TIMEOUT, || {
+        metrics_of(&h)
+            .get("herald_webhook_failed_attempts_total")
+            .is_some_and(|v| *v >= 1.0)
+    }));
+    let old = metrics_of(&h);
+
+    let new = upgrade_to(&h, &exe, "cb-new");
+    for (name, value) in old.iter().filter(|(k, _)| {
+        (k.starts_with("herald_auth_") || k.starts_with("herald_webhook_")) && k.ends_with("_total")
+    }) {
+        let now = new.get(name).copied().unwrap_or(0.0);
+        assert!(
+            now >= *value,
+            "{name} went from {value} to {now} across the upgrade"
+        );
+    }
+    assert!(
+        new["herald_webhook_queued"] >= 3.0,
+        "the undelivered events came along: {new:?}"
+    );
+
+    // The grant and the cached answer: the application is asked nothing new.
+    send_json(&mut ws, json!({"op":"unsubscribe","topic":"vip:lounge"}));
+    assert_eq!(next_json(&mut ws)["op"], "unsubscribed");
+    assert_eq!(subscribe(&mut ws, "vip:lounge")["op"], "subscribed");
+    assert_eq!(subscribe(&mut ws, "team:7:x")["op"], "subscribed");
+    let after = app.stats();
+    assert_eq!(
+        (after["requests"].as_u64(), after["subscribe_asks"].as_u64()),
+        (Some(2), Some(1)),
+        "nothing asked again after the upgrade"
+    );
+    // A topic neither granted nor answered is still the application's to decide.
+    assert_eq!(subscribe(&mut ws, "user:43")["error"], "forbidden");
+    assert_eq!(app.stats()["subscribe_asks"], 2);
+    assert_eq!(h.publish("news", "1")["delivered"], 1);
+    assert_eq!(next_json(&mut ws)["op"], "message");
+
+    // The webhook application comes up: the old binary's events arrive from the new one.
+    let hooks = App::start(&["--port", &hooks_port.to_string()]);
+    assert!(
+        eventually(Duration::from_secs(40), || {
+            let events = hook_events(&hooks);
+            ["user:42", "vip:lounge", "news"].iter().all(|t| {
+                events
+                    .iter()
+                    .any(|e| e["name"] == "topic_occupied" && e["topic"] == *t)
+            })
+        }),
+        "carried events: {:?}\n{}",
+        hook_events(&hooks),
+        h.log()
+    );
+    assert_eq!(hooks.stats()["forged"], 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -874,3 +874,63 @@ fn haproxy_balances_two_processes_that_share_topics_through_redis() {
     );
     drop(app);
 }
+
+/// Issue 17: `supervisorctl signal USR2 herald` upgrades in place: the shipped config,
+/// the same PID RUNNING, the WebSocket still open and served by the new binary.
+#[test]
+fn supervisorctl_signal_usr2_upgrades_herald_in_place() {
+    let _one_at_a_time = SUPERVISORD.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir("usr2");
+    let herald: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let sup = Supervisord::start(
+        &dir,
+        "supervisor/supervisord.conf",
+        &[("HERALD_LISTEN", herald.to_string())],
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || healthy(herald)),
+        "herald did not start under supervisord:\n{}",
+        sup.log()
+    );
+    // Past startsecs: supervisord counts it as started.
+    let running = || text(&sup.ctl(&["status", "herald"])).contains("RUNNING");
+    assert!(
+        eventually(Duration::from_secs(10), running),
+        "{}",
+        sup.log()
+    );
+    let pid = sup.herald_pid().expect("supervisord knows herald's pid");
+    let url = format!("ws://{herald}/ws?topics=usr2");
+    let stream = TcpStream::connect(herald).unwrap();
+    stream.set_read_timeout(Some(crate::util::TIMEOUT)).unwrap();
+    let (mut ws, _) = tungstenite::client::client(url.as_str(), stream).expect("handshake");
+    assert_eq!(next_json(&mut ws)["op"], "subscribed");
+    let signalled = sup.ctl(&["signal", "USR2", "herald"]);
+    assert!(signalled.status.success(), "{}", text(&signalled));
+    let carried = || {
+        let mut conn = HttpConn::connect(herald);
+        let m = crate::util::parse_metrics(
+            &conn
+                .exchange(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+                .text(),
+        );
+        m.get("herald_upgrades_total{result=\"carried\"}") == Some(&1.0)
+    };
+    assert!(
+        eventually(Duration::from_secs(20), carried),
+        "no upgrade:\n{}",
+        sup.log()
+    );
+    assert_eq!(sup.herald_pid(), Some(pid));
+    let status = text(&sup.ctl(&["status", "herald"]));
+    assert!(
+        status.contains("RUNNING") && status.contains(&format!("pid {pid}")),
+        "{status}"
+    );
+    assert_eq!(publish_to(herald, "usr2", "\"after\"")["delivered"], 1);
+    let m = next_json(&mut ws);
+    assert_eq!(
+        (m["op"].as_str(), m["data"].as_str()),
+        (Some("message"), Some("after"))
+    );
+}

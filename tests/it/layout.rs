@@ -54,10 +54,16 @@ const PURE: &[&str] = &[
     "app::sign",
     "app::webhook",
     "app::wire",
+    "handover",
 ];
 const HANDLERS: &[&str] = &["http::front", "session", "pubsub::pipeline", "app::gate"];
 const TABLE: &[&str] = &["conn"];
-const LOOP: &[&str] = &["reactor", "reactor::net", "reactor::state"];
+const LOOP: &[&str] = &[
+    "reactor",
+    "reactor::net",
+    "reactor::state",
+    "reactor::upgrade",
+];
 /// Outside the layers, and the only modules besides the loop that may use the loop.
 const START: &[&str] = &[
     ROOT,

@@ -30,4 +30,5 @@ mod sentinel;
 mod signals;
 mod statsd;
 mod topics;
+mod upgrade;
 mod util;

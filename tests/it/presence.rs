@@ -314,3 +314,53 @@ fn with_redis_a_killed_process_drops_its_members_within_the_ttl() {
     );
     nothing_pending(&mut watcher);
 }
+
+/// Wait until `h` says a live upgrade carried its state (and, with Redis, the link is
+/// back).
+fn upgraded(h: &Herald, redis: bool) -> bool {
+    h.signal(libc::SIGUSR2);
+    eventually(Duration::from_secs(20), || {
+        let m = h.metrics();
+        m.get("herald_upgrades_total{result=\"carried\"}") == Some(&1.0)
+            && (!redis || m.get("herald_redis_up") == Some(&1.0))
+    })
+}
+
+/// Issue 17: presence is carried by a live upgrade: the same members, no join or leave
+/// told to anyone, and a watcher goes on hearing of later changes.
+#[test]
+fn a_live_upgrade_keeps_presence_without_events() {
+    let h = server(&[]);
+    let mut watcher = join(&h, "room:1", Some("w"), true);
+    let _alice = join(&h, "room:1", Some("alice"), false);
+    assert_eq!(next_event(&mut watcher, "w")["sub"], "alice");
+    assert!(upgraded(&h, false), "{}", h.log());
+    assert_eq!(
+        named(&get_presence(&h, "room:1")),
+        pairs(&[("alice", 1), ("w", 1)])
+    );
+    nothing_pending(&mut watcher);
+    let _bob = join(&h, "room:1", Some("bob"), false);
+    assert_eq!(
+        next_event(&mut watcher, "w"),
+        json!({"op":"join","topic":"room:1","sub":"bob"})
+    );
+}
+
+/// With Redis the upgraded process keeps its instance id, so its members are not counted
+/// twice (once under the old id until its TTL) and nobody is told they left.
+#[test]
+fn with_redis_a_live_upgrade_keeps_presence_without_events() {
+    let redis = RedisServer::start();
+    let (a, b) = redis_pair(&redis, &["--presence-ttl", "2"]);
+    let mut watcher = join(&b, "room:1", Some("w"), true);
+    let _alice = join(&a, "room:1", Some("alice"), false);
+    assert_eq!(next_event(&mut watcher, "w")["sub"], "alice");
+    assert!(upgraded(&a, true), "{}", a.log());
+    let want = [("alice", 1), ("w", 1)];
+    assert_eq!(named(&get_presence(&b, "room:1")), pairs(&want));
+    // Past the TTL and a heartbeat: still there, and no event.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(named(&get_presence(&b, "room:1")), pairs(&want));
+    nothing_pending(&mut watcher);
+}

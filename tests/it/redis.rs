@@ -93,6 +93,24 @@ fn ids(ws: &mut Client, n: usize) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Read `up-a`'s messages to the end of `all` (the subscriber joined after some were
+/// published): the ids must be exactly the tail of `all`. Returns how many it got.
+fn ids_after(ws: &mut Client, all: &[u64]) -> usize {
+    let first = next_json(ws);
+    assert_eq!(first["op"], "message", "{first}");
+    let start = first["id"].as_u64().unwrap();
+    let want: Vec<u64> = all.iter().copied().filter(|&id| id >= start).collect();
+    let mut got = vec![start];
+    while got.len() < want.len() {
+        let m = next_json(ws);
+        assert_eq!(m["op"], "message", "{m}");
+        got.push(m["id"].as_u64().unwrap());
+    }
+    assert_eq!(got, want);
+    expect_nothing_pending(ws);
+    got.len()
+}
+
 fn expect_nothing_pending(ws: &mut Client) {
     send_json(ws, json!({"op":"ping"}));
     assert_eq!(next_json(ws), json!({"op":"pong"}));
@@ -351,4 +369,75 @@ fn reuse_port_lets_two_processes_share_one_port() {
     let reply = HttpConn::connect(a.addr).publish("shared-port", "1");
     assert_eq!(reply["delivered"], 2);
     drop(clients);
+}
+
+/// Issue 17 with `--redis`: the upgraded process reconnects, resubscribes, and its
+/// members resume from their places, so a stream published through another process
+/// across the upgrade arrives whole: every id once, in order, and no extra reply.
+#[test]
+fn after_a_live_upgrade_delivery_through_redis_loses_and_repeats_nothing() {
+    let redis = RedisServer::start();
+    let a = herald_with(&redis, &[]);
+    let b = herald_with(&redis, &[]);
+    let mut subs: Vec<Client> = (0..3).map(|_| a.subscriber("up")).collect();
+    let addr = b.addr;
+    let publishing = std::thread::spawn(move || {
+        let mut conn = HttpConn::connect(addr);
+        (0..150u64)
+            .map(|i| {
+                let id = conn.publish("up", &i.to_string())["id"].as_u64().unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+                id
+            })
+            .collect::<Vec<u64>>()
+    });
+    // And publishes on the upgrading process itself, two pipelined at a time on one
+    // keep-alive connection: the upgrade waits for those at Redis, and every one is
+    // answered, in order.
+    let addr_a = a.addr;
+    let local = std::thread::spawn(move || {
+        let mut conn = HttpConn::connect(addr_a);
+        let mut ids = Vec::new();
+        let one = |i: u64| {
+            let body = format!(r#"{{"topic":"up-a","data":{i}}}"#);
+            format!(
+                "POST /publish HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        for i in 0..60u64 {
+            conn.send(format!("{}{}", one(2 * i), one(2 * i + 1)).as_bytes());
+            for _ in 0..2 {
+                let r = conn.response();
+                assert_eq!(r.status, 200, "{}", r.text());
+                ids.push(r.json()["id"].as_u64().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ids
+    });
+    let mut sub_a = a.subscriber("up-a");
+    std::thread::sleep(Duration::from_millis(300));
+    a.signal(libc::SIGUSR2);
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let m = a.metrics();
+            m.get("herald_upgrades_total{result=\"carried\"}") == Some(&1.0)
+                && m.get("herald_redis_up") == Some(&1.0)
+        }),
+        "{}",
+        a.log()
+    );
+    let sent = publishing.join().unwrap();
+    let local_ids = local
+        .join()
+        .expect("every publish on the upgraded process was answered");
+    assert_eq!(local_ids, (1..=120).collect::<Vec<u64>>());
+    assert!(ids_after(&mut sub_a, &local_ids) > 0);
+    assert_eq!(sent, (1..=150).collect::<Vec<u64>>());
+    for ws in &mut subs {
+        let got: Vec<u64> = ids(ws, 150).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(got, sent);
+        expect_nothing_pending(ws);
+    }
 }

@@ -339,3 +339,34 @@ fn bad_statsd_flags_are_refused_at_start() {
         assert!(stderr.contains(flag), "{stderr}");
     }
 }
+
+/// Issue 17: a live upgrade carries what the last report sent, so the first report of the
+/// new binary sends each counter's increase, not the whole counter again: the deltas
+/// still add up to `/metrics`.
+#[test]
+fn statsd_deltas_stay_right_across_a_live_upgrade() {
+    let mut agent = Agent::bind();
+    let herald = Herald::start(&["--statsd", &agent.addr(), "--statsd-interval", "1"]);
+    let published = plain_name("herald_messages_published_total");
+    for n in 0..5 {
+        herald.publish("nobody", &n.to_string());
+    }
+    agent.until("five publishes reported", |a| a.sum(&published) >= 5.0);
+    herald.signal(libc::SIGUSR2);
+    assert!(
+        crate::util::eventually(TIMEOUT, || herald
+            .metrics()
+            .get("herald_upgrades_total{result=\"carried\"}")
+            == Some(&1.0)),
+        "{}",
+        herald.log()
+    );
+    for n in 0..2 {
+        herald.publish("nobody", &n.to_string());
+    }
+    agent.until("seven publishes reported", |a| a.sum(&published) >= 7.0);
+    // Two more reports: nothing is counted twice.
+    agent.listen(Duration::from_millis(2200));
+    assert_eq!(agent.sum(&published), 7.0);
+    assert_eq!(herald.metric("herald_messages_published_total"), 7.0);
+}

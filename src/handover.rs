@@ -110,9 +110,10 @@ pub struct Body {
     /// after the upgrade sends deltas, not whole counters.
     pub statsd_last: Vec<(String, f64)>,
     /// The application's counters and undelivered webhooks (`--auth-url`,
-    /// `--webhook-url`).
+    /// `--webhook-url`), as `app::App::export` wrote them: kept opaque here, so this format
+    /// does not depend on the application client's types.
     #[serde(default)]
-    pub app: crate::app::Carried,
+    pub app: serde_json::Value,
     /// Wall-clock nanoseconds when the old binary stopped serving (its last pass ended),
     /// so the new one can log how long the pause was.
     #[serde(default)]

@@ -128,6 +128,25 @@ impl OutQueue {
     }
 }
 
+/// Write as much of `output` as the nonblocking `sink` takes now, and remove what it
+/// took: the links to Redis and to the application, whose output is one buffer. Ok when
+/// all is written or the sink would block; the reason when the peer is gone (a zero-byte
+/// write) or the write failed.
+pub fn write_buffer(sink: &mut impl Write, output: &mut Vec<u8>) -> Result<(), String> {
+    while !output.is_empty() {
+        match sink.write(output) {
+            Ok(0) => return Err("connection closed".to_string()),
+            Ok(n) => {
+                output.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 //! come back as `Done { tag, outcome }`; the caller owns what a tag means.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
 use log::debug;
@@ -299,25 +299,7 @@ impl Client {
         let Some(stream) = conn.stream.as_mut() else {
             return;
         };
-        let mut failed = None;
-        while !conn.output.is_empty() {
-            match stream.write(&conn.output) {
-                Ok(0) => {
-                    failed = Some("connection closed".to_string());
-                    break;
-                }
-                Ok(n) => {
-                    conn.output.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    failed = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        if let Some(why) = failed {
+        if let Err(why) = crate::outq::write_buffer(stream, &mut conn.output) {
             return self.lost(i, &why, registry, done);
         }
         let wanted = if conn.output.is_empty() {

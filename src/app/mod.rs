@@ -511,9 +511,10 @@ impl App {
         waiting.collect()
     }
 
-    /// What a live upgrade carries: the counters, and the webhooks not yet delivered.
-    pub fn export(&self) -> Carried {
-        Carried {
+    /// What a live upgrade carries: the counters, and the webhooks not yet delivered
+    /// (`Carried`, as JSON for the state file's body).
+    pub fn export(&self) -> serde_json::Value {
+        let carried = Carried {
             auth: self.auth.as_ref().map(|a| (a.counters, a.client.counters)),
             hooks: self
                 .hooks
@@ -523,12 +524,25 @@ impl App {
                 .hooks
                 .as_ref()
                 .map_or_else(Vec::new, |h| h.queue.undelivered()),
-        }
+        };
+        serde_json::to_value(carried).unwrap_or_default()
     }
 
     /// The new binary takes over what `export` gave (the parts this configuration has:
     /// webhooks carried to a binary without `--webhook-url` are dropped, and logged).
-    pub fn carry(&mut self, carried: Carried, now: Instant) {
+    pub fn carry(&mut self, carried: serde_json::Value, now: Instant) {
+        if carried.is_null() {
+            return; // an old binary's state, from before the application client
+        }
+        let carried: Carried = match serde_json::from_value(carried) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(
+                    "upgrade: the application client's state is unreadable ({e}); its counters start again"
+                );
+                return;
+            }
+        };
         if let (Some(a), Some((counters, client))) = (self.auth.as_mut(), carried.auth) {
             a.counters = counters;
             a.client.counters = client;

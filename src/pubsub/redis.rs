@@ -24,7 +24,7 @@
 //! it still has. A malformed or unexpected reply resets the link it came on.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
@@ -1293,25 +1293,7 @@ impl Node {
             if link.phase == Phase::Connecting {
                 continue;
             }
-            let mut failed = None;
-            while !link.output.is_empty() {
-                match stream.write(&link.output) {
-                    Ok(0) => {
-                        failed = Some("connection closed".to_string());
-                        break;
-                    }
-                    Ok(n) => {
-                        link.output.drain(..n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        failed = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-            if let Some(why) = failed {
+            if let Err(why) = crate::outq::write_buffer(stream, &mut link.output) {
                 self.reset(role, &why, registry, now, events);
                 continue;
             }

@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::sentinel::{Node, cli, publisher, redis_node, scratch_dir, subscriber};
+use crate::sentinel::{Node, Published, Seen, cli, publisher, redis_node, scratch_dir, subscriber};
 use crate::util::{Client, Herald, eventually, free_ports, next_json, require};
 
 /// Three masters, no replicas, every slot assigned, `cluster_state:ok` on each.
@@ -192,13 +193,17 @@ fn three_shards_deliver_every_message_once_in_order_with_the_same_ids_on_two_her
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn a_slot_migrated_during_traffic_loses_nothing() {
-    let dir = scratch_dir("cluster-migrate");
-    let nodes = cluster(&dir);
-    let seed = format!("127.0.0.1:{}", nodes[0].port);
-    let heralds = [cluster_herald(&seed), cluster_herald(&seed)];
-    let topic = "moving";
+/// A subscriber on each herald, subscribed, and a publisher to the first whose messages
+/// reach them: (the stop flag, the subscribers, the publisher).
+#[allow(clippy::type_complexity)]
+fn flowing(
+    heralds: &[Herald],
+    topic: &'static str,
+) -> (
+    Arc<AtomicBool>,
+    Vec<(Arc<Mutex<Seen>>, JoinHandle<()>)>,
+    (Arc<Mutex<Published>>, JoinHandle<()>),
+) {
     let stop = Arc::new(AtomicBool::new(false));
     let subs: Vec<_> = heralds
         .iter()
@@ -212,7 +217,7 @@ fn a_slot_migrated_during_traffic_loses_nothing() {
             .is_empty())),
         "the subscribers are subscribed before the first publish"
     );
-    let (published, pub_thread) = publisher(heralds[0].addr, topic, stop.clone());
+    let publishing = publisher(heralds[0].addr, topic, stop.clone());
     assert!(
         eventually(Duration::from_secs(20), || subs.iter().all(|(s, _)| s
             .lock()
@@ -220,8 +225,19 @@ fn a_slot_migrated_during_traffic_loses_nothing() {
             .data
             .len()
             >= 20)),
-        "traffic flows before the migration"
+        "traffic flows"
     );
+    (stop, subs, publishing)
+}
+
+#[test]
+fn a_slot_migrated_during_traffic_loses_nothing() {
+    let dir = scratch_dir("cluster-migrate");
+    let nodes = cluster(&dir);
+    let seed = format!("127.0.0.1:{}", nodes[0].port);
+    let heralds = [cluster_herald(&seed), cluster_herald(&seed)];
+    let topic = "moving";
+    let (stop, subs, (published, pub_thread)) = flowing(&heralds, topic);
     let from = owner_of(&nodes, topic).expect("the topic's keys");
     let to = (from + 1) % 3;
     let slot = cli(
@@ -376,29 +392,7 @@ fn a_shard_failover_starts_new_epochs_and_subscriptions_follow_the_promoted_repl
     let seed = format!("127.0.0.1:{}", nodes[0].port);
     let heralds = [cluster_herald(&seed), cluster_herald(&seed)];
     let topic = "falls";
-    let stop = Arc::new(AtomicBool::new(false));
-    let subs: Vec<_> = heralds
-        .iter()
-        .map(|h| subscriber(h.addr, topic, stop.clone()))
-        .collect();
-    assert!(
-        eventually(Duration::from_secs(20), || subs.iter().all(|(s, _)| !s
-            .lock()
-            .unwrap()
-            .epochs
-            .is_empty())),
-        "the subscribers are subscribed before the first publish"
-    );
-    let (published, pub_thread) = publisher(heralds[0].addr, topic, stop.clone());
-    assert!(
-        eventually(Duration::from_secs(20), || subs.iter().all(|(s, _)| s
-            .lock()
-            .unwrap()
-            .data
-            .len()
-            >= 20)),
-        "traffic flows before the failover"
-    );
+    let (stop, subs, (published, pub_thread)) = flowing(&heralds, topic);
     // Replication is asynchronous: the replica may lack the last messages, and would
     // hand their ids out again. Kill the topic's master (by PID, as it is dropped).
     let owner = owner_of(&nodes, topic).expect("the topic's master");

@@ -795,9 +795,18 @@ fn haproxy_balances_two_processes_that_share_topics_through_redis() {
         haproxy.server_status("herald1").starts_with("UP")
             && haproxy.server_status("herald2").starts_with("UP")
     };
+    // Two passed checks a second apart bring a server up; a loaded machine (the whole
+    // suite at once) can make herald's /health or HAProxy's checks slow, so allow time,
+    // and say what HAProxy and herald said if it never happens.
     assert!(
-        eventually(Duration::from_secs(10), both_up),
-        "HAProxy does not see both processes"
+        eventually(Duration::from_secs(30), both_up),
+        "HAProxy does not see both processes: herald1 {:?} (health {}), herald2 {:?} \
+         (health {})\n{}",
+        haproxy.server_status("herald1"),
+        healthy(one),
+        haproxy.server_status("herald2"),
+        healthy(two),
+        sup.log()
     );
 
     // leastconn spreads the clients over both processes.

@@ -161,6 +161,11 @@ pub struct Server {
     ready: Vec<Ready>,
     /// Connections whose read budget ran out with input possibly left.
     unread: Vec<ConnId>,
+    /// After a live upgrade with Redis: HTTP connections whose input waits until the new
+    /// process's first Redis connection attempt has ended, as accepting does at start, so
+    /// a publish pipelined across the upgrade is not answered 503 while the link comes up.
+    /// `None` once that wait is over.
+    held_for_redis: Option<Vec<ConnId>>,
     /// What Redis reported this pass, for the handlers.
     redis_events: Vec<Event>,
     /// Messages from Redis not yet queued to their subscribers: held until the publish
@@ -337,6 +342,7 @@ impl Server {
             scratch: vec![0; SCRATCH_BYTES],
             ready: Vec::with_capacity(EVENTS_CAPACITY),
             unread: Vec::new(),
+            held_for_redis: None,
             redis_events: Vec::new(),
             redis_messages: Vec::new(),
             state_file,
@@ -423,7 +429,10 @@ impl Server {
 
     fn wait(&mut self) -> io::Result<()> {
         let now = Instant::now();
-        let busy = self.conns.has_dirty() || !self.unread.is_empty() || self.accept_due(now);
+        let held_done =
+            self.held_for_redis.is_some() && self.pubsub.redis().is_none_or(redis::Redis::settled);
+        let busy =
+            self.conns.has_dirty() || !self.unread.is_empty() || held_done || self.accept_due(now);
         let timeout = if busy {
             Some(Duration::ZERO)
         } else {
@@ -745,6 +754,10 @@ impl Server {
     // ---- reading ---------------------------------------------------------------------
 
     fn read_leftovers(&mut self, now: Instant) {
+        if self.held_for_redis.is_some() && self.pubsub.redis().is_none_or(redis::Redis::settled) {
+            let held = self.held_for_redis.take().unwrap_or_default();
+            self.unread.extend(held);
+        }
         for id in mem::take(&mut self.unread) {
             self.on_readable(id, now, true);
         }
@@ -754,6 +767,14 @@ impl Server {
     /// keep reading past a short read, because a FIN (EOF) may be waiting behind the data
     /// and it raises no event of its own.
     fn on_readable(&mut self, id: ConnId, now: Instant, to_end: bool) {
+        if let Some(held) = self.held_for_redis.as_mut()
+            && self.conns.get(id).is_some_and(|c| c.session().is_none())
+        {
+            if !held.contains(&id) {
+                held.push(id);
+            }
+            return;
+        }
         let mut scratch = mem::take(&mut self.scratch);
         let mut total = 0;
         while let Some(conn) = self.conns.get(id) {

@@ -496,6 +496,9 @@ impl Server {
         match Body::decode(&envelope, BODY_VERSION) {
             Ok(body) => {
                 let started = Instant::now();
+                if self.pubsub.redis().is_some() {
+                    self.held_for_redis = Some(Vec::new());
+                }
                 self.counters = body.counters;
                 self.pubsub.carry_counts(body.pubsub);
                 self.pubsub.app_mut().carry(body.app, now);

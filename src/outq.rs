@@ -1,7 +1,9 @@
 //! A connection's outbound bytes, in order: HTTP responses, pongs, closes and broadcast
 //! frames all go through here, so nothing can interleave on the socket. Chunks are
 //! `Bytes`: a published frame is one allocation shared by every subscriber's queue.
-//! The queue counts its bytes, which is what the slow-consumer limit measures.
+//! The queue counts its bytes, which is what the slow-consumer limit measures. Beside it,
+//! `write_buffer`: the nonblocking write of one plain buffer, for the Redis and application
+//! links.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};

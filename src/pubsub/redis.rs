@@ -1809,36 +1809,18 @@ impl Node {
                         return Ok(());
                     }
                     Pending::PresenceRead(tag) => {
-                        let result = match frame {
-                            OwnedFrame::Error(e) => {
-                                warn!("redis: presence read refused: {e}");
-                                Err(e)
-                            }
-                            other => Ok(parse_presence(other)?),
-                        };
+                        let result = answer(frame, "presence read", parse_presence)?;
                         events.push(Event::PresenceRead { tag, result });
                         return Ok(());
                     }
                     Pending::Script(tag) => {
-                        let result = match frame {
-                            OwnedFrame::Error(e) => {
-                                warn!("redis: script refused: {e}");
-                                Err(e)
-                            }
-                            other => Ok(flatten(other)?),
-                        };
+                        let result = answer(frame, "script", flatten)?;
                         events.push(Event::Script { tag, result });
                         return Ok(());
                     }
                     Pending::Publish(tag) => tag,
                     Pending::Read(tag) => {
-                        let result = match frame {
-                            OwnedFrame::Error(e) => {
-                                warn!("redis: history read refused: {e}");
-                                Err(e)
-                            }
-                            other => Ok(parse_stored(other)?),
-                        };
+                        let result = answer(frame, "history read", parse_stored)?;
                         events.push(Event::Read { tag, result });
                         return Ok(());
                     }
@@ -2724,6 +2706,23 @@ fn parse_presence_event(payload: &[u8]) -> Result<Option<(bool, String)>, String
         Some(("join", m)) if !m.is_empty() => Ok(Some((true, m.to_string()))),
         Some(("leave", m)) if !m.is_empty() => Ok(Some((false, m.to_string()))),
         _ => Err(format!("unexpected presence event {text:?}")),
+    }
+}
+
+/// A reply that Redis may refuse: `Ok(Err(reason))` for an error reply (that command
+/// failed, the link is fine; logged as `what` refused), `Ok(Ok(parsed))` otherwise, and
+/// `Err` when the reply is not one `parse` understands (the link is reset).
+fn answer<T>(
+    frame: OwnedFrame,
+    what: &str,
+    parse: impl FnOnce(OwnedFrame) -> Result<T, String>,
+) -> Result<Result<T, String>, String> {
+    match frame {
+        OwnedFrame::Error(e) => {
+            warn!("redis: {what} refused: {e}");
+            Ok(Err(e))
+        }
+        other => parse(other).map(Ok),
     }
 }
 

@@ -1296,7 +1296,24 @@ impl Server {
         };
         let batch = pacer.due(now);
         let was_done = pacer.is_done();
-        for &(id, serial) in &batch {
+        self.send_away(&batch, now);
+        if was_done && !batch.is_empty() {
+            let total = self.pacer.as_ref().map_or(0, Pacer::total);
+            let took = self
+                .drain
+                .started()
+                .map_or(0.0, |t| (now - t).as_secs_f64());
+            info!(
+                "drain: {total} WebSockets closed in {took:.2} s ({:.0} closes/s)",
+                total as f64 / took.max(0.001)
+            );
+        }
+    }
+
+    /// A paced batch of WebSockets (the drain's, or an upgrade fallback's): each still open
+    /// gets its `reconnect` hint, drawn from `--reconnect-jitter`, and 1001.
+    fn send_away(&mut self, batch: &[(ConnId, u64)], now: Instant) {
+        for &(id, serial) in batch {
             if self.conns.same(id, serial).is_some_and(|c| c.is_open()) {
                 let after_ms = self.jitter.draw();
                 self.sessions.going_away(
@@ -1308,17 +1325,6 @@ impl Server {
                     now,
                 );
             }
-        }
-        if was_done && !batch.is_empty() {
-            let total = self.pacer.as_ref().map_or(0, Pacer::total);
-            let took = self
-                .drain
-                .started()
-                .map_or(0.0, |t| (now - t).as_secs_f64());
-            info!(
-                "drain: {total} WebSockets closed in {took:.2} s ({:.0} closes/s)",
-                total as f64 / took.max(0.001)
-            );
         }
     }
 

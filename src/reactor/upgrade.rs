@@ -755,19 +755,7 @@ impl Server {
         if pacer.is_done() {
             self.inherited_pacer = None;
         }
-        for (id, serial) in batch {
-            if self.conns.same(id, serial).is_some_and(|c| c.is_open()) {
-                let after_ms = self.jitter.draw();
-                self.sessions.going_away(
-                    &mut self.conns,
-                    &mut self.pubsub,
-                    &mut self.counters,
-                    id,
-                    after_ms,
-                    now,
-                );
-            }
-        }
+        self.send_away(&batch, now);
     }
 }
 
